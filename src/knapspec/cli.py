@@ -1,0 +1,172 @@
+"""Command line: ``knapspec generate | profile | bench | calibrate``.
+
+Wiring only: parse arguments, set up logging, call the library, print. User errors
+(ValueError, FileNotFoundError) become one line on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, NoReturn
+
+log = logging.getLogger("knapspec")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:   # one line, exit 2 (argparse prints usage too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _positive_int(name: str):
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {v}")
+        return v
+    return conv
+
+
+def _float_in(name: str, lo: float, hi: float, lo_open: bool, accepted: str):
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number {accepted}, got {s!r}") from None
+        if not ((v > lo if lo_open else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{name} must be {accepted}, got {s}")
+        return v
+    return conv
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="Hugging Face folder, .gguf file, or smollm2-135m (embedded default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (auto = bfloat16, measured fastest on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="torch CPU threads (default: torch's default, all cores)")
+
+
+def _add_strategy_args(p: argparse.ArgumentParser) -> None:
+    from .strategies import REGISTRY
+    p.add_argument("--strategy", default=None,
+                   help=f"decoding strategy: {', '.join(REGISTRY.names())} (default: the library default)")
+    p.add_argument("--skip", default=None, help="static strategy: skipped sublayers, e.g. a3,a7,m12")
+    p.add_argument("--plan-file", default=None, help="static strategy: a plan file")
+    p.add_argument("--max-draft", type=_positive_int("--max-draft"), default=None,
+                   help="maximum draft length per round")
+    p.add_argument("--threshold", type=_float_in("--threshold", 0, 1, False, "in [0, 1]"), default=None,
+                   help="draft confidence threshold: drafting stops below it")
+    p.add_argument("--calibration", default=None, help="calibration file (draft-verify, knn-ssd)")
+
+
+def _strategy_options(a: argparse.Namespace) -> dict[str, Any]:
+    opts = {k: getattr(a, k) for k in ("skip", "plan_file", "max_draft", "calibration")
+            if getattr(a, k, None) is not None}
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="knapspec", description="Lossless self-speculative decoding.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text")
+    _add_model_args(g)
+    _add_strategy_args(g)
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=128)
+    g.add_argument("--temperature", type=_float_in("--temperature", 0, float("inf"), False,
+                                                   ">= 0 (0 = greedy)"), default=0.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=_float_in("--top-p", 0, 1, True, "in (0, 1]"), default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--stats", action="store_true", help="print generation statistics")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics)")
+
+    b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=_Parser)
+    ar = bsub.add_parser("ar", help="our autoregressive decoding vs transformers' generate")
+    _add_model_args(ar)
+    ar.add_argument("--contexts", default="128,2048", help="context lengths, comma-separated")
+    ar.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=32)
+    ar.add_argument("--repeats", type=_positive_int("--repeats"), default=3)
+    ar.add_argument("--dtypes", default="float32,bfloat16")
+    vf = bsub.add_parser("verify", help="cost of one verification pass over n tokens vs a 1-token step")
+    _add_model_args(vf)
+    vf.add_argument("--contexts", default="128,4096")
+    vf.add_argument("--widths", default="1,4,8,16")
+    vf.add_argument("--repeats", type=_positive_int("--repeats"), default=15)
+    vf.add_argument("--dtypes", default="float32,bfloat16")
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .api import load
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    kw: dict[str, Any] = dict(strategy=a.strategy, max_new_tokens=a.max_new_tokens,
+                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                              chat=a.chat, **_strategy_options(a))
+    if a.threshold is not None:
+        kw["threshold"] = a.threshold
+    if a.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
+    if a.stream and not a.json:
+        from .engine import GenerationStats
+        stats = GenerationStats()
+        for piece in llm.stream(a.prompt, stats=stats, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        res = llm.generate(a.prompt, **kw)
+        stats = res.stats
+        if a.json:
+            print(json.dumps({"text": res.text, "tokens": res.tokens, "stats": stats.as_dict()}))
+            return 0
+        print(res.text)
+    if a.stats:
+        print(f"[stats] {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.verbose)
+    try:
+        if a.cmd == "generate":
+            return _cmd_generate(a)
+        if a.cmd == "bench":
+            from . import bench
+            return bench.run_cli(a)
+        parser.error(f"unknown command {a.cmd!r}")
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sys.stderr.write(f"knapspec: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("knapspec: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

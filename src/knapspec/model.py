@@ -1,0 +1,396 @@
+"""The decoder as a stack of 2L residual sublayers, and its one forward.
+
+Contract: ``Model.forward(tokens, start, cache, plan=None, capture=False)`` runs the tokens at
+positions ``start .. start+T-1`` through the sublayers the plan keeps (all of them by default),
+writes their keys and values into ``cache`` at those positions for every attention sublayer that
+runs, and returns logits (and, with ``capture``, the residual stream after every sublayer).
+Sublayer ``2i`` is layer ``i``'s attention, ``2i + 1`` its MLP; a skipped sublayer is the
+identity. ``Model.sublayer`` runs one sublayer on its own, optionally without writing the cache
+(used to evaluate many candidate draft paths in one batched call).
+
+Supported: Llama 2/3/3.1/3.2 (incl. llama3 and linear rope scaling), Mistral (sliding window),
+Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2; tied or untied embeddings; grouped-query
+attention. The model never reads files, samples, times or loops over tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .plan import Plan
+
+
+class Arch(enum.Enum):
+    LLAMA = "llama"
+    MISTRAL = "mistral"
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+
+
+SUPPORTED_ROPE = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: tuple[tuple[str, Any], ...] = ()   # sorted (key, value) pairs; () = none
+    sliding_window: tuple[int | None, ...] = ()     # per layer; () = no layer slides
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], *, name: str = "") -> ModelConfig:
+        """Read a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout)."""
+        mt = cfg.get("model_type")
+        try:
+            arch = Arch(mt)
+        except ValueError:
+            raise ValueError(f"unsupported architecture {mt!r}: supported model_type values are "
+                             f"{', '.join(a.value for a in Arch)} (Llama, Mistral, Qwen2/2.5, Qwen3, "
+                             "SmolLM2 families)") from None
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if not isinstance(cfg.get(key), int):
+                raise ValueError(f"config.json lacks an integer {key!r}; is this a causal LM checkpoint?")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}: only 'silu' is supported")
+        n_layers = cfg["num_hidden_layers"]
+        n_heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        if scaling:
+            rope.update(scaling)
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rtype = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rtype not in SUPPORTED_ROPE:
+            raise ValueError(f"unsupported rope scaling {rtype!r}: supported are {', '.join(SUPPORTED_ROPE)}")
+        rope_scaling: tuple[tuple[str, Any], ...] = ()
+        if rtype != "default":
+            rope_scaling = tuple(sorted((k, v) for k, v in rope.items() if k not in ("rope_theta", "type")))
+        # sliding windows, per layer
+        window = cfg.get("sliding_window")
+        layer_types = cfg.get("layer_types")
+        windows: list[int | None] = [None] * n_layers
+        if window:
+            if layer_types:
+                windows = [window if t == "sliding_attention" else None for t in layer_types]
+            elif arch is Arch.MISTRAL:
+                windows = [window] * n_layers
+            elif cfg.get("use_sliding_window"):
+                mwl = cfg.get("max_window_layers", n_layers)
+                windows = [window if i >= mwl else None for i in range(n_layers)]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        qkv_bias = bool(cfg.get("attention_bias", arch is Arch.QWEN2))
+        if cfg.get("mlp_bias"):
+            raise ValueError("unsupported: MLP biases (mlp_bias=true)")
+        return cls(
+            arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias, qk_norm=arch is Arch.QWEN3, rope_scaling=rope_scaling,
+            sliding_window=tuple(windows) if any(w for w in windows) else (),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, name=name,
+        )
+
+    @property
+    def n_sublayers(self) -> int:
+        return 2 * self.n_layers
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window[layer] if self.sliding_window else None
+
+    def n_params(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * h * i
+        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * h) + emb + h
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies ``[D/2]`` in float32, with llama3 / linear scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = dict(cfg.rope_scaling)
+    rtype = sc.get("rope_type", "default")
+    if rtype == "linear":
+        inv = inv / float(sc["factor"])
+    elif rtype == "llama3":
+        factor = float(sc["factor"])
+        low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old = float(sc["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor | None            # [B, T', V] float32 (T' = T, or 1 with last_only)
+    hidden: torch.Tensor | None = None     # [2L+1, B, T, H] residual stream after each sublayer
+    last_hidden: torch.Tensor | None = None  # [B, T, H] final residual stream (before the norm)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor            # [H]
+    wqkv: torch.Tensor                 # [(Hq + 2 Hkv) * D, H]
+    bqkv: torch.Tensor | None          # [(Hq + 2 Hkv) * D]
+    q_norm: torch.Tensor | None        # [D]
+    k_norm: torch.Tensor | None        # [D]
+    wo: torch.Tensor                   # [H, Hq * D]
+    mlp_norm: torch.Tensor             # [H]
+    w_gate_up: torch.Tensor            # [2 I, H]
+    w_down: torch.Tensor               # [H, I]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {k: getattr(self, k) for k in ("attn_norm", "wqkv", "bqkv", "q_norm", "k_norm", "wo",
+                                              "mlp_norm", "w_gate_up", "w_down")}
+
+
+class Model:
+    """Weights plus the one forward. Build with :meth:`from_hf_tensors` (see ``checkpoint.py``)."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[_Layer], embed: torch.Tensor,
+                 final_norm: torch.Tensor, lm_head: torch.Tensor | None) -> None:
+        self.cfg = cfg
+        self.layers = layers
+        self.embed = embed                  # [V, H]
+        self.final_norm = final_norm        # [H]
+        self._lm_head = lm_head             # [V, H], None when tied
+        self._rope_len = 0
+        self._cos = torch.empty(0)
+        self._sin = torch.empty(0)
+        self._inv_freq = rope_inv_freq(cfg)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> Model:
+        """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``)."""
+        def get(name: str) -> torch.Tensor:
+            if name not in t:
+                raise ValueError(f"checkpoint lacks tensor {name!r}; is it a {cfg.arch.value} model?")
+            return t[name]
+
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            bqkv = None
+            if cfg.qkv_bias:
+                bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            layers.append(_Layer(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wqkv=torch.cat([q, k, v]), bqkv=bqkv,
+                q_norm=get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
+                k_norm=get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
+                wo=get(p + "self_attn.o_proj.weight"),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_down=get(p + "mlp.down_proj.weight"),
+            ))
+        embed = get("model.embed_tokens.weight")
+        head = None
+        if not cfg.tie_embeddings:
+            head = t.get("lm_head.weight")
+            if head is None:
+                raise ValueError("checkpoint lacks 'lm_head.weight' and tie_word_embeddings is false")
+        return cls(cfg, layers, embed, get("model.norm.weight"), head)
+
+    def to(self, *args: Any, **kwargs: Any) -> Model:
+        """Move/cast every weight (keeps tied embeddings tied)."""
+        def conv(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(*args, **kwargs)
+        for layer in self.layers:
+            for k, v in layer.tensors().items():
+                setattr(layer, k, conv(v))
+        self.embed = conv(self.embed)
+        self.final_norm = conv(self.final_norm)
+        self._lm_head = conv(self._lm_head)
+        self._rope_len = 0
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.embed if self._lm_head is None else self._lm_head   # [V, H]
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        return KVCache(n_layers=self.cfg.n_layers, n_kv_heads=self.cfg.n_kv_heads,
+                       head_dim=self.cfg.head_dim, capacity=capacity, dtype=self.dtype,
+                       device=self.device, batch=batch)
+
+    def weight_bytes(self) -> int:
+        n = sum(v.numel() * v.element_size() for layer in self.layers
+                for v in layer.tensors().values() if v is not None)
+        n += self.embed.numel() * self.embed.element_size()   # lm_head reads it (tied) ...
+        if self._lm_head is not None:                          # ... or its own matrix
+            n += self._lm_head.numel() * self._lm_head.element_size()
+        return n
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + t
+        if end > self._rope_len:
+            n = max(end, 2 * self._rope_len, 256)
+            pos = torch.arange(n, dtype=torch.float32)
+            freqs = torch.outer(pos, self._inv_freq)                     # [n, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)                      # [n, D]
+            self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
+            self._sin = emb.sin().to(device=self.device, dtype=self.dtype)
+            self._rope_len = n
+        return self._cos[start:end], self._sin[start:end]                # [T, D]
+
+    def _mask(self, layer: int, start: int, t: int, s: int) -> torch.Tensor | None:
+        """Boolean mask ``[T, S]`` (True = may attend) or None when every key is visible."""
+        window = self.cfg.window(layer)
+        if t == 1 and (window is None or s <= window):
+            return None
+        q_pos = torch.arange(start, start + t, device=self.device)[:, None]   # [T, 1]
+        k_pos = torch.arange(s, device=self.device)[None, :]                  # [1, S]
+        # key slots 0..start-1 hold positions 0..start-1; slots start.. hold the new tokens
+        m = k_pos <= q_pos
+        if window is not None:
+            m = m & (k_pos > q_pos - window)
+        return m
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)                           # [B, T, H]
+
+    def attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, *,
+                  write: bool = True) -> torch.Tensor:
+        """Layer ``i``'s attention sublayer on ``x: [B, T, H]`` at positions ``start..``.
+
+        ``write=True``: keys/values go into the cache at those positions and the tokens attend
+        to cache positions ``0 .. start+T-1``. ``write=False``: the cache is only read (prefix
+        ``0 .. start-1``, shared by all B rows), each row attending causally to its own tokens.
+        """
+        cfg, L = self.cfg, self.layers[i]
+        b, t, _ = x.shape
+        hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
+        qkv = F.linear(h, L.wqkv, L.bqkv)                                # [B, T, (Hq+2Hkv)*D]
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, t, hq, d)
+        k = k.view(b, t, hkv, d)
+        if L.q_norm is not None:
+            q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
+        q = q.transpose(1, 2)                                            # [B, Hq, T, D]
+        k = k.transpose(1, 2)                                            # [B, Hkv, T, D]
+        v = v.view(b, t, hkv, d).transpose(1, 2)                         # [B, Hkv, T, D]
+        cos, sin = self._rope(start, t)                                  # [T, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if write:
+            cache.write(i, start, k, v)
+            keys, vals = cache.view(i, start + t)                        # [B, Hkv, S, D]
+        else:
+            pk, pv = cache.view(i, start)                                # [1, Hkv, start, D]
+            keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+            vals = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+        s = keys.shape[2]
+        g = hq // hkv
+        # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
+        qg = q.reshape(b, hkv, g * t, d)
+        mask = self._mask(i, start, t, s)
+        if mask is not None and g > 1:
+            mask = mask.repeat(g, 1)                                     # [G*T, S]
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
+        o = o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+        return x + F.linear(o, L.wo)
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        cfg, L = self.cfg, self.layers[i]
+        h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(h, L.w_gate_up).chunk(2, dim=-1)             # [B, T, I] each
+        return x + F.linear(F.silu(gate) * up, L.w_down)
+
+    def sublayer(self, s: int, x: torch.Tensor, start: int, cache: KVCache, *,
+                 write: bool = True) -> torch.Tensor:
+        """Run sublayer ``s`` (attention ``s//2`` if ``s`` is even, else its MLP)."""
+        if s % 2 == 0:
+            return self.attention(s // 2, x, start, cache, write=write)
+        return self.mlp(s // 2, x)
+
+    def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
+        row subset of the lm_head for draft-only vocabulary truncation)."""
+        h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head if weight is None else weight).float()
+
+    # ---- the forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None = None, *,
+                capture: bool = False, last_only: bool = False, logits: bool = True,
+                head_weight: torch.Tensor | None = None) -> ForwardOut:
+        """``tokens: [B, T]`` at positions ``start .. start+T-1``; updates ``cache.length``."""
+        b, t = tokens.shape
+        assert start <= cache.length, f"start {start} beyond cache length {cache.length}"
+        if plan is not None:
+            assert plan.n_layers == self.cfg.n_layers, "plan is for a different number of layers"
+        run = None if plan is None or plan.is_full else plan.run
+        x = self.embed_tokens(tokens)
+        states = [x] if capture else None
+        for s in range(2 * self.cfg.n_layers):
+            if run is None or run[s]:
+                x = self.sublayer(s, x, start, cache)
+            if states is not None:
+                states.append(x)
+        cache.set_length(start + t)
+        out = ForwardOut(logits=None, last_hidden=x)
+        if states is not None:
+            out.hidden = torch.stack(states)                             # [2L+1, B, T, H]
+        if logits:
+            out.logits = self.head(x[:, -1:] if last_only else x, head_weight)
+        return out

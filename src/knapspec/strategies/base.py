@@ -1,0 +1,109 @@
+"""The strategy protocol: what a strategy is asked before a round and told after it.
+
+Before each round the engine calls ``strategy.propose(state)`` and gets a :class:`Draft`: the plan
+to draft with and the maximum draft length (0 = autoregressive step), optionally tokens proposed
+without running the model (prompt lookup), which model drafting then continues. After
+verification it calls ``strategy.observe(outcome)``. A strategy never runs the decoding loop and
+never copies the forward; it may run the model's sublayers for planning (KnapSpec's DP) through
+``state.model`` and read, never write, ``state.cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..plan import Plan
+
+if TYPE_CHECKING:
+    from ..cache import KVCache
+    from ..model import Model
+    from ..sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Draft:
+    plan: Plan | None               # plan the model drafts with; None = no model drafting
+    max_len: int                    # most drafts this round (lookup tokens included); 0 = AR step
+    tokens: tuple[int, ...] = ()    # drafts proposed without the model (q is one-hot)
+    threshold: float | None = None  # confidence threshold override for this round
+    head: torch.Tensor | None = None       # lm_head rows for draft-only vocabulary truncation
+    head_ids: torch.Tensor | None = None   # vocabulary ids of those rows [V']
+    source: str = ""                # label for statistics ("lookup", "skip", ...)
+
+
+AUTOREGRESSIVE = Draft(plan=None, max_len=0)
+
+
+@dataclass
+class RoundState:
+    """What a strategy sees before a round. ``tokens`` is prompt + output so far (committed)."""
+
+    model: Model
+    cache: KVCache
+    tokens: list[int]
+    n_prompt: int
+    round: int
+    sampling: SamplingParams
+    remaining: int                  # new tokens still allowed
+
+    @property
+    def context_length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    draft: Draft
+    drafted: int                    # drafts actually verified
+    accepted: int                   # of which accepted (a prefix)
+    context_length: int             # committed length before this round
+    n_lookup: int = 0               # how many of the drafts came from draft.tokens
+    hidden: torch.Tensor | None = None   # [2L+1, n+1, H] verifier's residual stream, accepted tokens
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    draft_tokens: tuple[int, ...] = ()
+    target_tokens: tuple[int, ...] = ()  # verifier's greedy choice at each verified position
+
+
+class Strategy:
+    """Base class: autoregressive decoding (draft length 0). Subclasses override ``propose``."""
+
+    name: ClassVar[str] = "autoregressive"
+    wants_hidden: ClassVar[bool] = False
+
+    def start(self, state: RoundState) -> None:
+        """A new generation begins (the prompt is prefilled)."""
+
+    def propose(self, state: RoundState) -> Draft:
+        return AUTOREGRESSIVE
+
+    def observe(self, outcome: Outcome) -> None:
+        """Told what the round did."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name}
+
+
+@dataclass
+class Registry:
+    factories: dict[str, Any] = field(default_factory=dict)
+
+    def register(self, name: str):
+        def deco(factory):
+            self.factories[name] = factory
+            return factory
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self.factories)
+
+    def create(self, name: str, model: Model, **options: Any) -> Strategy:
+        if name not in self.factories:
+            raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(self.names())}")
+        return self.factories[name](model, **options)
+
+
+REGISTRY = Registry()

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models of every supported architecture (built from a config here,
+saved as a Hugging Face folder, no download) and the embedded model with Spec-Bench prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+DATA = Path(os.environ.get("KNAPSPEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+_BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+             intermediate_size=96, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+             initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+
+TINY = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama3": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(sliding_window=8, head_dim=16)),
+}
+
+
+def build_tiny_hf(kind: str, seed: int = 0, **overrides):
+    import transformers
+    cls_name, extra = TINY[kind]
+    cfg = getattr(transformers, cls_name)(**{**_BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    return model
+
+
+def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    model = build_tiny_hf(kind, seed, **overrides)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+_TINY_CACHE: dict = {}
+
+
+def tiny_model(kind: str, tmp_root: Path, dtype=torch.float32):
+    """Our model loaded from a saved tiny HF checkpoint (cached per kind)."""
+    from knapspec.checkpoint import Checkpoint
+    if kind not in _TINY_CACHE:
+        folder = save_tiny(kind, tmp_root / f"tiny-{kind}")
+        _TINY_CACHE[kind] = Checkpoint(folder, kind).load_model(dtype=torch.float32)
+    return _TINY_CACHE[kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct in float32, with its tokenizer."""
+    import knapspec
+    return knapspec.load(dtype="float32")
+
+
+def spec_bench(n: int, *, per_category: bool = True) -> list[dict]:
+    """The first ``n`` Spec-Bench questions, one per category first (deterministic)."""
+    rows = [json.loads(line) for line in (DATA / "spec_bench" / "question.jsonl").read_text().splitlines()]
+    if not per_category:
+        return rows[:n]
+    seen, out = set(), []
+    for r in rows:
+        if r["category"] not in seen:
+            seen.add(r["category"])
+            out.append(r)
+    for r in rows:
+        if len(out) >= n:
+            break
+        if r not in out:
+            out.append(r)
+    return out[:n]

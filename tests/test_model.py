@@ -1,0 +1,89 @@
+"""The forward equals transformers' reference implementation for every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, build_tiny_hf
+
+from knapspec.model import Model, ModelConfig
+from knapspec.plan import Plan
+
+
+def ours_from_hf(hf) -> Model:
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    return Model.from_hf_tensors(cfg, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_logits_match_transformers_prefill_and_decode(kind):
+    hf = build_tiny_hf(kind)
+    ours = ours_from_hf(hf)
+    torch.manual_seed(1)
+    prompt = torch.randint(3, 128, (1, 12))
+    cache = ours.new_cache(64)
+    with torch.no_grad():
+        ref = hf(prompt, use_cache=True)
+        out = ours.forward(prompt, 0, cache)
+        assert (ref.logits - out.logits).abs().max() <= 1e-4
+        past = ref.past_key_values
+        tok = ref.logits[:, -1:].argmax(-1)
+        for step in range(20):
+            ref = hf(tok, past_key_values=past, use_cache=True)
+            past = ref.past_key_values
+            out = ours.forward(tok, 12 + step, cache)
+            assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
+            tok = ref.logits[:, -1:].argmax(-1)
+    assert cache.length == 32
+
+
+def test_config_parsing_variants():
+    hf = build_tiny_hf("mistral")
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    assert cfg.sliding_window == (8, 8, 8)
+    q3 = ModelConfig.from_hf(build_tiny_hf("qwen3").config.to_dict())
+    assert q3.qk_norm and q3.head_dim == 32 and not q3.qkv_bias
+    q2 = ModelConfig.from_hf(build_tiny_hf("qwen2").config.to_dict())
+    assert q2.qkv_bias and q2.tie_embeddings
+    l3 = ModelConfig.from_hf(build_tiny_hf("llama3").config.to_dict())
+    assert dict(l3.rope_scaling)["rope_type"] == "llama3"
+    # the older transformers 4.x layout: rope_theta + rope_scaling at top level
+    old = dict(hf.config.to_dict(), model_type="llama", rope_theta=1e4, rope_parameters=None,
+               rope_scaling={"type": "linear", "factor": 2.0})
+    assert dict(ModelConfig.from_hf(old).rope_scaling)["factor"] == 2.0
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
+        ModelConfig.from_hf(dict(hf.config.to_dict(), rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}))
+
+
+def test_capture_returns_residual_after_every_sublayer_and_plan_skips_are_identity():
+    hf = build_tiny_hf("llama")
+    m = ours_from_hf(hf)
+    toks = torch.randint(3, 128, (1, 6))
+    full = m.forward(toks, 0, m.new_cache(16), capture=True)
+    n = 2 * m.cfg.n_layers
+    assert full.hidden.shape == (n + 1, 1, 6, 64)
+    torch.testing.assert_close(full.hidden[-1], full.last_hidden)
+    # skipping sublayer s leaves the stream unchanged across it
+    plan = Plan.from_skips(m.cfg.n_layers, attn=[1], mlp=[0])
+    part = m.forward(toks, 0, m.new_cache(16), plan, capture=True)
+    torch.testing.assert_close(part.hidden[2], part.hidden[1])     # m0 skipped
+    torch.testing.assert_close(part.hidden[3], part.hidden[2])     # a1 skipped
+    torch.testing.assert_close(part.hidden[1], full.hidden[1])     # a0 ran in both
+
+
+def test_sublayer_without_write_matches_batched_branches():
+    """write=False: B branches share the prefix KV and attend causally within their own tokens."""
+    m = ours_from_hf(build_tiny_hf("qwen2"))
+    prefix = torch.randint(3, 128, (1, 10))
+    cache = m.new_cache(32)
+    m.forward(prefix, 0, cache)
+    x = torch.randn(3, 4, 64)
+    out = m.sublayer(0, x, 10, cache, write=False)
+    assert cache.length == 10
+    for b in range(3):   # each branch alone, written into a scratch copy of the cache
+        c2 = m.new_cache(32)
+        m.forward(prefix, 0, c2)
+        ref = m.sublayer(0, x[b:b + 1], 10, c2)
+        torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
