@@ -97,6 +97,7 @@ class Engine:
         self.model = model
         self.prefill_chunk = prefill_chunk
         self._cuda = model.device.type == "cuda"
+        self.last_cache: KVCache | None = None
 
     def _now(self) -> float:
         if self._cuda:
@@ -133,6 +134,7 @@ class Engine:
         gen = None if sampling.greedy else sampling.generator(model.device)
         dev = model.device
         cache = model.new_cache(len(prompt) + max_new_tokens + 1)
+        self.last_cache = cache                        # kept for inspection (tests, profiling)
         st.prompt_tokens = len(prompt)
         t0 = self._now()
 

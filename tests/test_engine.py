@@ -1,0 +1,137 @@
+"""The engine's promise: speculative output == autoregressive output; sampling is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_hf, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from knapspec.engine import Engine
+from knapspec.model import Model, ModelConfig
+from knapspec.plan import Plan
+from knapspec.sampling import SamplingParams
+from knapspec.strategies import Draft, Strategy
+from knapspec.strategies.static import StaticStrategy
+
+
+class Scripted(Strategy):
+    """Cycles through a list of (plan, max draft length) — plans change between rounds."""
+
+    def __init__(self, drafts: list[Draft]) -> None:
+        self.drafts = drafts
+
+    def propose(self, state):
+        return self.drafts[state.round % len(self.drafts)]
+
+
+def _plans(n_layers: int):
+    n = 2 * n_layers
+    single = st.integers(0, n - 1).map(lambda keep: Plan(tuple(i == keep for i in range(n))))
+    rand = st.lists(st.booleans(), min_size=n, max_size=n).map(lambda r: Plan(tuple(r)))
+    full = st.just(Plan.full(n_layers))
+    return st.one_of(full, single, rand)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_greedy_speculative_equals_autoregressive(kind, tiny_root, data):
+    m = tiny_model(kind, tiny_root)
+    eng = Engine(m)
+    prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=20), label="prompt")
+    n_new = data.draw(st.integers(1, 24), label="max_new_tokens")
+    plans = data.draw(st.lists(_plans(m.cfg.n_layers), min_size=1, max_size=3), label="plans")
+    lens = data.draw(st.lists(st.integers(1, 8), min_size=len(plans), max_size=len(plans)), label="d")
+    thr = data.draw(st.floats(0.0, 1.0), label="threshold")
+    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+    strat = Scripted([Draft(plan=p, max_len=d) for p, d in zip(plans, lens)])
+    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=thr)
+    assert got.tokens == ref
+    s = got.stats
+    assert s.new_tokens == len(ref) and s.accepted <= s.drafted
+    assert s.rounds == 0 or s.mean_accepted >= 1.0
+
+
+def test_cache_after_rejections_equals_autoregressive_cache(tiny_root):
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = list(range(3, 15))
+    plan = Plan.from_skips(m.cfg.n_layers, attn=[1, 2], mlp=[0])
+    got = eng.generate(prompt, StaticStrategy(plan, max_draft=6, threshold=0.0), max_new_tokens=30)
+    assert got.stats.drafted > got.stats.accepted > 0     # some rounds had rejections
+    spec_cache = eng.last_cache
+    ref = eng.generate(prompt, max_new_tokens=30)
+    assert ref.tokens == got.tokens
+    ar_cache = eng.last_cache
+    assert spec_cache.length == ar_cache.length == len(prompt) + 30 - 1
+    n = ar_cache.length
+    for layer in range(m.cfg.n_layers):
+        torch.testing.assert_close(spec_cache.k[layer][:, :, :n], ar_cache.k[layer][:, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(spec_cache.v[layer][:, :, :n], ar_cache.v[layer][:, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def _small_vocab_model(vocab: int = 12) -> Model:
+    hf = build_tiny_hf("llama", seed=3, vocab_size=vocab, initializer_range=0.4, num_hidden_layers=2)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    return Model.from_hf_tensors(cfg, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+
+
+def _exact_joint(m: Model, prompt: list[int], sp: SamplingParams, n: int) -> np.ndarray:
+    """Exact autoregressive distribution of the first n generated tokens (by enumeration)."""
+    from knapspec.sampling import probs
+    V = m.cfg.vocab_size
+    out = np.zeros((V,) * n)
+    def rec(prefix, mass, depth, idx):
+        if depth == n:
+            out[idx] = mass
+            return
+        logits = m.forward(torch.tensor([prefix]), 0, m.new_cache(len(prefix) + 1), last_only=True).logits
+        p = probs(logits[0, -1], sp).double().numpy()
+        for t in range(V):
+            if p[t] > 0:
+                rec(prefix + [t], mass * p[t], depth + 1, idx + (t,))
+    rec(list(prompt), 1.0, 0, ())
+    return out
+
+
+def _chi2(samples: np.ndarray, expected_p: np.ndarray) -> float:
+    counts = np.bincount(samples, minlength=expected_p.size).astype(float)
+    exp = expected_p.ravel() * len(samples)
+    keep = exp >= 5                         # pool sparse bins
+    obs = np.append(counts[keep], counts[~keep].sum())
+    ex = np.append(exp[keep], exp[~keep].sum())
+    if ex[-1] == 0:
+        obs, ex = obs[:-1], ex[:-1]
+    return float(chisquare(obs, ex * obs.sum() / ex.sum()).pvalue)
+
+
+@pytest.mark.parametrize("sp, vocab_trunc", [
+    (SamplingParams(temperature=1.0, seed=11), False),
+    (SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=12), False),
+])
+def test_speculative_sampling_is_exact(sp, vocab_trunc):
+    """Joint distribution of generated tokens 2 and 3 (drawn in a speculative round with a poor
+    draft) against the exact autoregressive distribution: chi-square over 20k samples."""
+    m = _small_vocab_model()
+    prompt = [3, 7, 1]
+    V = m.cfg.vocab_size
+    exact = _exact_joint(m, prompt, sp, 3).sum(axis=0)        # marginalise token 1 -> [V, V]
+    eng = Engine(m)
+    poor = Plan.from_skips(2, attn=[0, 1], mlp=[1])
+    strat = StaticStrategy(poor, max_draft=2, threshold=0.0)
+    n = 20000
+    samples = np.empty(n, dtype=np.int64)
+    drafted = accepted = 0
+    for i in range(n):
+        spi = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                             seed=sp.seed * 1_000_003 + i)
+        g = eng.generate(prompt, strat, max_new_tokens=3, sampling=spi)
+        samples[i] = g.tokens[1] * V + g.tokens[2]
+        drafted += g.stats.drafted
+        accepted += g.stats.accepted
+    assert 0 < accepted < drafted                 # the draft really is poor and really is used
+    assert _chi2(samples, exact) > 0.01
