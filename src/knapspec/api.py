@@ -107,9 +107,9 @@ class LLM:
                    top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                    threshold: float = DEFAULT_THRESHOLD, stats: GenerationStats | None = None,
                    **strategy_options: Any) -> Iterator[list[int]]:
-        ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
         sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         strat = self.make_strategy(strategy, **strategy_options)
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
         return self.engine.stream(ids, strat, max_new_tokens=max_new_tokens, sampling=sp,
                                   stop_ids=self.stop_ids, threshold=threshold, stats=stats)
 

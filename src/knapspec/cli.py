@@ -118,16 +118,23 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _check_strategy(name: str | None) -> None:
+    from .strategies import REGISTRY
+    if name is not None and name not in REGISTRY.names():
+        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(REGISTRY.names())}")
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     from .api import load
+    _check_strategy(a.strategy)
+    if a.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
     kw: dict[str, Any] = dict(strategy=a.strategy, max_new_tokens=a.max_new_tokens,
                               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                               chat=a.chat, **_strategy_options(a))
     if a.threshold is not None:
         kw["threshold"] = a.threshold
-    if a.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     if a.stream and not a.json:
         from .engine import GenerationStats
         stats = GenerationStats()

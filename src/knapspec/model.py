@@ -332,23 +332,41 @@ class Model:
         cos, sin = self._rope(start, t)                                  # [T, D]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if write:
-            cache.write(i, start, k, v)
-            keys, vals = cache.view(i, start + t)                        # [B, Hkv, S, D]
-        else:
-            pk, pv = cache.view(i, start)                                # [1, Hkv, start, D]
-            keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
-            vals = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
-        s = keys.shape[2]
         g = hq // hkv
         # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
         qg = q.reshape(b, hkv, g * t, d)
-        mask = self._mask(i, start, t, s)
-        if mask is not None and g > 1:
-            mask = mask.repeat(g, 1)                                     # [G*T, S]
-        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
+        if write:
+            cache.write(i, start, k, v)
+            keys, vals = cache.view(i, start + t)                        # [B, Hkv, S, D]
+            mask = self._mask(i, start, t, keys.shape[2])
+            if mask is not None and g > 1:
+                mask = mask.repeat(g, 1)                                 # [G*T, S]
+            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
+        else:
+            o = self._branch_attention(i, qg, k, v, start, cache)
         o = o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
         return x + F.linear(o, L.wo)
+
+    def _branch_attention(self, i: int, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                          cache: KVCache) -> torch.Tensor:
+        """Attention of B branches that share the cached prefix ``0..start-1`` (read once, never
+        copied per branch) and attend causally within their own T tokens.
+        ``qg: [B, Hkv, G*T, D]``, ``k, v: [B, Hkv, T, D]`` -> ``[B, Hkv, G*T, D]``."""
+        b, hkv, gt, d = qg.shape
+        t = k.shape[2]
+        g = gt // t
+        pk, pv = cache.view(i, start)                                    # [1, Hkv, P, D]
+        qf = qg.float() * (1.0 / math.sqrt(d))
+        s_pre = qf @ pk.float().transpose(-1, -2)                        # [B, Hkv, G*T, P]
+        s_own = qf @ k.float().transpose(-1, -2)                         # [B, Hkv, G*T, T]
+        m = self._mask(i, start, t, start + t)
+        if m is not None:
+            m = m.repeat(g, 1)                                           # [G*T, P+T]
+            s_pre = s_pre.masked_fill(~m[:, :start], float("-inf"))
+            s_own = s_own.masked_fill(~m[:, start:], float("-inf"))
+        p = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)
+        o = p[..., :start] @ pv.float() + p[..., start:] @ v.float()
+        return o.to(qg.dtype)
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cfg, L = self.cfg, self.layers[i]

@@ -1,0 +1,63 @@
+"""The embedded SmolLM2-135M-Instruct, float32: equal to transformers, and lossless under plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import spec_bench
+
+from knapspec.plan import Plan
+from knapspec.strategies.static import StaticStrategy
+
+pytestmark = pytest.mark.slow
+
+
+def _prompt_ids(llm, row) -> list[int]:
+    return llm.encode(row["turns"][0], chat=True)
+
+
+@pytest.fixture(scope="module")
+def ar_refs(embedded):
+    """Autoregressive greedy output, 128 tokens (no stop token: every round counts), 10 prompts."""
+    rows = spec_bench(10)
+    ids = [_prompt_ids(embedded, r) for r in rows]
+    return rows, ids, [embedded.engine.generate(i, max_new_tokens=128).tokens for i in ids]
+
+
+def test_greedy_equals_transformers_generate(embedded, ar_refs):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(embedded.checkpoint.folder), dtype=torch.float32).eval()
+    rows, all_ids, refs = ar_refs
+    for row, ids, full in list(zip(rows, all_ids, refs))[:5]:
+        ours = full[:64]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                              num_beams=1, pad_token_id=embedded.tokenizer.eos_token_id)
+        assert ours == ref[0, len(ids):].tolist(), f"question {row['question_id']}"
+
+
+PLANS = [
+    "a8,a10,a12,a14,a16,a18,a20,a22",               # attention in the middle
+    "m4,m6,m8,a9,a11,a13,a15,a17,m20",              # mixed
+    "a1,a3,a5,a7,a9,a11,a13,a15,a17,a19,a21,a23,a25,m12,m14,m16,m18",   # aggressive
+]
+
+
+def test_fixed_plans_are_lossless_on_spec_bench(embedded, ar_refs):
+    rows, all_ids, refs = ar_refs
+    n = embedded.model.cfg.n_layers
+    for text in PLANS:
+        strat = StaticStrategy(Plan.parse(text, n), max_draft=3, threshold=0.5)
+        drafted = accepted = 0
+        for r, ids, ref in zip(rows, all_ids, refs):
+            g = embedded.engine.generate(ids, strat, max_new_tokens=128)
+            assert g.tokens == ref, f"plan {text}, question {r['question_id']}"
+            drafted += g.stats.drafted
+            accepted += g.stats.accepted
+        assert drafted > accepted > 0           # rounds with acceptances and with rejections
+
+
+def test_stream_yields_the_generated_text(embedded):
+    pieces = list(embedded.stream("The capital of France is", max_new_tokens=12))
+    full = embedded.generate("The capital of France is", max_new_tokens=12)
+    assert "".join(pieces) == full.text and len(pieces) > 1
