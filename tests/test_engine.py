@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_hf, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from conftest import build_tiny_hf, tiny_model
 from knapspec.engine import Engine
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan

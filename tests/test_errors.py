@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny
 
+from conftest import save_tiny
 from knapspec import checkpoint
 from knapspec.cli import main
 

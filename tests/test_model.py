@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, build_tiny_hf
 
+from conftest import TINY, build_tiny_hf
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import spec_bench
 
+from conftest import spec_bench
 from knapspec.plan import Plan
 from knapspec.strategies.static import StaticStrategy
 

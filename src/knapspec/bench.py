@@ -45,7 +45,10 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
 
 
 def context_ids(tokenizer, n: int) -> list[int]:
-    """About ``n`` tokens of real text (a long document from the data folder)."""
+    """About ``n`` tokens of real text (a long document from the data folder); random ids for a
+    checkpoint without a tokenizer (timing does not depend on the ids)."""
+    if tokenizer is None:
+        return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     from .datasets import long_doc_text
     ids = tokenizer(long_doc_text(0))["input_ids"]
     while len(ids) < n:
@@ -98,7 +101,7 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
                              bytes_per_token_mb=per_token / 1e6, roofline_tok_s=roof,
                              roofline_share=ours_tps / roof))
             log.info("%s", rows[-1])
-        del hf, llm
+
     return rows
 
 
@@ -131,7 +134,50 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
             for w in widths:
                 med = statistics.median(times[w])
                 rows.append(dict(dtype=dt, context=ctx, width=w, ms=1e3 * med, ratio=med / base))
-        del llm
+
+    return rows
+
+
+def bench_latency(model: str | None, *, device: str, threads: int | None, contexts: list[int],
+                  n_plans: int, repeats: int, quick: bool) -> list[dict]:
+    """Real decoding steps (random plans, 1 token; full plan, 4 and 8 tokens) vs the prediction."""
+    import random
+
+    from .api import load
+    from .latency import get_latency_model
+    from .plan import Plan
+    llm = load(model, dtype="auto", device=device, threads=threads)
+    m = llm.model
+    lm = get_latency_model(m, quick=quick, progress=True)
+    rng = random.Random(0)
+    rows = []
+    n_sub = 2 * m.cfg.n_layers
+    for ctx in contexts:
+        ids = context_ids(llm.tokenizer, ctx + 8)
+        cache = m.new_cache(ctx + 9)
+        cache.set_length(ctx)            # timing does not depend on the cached values
+        cases: list[tuple[Plan, int]] = []
+        for _ in range(n_plans):
+            share = rng.uniform(0.0, 0.7)
+            run = tuple(rng.random() >= share for _ in range(n_sub))
+            cases.append((Plan(run), 1))
+        cases += [(Plan.full(m.cfg.n_layers), 1), (Plan.full(m.cfg.n_layers), 4), (Plan.full(m.cfg.n_layers), 8)]
+        toks = {n: torch.tensor([ids[:n]], device=m.device) for n in (1, 4, 8)}
+
+        def step(plan: Plan, n: int) -> None:
+            cache.set_length(ctx)
+            m.forward(toks[n], ctx, cache, plan, last_only=n == 1)
+        for plan, n in cases:
+            step(plan, n)
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(repeats):
+            for j, (plan, n) in enumerate(cases):
+                times[j].append(timed(lambda plan=plan, n=n: step(plan, n), m.device))
+        for (plan, n), ts in zip(cases, times):
+            real = statistics.median(ts)
+            pred = lm.predict(plan, ctx, n)
+            rows.append(dict(context=ctx, tokens=n, skipped=plan.n_skipped, real_ms=1e3 * real,
+                             predicted_ms=1e3 * pred, error=abs(pred - real) / real))
     return rows
 
 
@@ -159,6 +205,13 @@ def run_cli(a: argparse.Namespace) -> int:
                         new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes)
         print(_table(rows, ["dtype", "context", "ours_tok_s", "hf_tok_s", "ratio", "bandwidth_gb_s",
                             "bytes_per_token_mb", "roofline_tok_s", "roofline_share"]))
+    elif a.bench_cmd == "latency":
+        rows = bench_latency(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
+                             n_plans=a.plans, repeats=a.repeats, quick=a.quick)
+        print(_table(rows, ["context", "tokens", "skipped", "real_ms", "predicted_ms", "error"]))
+        by_ctx = {c: statistics.mean(r["error"] for r in rows if r["context"] == c) for c in _ints(a.contexts)}
+        print("MAPE by context: " + ", ".join(f"{c}: {100 * e:.1f}%" for c, e in by_ctx.items()))
+        print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
     elif a.bench_cmd == "verify":
         rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
                             widths=_ints(a.widths), repeats=a.repeats, dtypes=dtypes)

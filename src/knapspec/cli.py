@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print generation statistics")
     g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics)")
 
+    pr = sub.add_parser("profile", help="measure the latency model of this model on this machine")
+    _add_model_args(pr)
+    pr.add_argument("--quick", action="store_true", help="a coarse grid (about 30 s)")
+    pr.add_argument("--force", action="store_true", help="re-profile even if a cached profile exists")
+    pr.add_argument("--plot", default=None, help="write a PNG of measured points and fits")
+
     b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=_Parser)
     ar = bsub.add_parser("ar", help="our autoregressive decoding vs transformers' generate")
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=32)
     ar.add_argument("--repeats", type=_positive_int("--repeats"), default=3)
     ar.add_argument("--dtypes", default="float32,bfloat16")
+    lt = bsub.add_parser("latency", help="latency model vs real decoding steps (MAPE)")
+    _add_model_args(lt)
+    lt.add_argument("--contexts", default="256,1024,4096,8000")
+    lt.add_argument("--plans", type=_positive_int("--plans"), default=8, help="random plans per context")
+    lt.add_argument("--repeats", type=_positive_int("--repeats"), default=5)
+    lt.add_argument("--quick", action="store_true", help="use (or make) the quick profile")
     vf = bsub.add_parser("verify", help="cost of one verification pass over n tokens vs a 1-token step")
     _add_model_args(vf)
     vf.add_argument("--contexts", default="128,4096")
@@ -154,6 +166,30 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(a: argparse.Namespace) -> int:
+    from .api import load
+    from .latency import get_latency_model, profile_path
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    lm = get_latency_model(llm.model, quick=a.quick, force=a.force, progress=True)
+    ctx = [c for c in (128, 1024, 4096, 8192) if c < llm.model.cfg.max_position]
+    print(f"latency profile: {profile_path(lm.key)}")
+    print(f"fit error: attention MAPE {100 * lm.fit_error['attention_mape']:.1f}%, "
+          f"MLP MAPE {100 * lm.fit_error['mlp_mape']:.1f}%")
+    print("| context | attention ms (mean/layer) | MLP ms (mean/layer) | lm_head ms | full step ms | verify 8 ms |")
+    print("|---|---|---|---|---|---|")
+    L = lm.n_layers
+    for c in ctx:
+        att = sum(lm.attn_time(i, c) for i in range(L)) / L
+        mlp = sum(lm.mlp_time(i) for i in range(L)) / L
+        print(f"| {c} | {1e3 * att:.3f} | {1e3 * mlp:.3f} | {1e3 * lm.head_time(1):.2f} | "
+              f"{1e3 * lm.predict(None, c, 1):.1f} | {1e3 * lm.predict(None, c, 8):.1f} |")
+    if a.plot:
+        from .plots import plot_latency
+        plot_latency(lm, a.plot)
+        print(f"plot: {a.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -161,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "generate":
             return _cmd_generate(a)
+        if a.cmd == "profile":
+            return _cmd_profile(a)
         if a.cmd == "bench":
             from . import bench
             return bench.run_cli(a)
