@@ -36,10 +36,10 @@ def test_greedy_equals_transformers_generate(embedded, ar_refs):
         assert ours == ref[0, len(ids):].tolist(), f"question {row['question_id']}"
 
 
-PLANS = [
-    "a8,a10,a12,a14,a16,a18,a20,a22",               # attention in the middle
-    "m4,m6,m8,a9,a11,a13,a15,a17,m20",              # mixed
-    "a1,a3,a5,a7,a9,a11,a13,a15,a17,a19,a21,a23,a25,m12,m14,m16,m18",   # aggressive
+PLANS = [                  # mild plans: high acceptance keeps this float32 test within minutes
+    "a20,a22,a24",                      # late attention
+    "m25,a26,a27",                      # late MLP + attention
+    "a5,a9,a13,a17,a21,m27",            # spread out
 ]
 
 
@@ -47,7 +47,7 @@ def test_fixed_plans_are_lossless_on_spec_bench(embedded, ar_refs):
     rows, all_ids, refs = ar_refs
     n = embedded.model.cfg.n_layers
     for text in PLANS:
-        strat = StaticStrategy(Plan.parse(text, n), max_draft=3, threshold=0.5)
+        strat = StaticStrategy(Plan.parse(text, n), max_draft=4, threshold=0.5)
         drafted = accepted = 0
         for r, ids, ref in zip(rows, all_ids, refs):
             g = embedded.engine.generate(ids, strat, max_new_tokens=128)
