@@ -199,7 +199,7 @@ def _ints(s: str) -> list[int]:
 def run_cli(a: argparse.Namespace) -> int:
     from .api import set_threads
     set_threads(a.threads)
-    dtypes = [d for d in a.dtypes.split(",") if d]
+    dtypes = [d for d in getattr(a, "dtypes", "").split(",") if d]
     if a.bench_cmd == "ar":
         rows = bench_ar(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
                         new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes)
