@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.knapspec-installed
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,6 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
-
-bench: setup
-	$(VENV)/bin/knapspec bench run --out runs/bench
-
-bench-quick: setup
-	$(VENV)/bin/knapspec bench run --quick --out runs/bench-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

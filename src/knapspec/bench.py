@@ -4,7 +4,7 @@ warm-up; report medians and ratios.
 * ``knapspec bench ar``      our autoregressive decoding vs transformers' ``generate``, and ours as a
   fraction of the memory-bandwidth roofline measured on the spot.
 * ``knapspec bench verify``  time of one verification pass over n tokens relative to a 1-token step.
-* ``knapspec bench run``     strategies side by side on real data (see ``harness.py``).
+* ``knapspec bench latency`` the latency model's predictions vs real decoding steps (MAPE).
 
 No decoding logic lives here.
 """
@@ -217,8 +217,7 @@ def run_cli(a: argparse.Namespace) -> int:
                             widths=_ints(a.widths), repeats=a.repeats, dtypes=dtypes)
         print(_table(rows, ["dtype", "context", "width", "ms", "ratio"]))
     else:
-        from .harness import run_cli as harness_cli
-        return harness_cli(a)
+        raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")
     print(json.dumps({"bench": a.bench_cmd, "device": str(a.device),
                       "threads": torch.get_num_threads(), "rows": rows}))
     return 0

@@ -1,4 +1,4 @@
-"""Command line: ``knapspec generate | profile | bench | calibrate``.
+"""Command line: ``knapspec generate | profile | bench {ar,verify,latency}``.
 
 Wiring only: parse arguments, set up logging, call the library, print. User errors
 (ValueError, FileNotFoundError) become one line on stderr and exit code 2, no traceback.
