@@ -11,8 +11,6 @@ No decoding logic lives here.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
 import time
@@ -181,7 +179,7 @@ def bench_latency(model: str | None, *, device: str, threads: int | None, contex
     return rows
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
+def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v: object) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -189,35 +187,8 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _ints(s: str) -> list[int]:
+def ints(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x]
     except ValueError:
         raise ValueError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def run_cli(a: argparse.Namespace) -> int:
-    from .api import set_threads
-    set_threads(a.threads)
-    dtypes = [d for d in getattr(a, "dtypes", "").split(",") if d]
-    if a.bench_cmd == "ar":
-        rows = bench_ar(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
-                        new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes)
-        print(_table(rows, ["dtype", "context", "ours_tok_s", "hf_tok_s", "ratio", "bandwidth_gb_s",
-                            "bytes_per_token_mb", "roofline_tok_s", "roofline_share"]))
-    elif a.bench_cmd == "latency":
-        rows = bench_latency(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
-                             n_plans=a.plans, repeats=a.repeats, quick=a.quick)
-        print(_table(rows, ["context", "tokens", "skipped", "real_ms", "predicted_ms", "error"]))
-        by_ctx = {c: statistics.mean(r["error"] for r in rows if r["context"] == c) for c in _ints(a.contexts)}
-        print("MAPE by context: " + ", ".join(f"{c}: {100 * e:.1f}%" for c, e in by_ctx.items()))
-        print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
-    elif a.bench_cmd == "verify":
-        rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=_ints(a.contexts),
-                            widths=_ints(a.widths), repeats=a.repeats, dtypes=dtypes)
-        print(_table(rows, ["dtype", "context", "width", "ms", "ratio"]))
-    else:
-        raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")
-    print(json.dumps({"bench": a.bench_cmd, "device": str(a.device),
-                      "threads": torch.get_num_threads(), "rows": rows}))
-    return 0
