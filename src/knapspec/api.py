@@ -1,11 +1,10 @@
 """The small Python API: load a model by name or path, generate, stream.
 
-    import knapspec
-    llm = knapspec.load()                      # embedded SmolLM2-135M-Instruct
-    out = llm.generate("Why is the sky blue?", chat=True, max_new_tokens=64)
-    print(out.text, out.stats.summary())
-    for piece in llm.stream("Once upon a time", max_new_tokens=32):
-        print(piece, end="")
+    >>> import knapspec
+    >>> llm = knapspec.load()                  # embedded SmolLM2-135M-Instruct
+    >>> out = llm.generate("Why is the sky blue?", chat=True, max_new_tokens=64)
+    >>> out.text, out.stats.summary()
+    >>> pieces = list(llm.stream("Once upon a time", max_new_tokens=32))
 
 Text lives here and in the CLI only; the engine sees token ids.
 """
