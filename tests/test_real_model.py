@@ -57,6 +57,25 @@ def test_fixed_plans_are_lossless_on_spec_bench(embedded, ar_refs):
         assert drafted > accepted > 0           # rounds with acceptances and with rejections
 
 
+def test_knapspec_planner_is_lossless_on_spec_bench(embedded, ar_refs):
+    """The planner's plans (from the real residual stream) keep the output identical. The latency
+    model is analytic here (cheap drafts) so that the planner drafts whatever this machine does."""
+    from knapspec.latency import LatencyModel
+    from knapspec.strategies.knapspec import KnapSpecStrategy
+    rows, all_ids, refs = ar_refs
+    lat = LatencyModel.analytic(embedded.model.cfg.n_layers, attn=1e-3, attn_per_token=1e-7, mlp=1.5e-3,
+                                head=1e-4, width_factor=0.02)
+    drafted = accepted = 0
+    for r, ids, ref in list(zip(rows, all_ids, refs))[:3]:
+        strat = KnapSpecStrategy(embedded.model, lat, every=16)
+        g = embedded.engine.generate(ids, strat, max_new_tokens=128)
+        assert g.tokens == ref, f"question {r['question_id']}"
+        drafted += g.stats.drafted
+        accepted += g.stats.accepted
+        assert all(c.plan is None or c.plan.run[0] or c.plan.run[1] for c in strat.history)
+    assert drafted > accepted > 0
+
+
 def test_stream_yields_the_generated_text(embedded):
     pieces = list(embedded.stream("The capital of France is", max_new_tokens=12))
     full = embedded.generate("The capital of France is", max_new_tokens=12)

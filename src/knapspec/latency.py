@@ -191,6 +191,19 @@ class LatencyModel:
                    head=head, over_a=[o[0] for o in over], over_b=[o[1] for o in over], fit_error=fe,
                    profile=p)
 
+    @classmethod
+    def analytic(cls, n_layers: int, *, attn: float, attn_per_token: float, mlp: float, head: float,
+                 overhead: float = 0.0, width_factor: float = 0.0,
+                 widths: tuple[int, ...] = FULL_WIDTHS) -> LatencyModel:
+        """A latency model from given constants (every layer alike), for tests and what-if
+        planning: at width w each time is scaled by ``1 + width_factor * (w - 1)``."""
+        f = [1.0 + width_factor * (w - 1) for w in widths]
+        return cls(key={"analytic": True}, widths=list(widths), n_layers=n_layers,
+                   attn_a=[[attn * x for x in f] for _ in range(n_layers)],
+                   attn_b=[[attn_per_token * x for x in f] for _ in range(n_layers)],
+                   mlp=[[mlp * x for x in f] for _ in range(n_layers)], head=[head * x for x in f],
+                   over_a=[overhead] * len(widths), over_b=[0.0] * len(widths))
+
     # ---- prediction -------------------------------------------------------------------------------
     def _interp(self, row: list[float], n: int) -> float:
         return float(np.interp(n, self.widths, row))   # clamps beyond the profiled widths
@@ -242,6 +255,9 @@ class LatencyModel:
         return m
 
 
+_MEMO: dict[str, LatencyModel] = {}
+
+
 def profile_path(key: dict[str, Any]) -> Path:
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / "latency" / f"{h}.json"
@@ -252,14 +268,20 @@ def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, p
     """The cached latency model for this model/device/dtype/threads, profiling if needed."""
     key = profile_key(model)
     path = profile_path(key)
+    memo = _MEMO.get(str(path))
+    if memo is not None and not force and path.is_file():
+        return memo
     if path.is_file() and not force:
         try:
             lm = LatencyModel.from_json(path.read_text())
             if lm.key == key:
+                _MEMO[str(path)] = lm
                 return lm
             log.warning("latency profile %s is for another set-up; re-profiling", path)
         except (json.JSONDecodeError, TypeError, KeyError, AssertionError, ValueError) as e:
             log.warning("latency profile %s is corrupt (%s); re-profiling", path, type(e).__name__)
+    log.warning("no latency profile for this model/device/dtype/threads yet: measuring one (%s, "
+                "about 15-60 s on a CPU); cached in %s", "quick" if quick else "full", path.parent)
     ctxs = contexts or default_contexts(model.cfg.max_position, quick=quick)
     prof = measure(model, contexts=ctxs, widths=QUICK_WIDTHS if quick else FULL_WIDTHS,
                    repeats=repeats or (3 if quick else 7), progress=progress)
@@ -269,5 +291,6 @@ def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, p
     with os.fdopen(fd, "w") as f:
         f.write(lm.to_json())
     os.replace(tmp, path)
+    _MEMO[str(path)] = lm
     log.info("latency profile written to %s (%.1fs; fit error %s)", path, prof.seconds, lm.fit_error)
     return lm

@@ -357,16 +357,21 @@ class Model:
         g = gt // t
         pk, pv = cache.view(i, start)                                    # [1, Hkv, P, D]
         qf = qg.float() * (1.0 / math.sqrt(d))
-        s_pre = qf @ pk.float().transpose(-1, -2)                        # [B, Hkv, G*T, P]
+        # prefix scores with the branches folded into the rows: [Hkv, B*G*T, P] (K read once)
+        q_rows = qf.transpose(0, 1).reshape(hkv, b * gt, d)
+        s_pre = (q_rows @ pk[0].float().transpose(-1, -2)).reshape(hkv, b, gt, start).transpose(0, 1)
         s_own = qf @ k.float().transpose(-1, -2)                         # [B, Hkv, G*T, T]
         m = self._mask(i, start, t, start + t)
         if m is not None:
             m = m.repeat(g, 1)                                           # [G*T, P+T]
-            s_pre = s_pre.masked_fill(~m[:, :start], float("-inf"))
+            if not bool(m[:, :start].all()):                             # sliding window
+                s_pre = s_pre.masked_fill(~m[:, :start], float("-inf"))
             s_own = s_own.masked_fill(~m[:, start:], float("-inf"))
         p = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)
-        o = p[..., :start] @ pv.float() + p[..., start:] @ v.float()
-        return o.to(qg.dtype)
+        p_pre = p[..., :start].transpose(0, 1).reshape(hkv, b * gt, start)
+        o_pre = (p_pre @ pv[0].float()).reshape(hkv, b, gt, d).transpose(0, 1)
+        o = o_pre + p[..., start:] @ v.float()
+        return o.to(qg.dtype).contiguous()
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cfg, L = self.cfg, self.layers[i]
