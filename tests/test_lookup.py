@@ -1,0 +1,46 @@
+"""Prompt lookup: n-gram matching, and lossless output through the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_model
+from knapspec.engine import Engine
+from knapspec.strategies.lookup import PromptLookupStrategy, find_continuation
+
+
+def test_longest_ngram_wins_and_most_recent_occurrence():
+    t = np.array([1, 2, 3, 9, 9, 7, 3, 5, 6, 1, 2, 3])
+    # "1 2 3" occurs at 0 (followed by 9 9 7 ...); "3" alone occurs later (followed by 5 6)
+    n, cont = find_continuation(t, max_ngram=3, max_len=3)
+    assert n == 3 and cont == [9, 9, 7]
+    n, cont = find_continuation(t, max_ngram=1, max_len=2)
+    assert n == 1 and cont == [5, 6]                # most recent earlier "3"
+    n, cont = find_continuation(np.array([4, 5, 6, 7]), max_ngram=3)
+    assert (n, cont) == (0, [])
+    n, cont = find_continuation(np.array([4, 4, 4, 4]), max_ngram=2, max_len=5)
+    assert n == 2 and cont == [4]                   # the match right before the suffix
+    assert find_continuation(np.array([3]), max_ngram=3) == (0, [])
+
+
+def test_min_ngram_is_respected():
+    t = np.array([1, 5, 2, 8, 5])
+    assert find_continuation(t, max_ngram=3, min_ngram=2) == (0, [])
+    assert find_continuation(t, max_ngram=3, min_ngram=1) == (1, [2, 8, 5])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_greedy_lookup_equals_autoregressive(tiny_root, data):
+    m = tiny_model("qwen2", tiny_root)
+    eng = Engine(m)
+    base = data.draw(st.lists(st.integers(3, 20), min_size=1, max_size=10), label="base")
+    prompt = (base * 4)[:data.draw(st.integers(1, 40), label="len")]   # repetitive: lookups happen
+    n_new = data.draw(st.integers(1, 30), label="max_new_tokens")
+    strat = PromptLookupStrategy(max_ngram=data.draw(st.integers(1, 4)), max_draft=data.draw(st.integers(1, 8)))
+    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,))
+    assert got.tokens == ref
+    assert got.stats.drafted == 0 or strat.matches > 0
