@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.knapspec-installed
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench bench-quick lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+# strategies side by side on Spec-Bench and long documents: docs/bench/ (table, JSONL, plots)
+bench: setup
+	$(VENV)/bin/knapspec bench run --out docs/bench
+
+bench-quick: setup
+	$(VENV)/bin/knapspec bench run --quick --out bench-out
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

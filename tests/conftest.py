@@ -84,3 +84,23 @@ def spec_bench(n: int, *, per_category: bool = True) -> list[dict]:
         if r not in out:
             out.append(r)
     return out[:n]
+
+
+WORDS = ("the a of and to in is was for on that with as by at from it be this are or an which "
+         "summary report document meeting model text token draft plan layer cache").split()
+
+
+def save_tiny_with_tokenizer(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny model folder plus a word-level tokenizer (no chat template) built here, so that the
+    CLI can run end to end on text prompts without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    save_tiny(kind, folder, seed)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS + [c for c in "abcdefghijklmnopqrstuvwxyz.,:;!?0123456789"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+    return folder

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -192,3 +193,182 @@ def ints(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x]
     except ValueError:
         raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+
+
+# ---- the side-by-side harness (``knapspec bench run``) ---------------------------------------------
+def near_tie_tolerance(dtype: torch.dtype) -> float:
+    """Relative logit margin under which a greedy choice can flip from rounding alone: a verify
+    pass over d+1 tokens and a 1-token step use different kernels, whose results differ in the last
+    bits. float32: 1e-5; bfloat16 logits carry 8 bits of mantissa (2^-6 = 4 of their ulps)."""
+    return {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -6,
+            torch.float16: 2.0 ** -9}.get(dtype, 2.0 ** -6)
+
+
+def classify_mismatch(model, prompt: list[int], ref: list[int], got: list[int]) -> dict | None:
+    """Where ``got`` departs from the reference ``ref``, and whether the full model's logits there
+    are a near-tie between the two tokens (``None`` if the outputs are equal)."""
+    i = next((k for k, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    if i is None:
+        if len(ref) == len(got):
+            return None
+        i = min(len(ref), len(got))
+        return {"index": i, "ref_token": None, "got_token": None, "margin": None, "near_tie": False}
+    cache = model.new_cache(len(prompt) + i + 1)
+    ids = prompt + ref[:i]
+    out = None
+    for s in range(0, len(ids), 512):
+        out = model.forward(torch.tensor([ids[s:s + 512]], device=model.device), s, cache, last_only=True)
+    logits = out.logits[0, -1].float()
+    margin = float(logits[ref[i]] - logits[got[i]])
+    tol = near_tie_tolerance(model.dtype) * max(1.0, float(logits.abs().max()))
+    return {"index": i, "ref_token": ref[i], "got_token": got[i], "margin": margin,
+            "near_tie": abs(margin) <= tol}
+
+
+def geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0]
+    return float(np.exp(np.mean(np.log(xs)))) if xs else 0.0
+
+
+def run_record(*, prompt, n_prompt: int, strategy: str, stats, describe: dict, ref_tps: float | None,
+               match: bool | None, mismatch: dict | None) -> dict:
+    """One JSONL row: the generation's statistics plus the comparison with autoregressive."""
+    tps = stats.tokens_per_s
+    return {
+        "dataset": prompt.dataset, "category": prompt.category, "prompt_id": prompt.id,
+        "context": prompt.target_tokens or n_prompt, "prompt_tokens": n_prompt, "strategy": strategy,
+        "new_tokens": stats.new_tokens, "decode_s": stats.decode_s, "tokens_per_s": tps,
+        "speedup": tps / ref_tps if ref_tps else None, "mean_accepted": stats.mean_accepted,
+        "acceptance_rate": stats.acceptance_rate, "drafted": stats.drafted, "accepted": stats.accepted,
+        "rounds": stats.rounds, "draft_s": stats.draft_s, "verify_s": stats.verify_s, "plan_s": stats.plan_s,
+        "plan_share": stats.plan_s / stats.decode_s if stats.decode_s > 0 else 0.0,
+        "predicted_tps": describe.get("predicted_tps"), "attn_skip_share": describe.get("attn_skip_share"),
+        "mlp_skip_share": describe.get("mlp_skip_share"), "match": match, "mismatch": mismatch,
+    }
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (strategy, dataset): runs, geometric-mean speedup, mean accepted tokens per round, mean
+    tokens/s, planning share, mismatches."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["strategy"], r["dataset"]), []).append(r)
+    out = []
+    for (s, d), rs in groups.items():
+        out.append({"strategy": s, "dataset": d, "runs": len(rs),
+                    "speedup": geomean([r["speedup"] for r in rs if r["speedup"]]),
+                    "mean_accepted": float(np.mean([r["mean_accepted"] for r in rs])),
+                    "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs])),
+                    "plan_share": float(np.mean([r["plan_share"] for r in rs])),
+                    "mismatches": sum(r["match"] is False for r in rs),
+                    "hard_mismatches": sum(r["match"] is False and not (r["mismatch"] or {}).get("near_tie")
+                                           for r in rs)})
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """Strategy × dataset: geometric-mean speedup over autoregressive (mean accepted tokens/round)."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in summary))
+    datasets = list(dict.fromkeys(r["dataset"] for r in summary))
+    cell = {(r["strategy"], r["dataset"]): r for r in summary}
+    lines = ["| strategy | " + " | ".join(datasets) + " | all |", "|---|" + "---|" * (len(datasets) + 1)]
+    for s in strategies:
+        row = []
+        for d in datasets:
+            c = cell.get((s, d))
+            row.append("" if c is None else f"{c['speedup']:.2f}x ({c['mean_accepted']:.2f})"
+                       + (" MISMATCH" if c["hard_mismatches"] else ""))
+        allx = geomean([cell[(s, d)]["speedup"] for d in datasets if (s, d) in cell])
+        lines.append(f"| {s} | " + " | ".join(row) + f" | {allx:.2f}x |")
+    return "\n".join(lines)
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    from scipy.stats import pearsonr
+    if len(xs) < 3 or np.std(xs) == 0 or np.std(ys) == 0:
+        return None
+    return float(pearsonr(xs, ys).statistic)
+
+
+def headline(records: list[dict]) -> dict:
+    summary = summarize(records)
+    out: dict = {"runs": len(records), "mismatches": sum(r["match"] is False for r in records),
+                 "hard_mismatches": sum(s["hard_mismatches"] for s in summary), "speedup": {}}
+    for s in dict.fromkeys(r["strategy"] for r in records):
+        out["speedup"][s] = geomean([r["speedup"] for r in records if r["strategy"] == s and r["speedup"]])
+    pts = [(r["predicted_tps"], r["tokens_per_s"]) for r in records if r.get("predicted_tps")]
+    if pts:
+        out["tpt_pearson_r"] = pearson([p for p, _ in pts], [m for _, m in pts])
+    shares = [r["plan_share"] for r in records if r["strategy"] not in ("autoregressive",)]
+    out["max_plan_share"] = max(shares) if shares else 0.0
+    return out
+
+
+def expand_datasets(specs: list[str], root) -> list[str]:
+    """``spec-bench`` (no category) stands for every category, one dataset each."""
+    from .datasets import data_dir, spec_bench_categories
+    out = []
+    for s in specs:
+        if s == "spec-bench":
+            out += [f"spec-bench:{c}" for c in spec_bench_categories(root or data_dir())]
+        else:
+            out.append(s)
+    return out
+
+
+def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int, max_new_tokens: int,
+                     root=None, temperature: float = 0.0, seed: int | None = 0, warmup: bool = True,
+                     progress: bool = True, strategy_options: dict | None = None,
+                     on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every strategy on the same prompts, interleaved per prompt, autoregressive first (the
+    reference output and the speedup's denominator). Greedy unless ``temperature > 0``."""
+    from tqdm import tqdm
+
+    from .datasets import load_dataset
+    from .sampling import SamplingParams
+    from .strategies import REGISTRY
+    order = ["autoregressive"] + [s for s in strategies if s != "autoregressive"]
+    for s in order:
+        if s not in REGISTRY.names():
+            raise ValueError(f"unknown strategy {s!r}: choose from {', '.join(REGISTRY.names())}")
+    opts = strategy_options or {}
+    prompts = []
+    for spec in expand_datasets(datasets, root):
+        prompts += load_dataset(spec, root=root, tokenizer=llm.tokenizer, n=n)
+    if not prompts:
+        raise ValueError("no prompts: check --datasets and --n")
+    sp = SamplingParams(temperature=temperature, seed=seed)
+    eng, stops = llm.engine, llm.stop_ids
+
+    def make(s: str):
+        return REGISTRY.create(s, llm.model, **opts.get(s, {}))
+    if warmup:                                    # kernels, allocator, latency profile, caches
+        ids = llm.encode(prompts[0].text, chat=prompts[0].chat)[-256:]
+        for s in order:
+            eng.generate(ids, make(s), max_new_tokens=16, sampling=sp, stop_ids=stops)
+    records: list[dict] = []
+    bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
+    for p in prompts:
+        ids = llm.encode(p.text, chat=p.chat)
+        ref_tokens, ref_tps = None, None
+        for s in order:
+            bar.set_postfix_str(f"{p.dataset} {s}")
+            strat = make(s)
+            g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+            match, mm = None, None
+            if s == "autoregressive":
+                ref_tokens, ref_tps = g.tokens, g.stats.tokens_per_s
+            elif sp.greedy:
+                match = g.tokens == ref_tokens
+                if not match:
+                    mm = classify_mismatch(llm.model, ids, ref_tokens, g.tokens)
+                    log.error("OUTPUT MISMATCH: %s on %s/%s at token %s (logit margin %s, %s)", s, p.dataset,
+                              p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
+            rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=strat.describe(),
+                             ref_tps=ref_tps, match=match, mismatch=mm)
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+            bar.update()
+    bar.close()
+    return records

@@ -120,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--widths", default="1,4,8,16")
     vf.add_argument("--repeats", type=_positive_int("--repeats"), default=15)
     vf.add_argument("--dtypes", default="float32,bfloat16")
+    rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
+    _add_model_args(rn)
+    rn.add_argument("--strategies", default=None,
+                    help=f"comma-separated (autoregressive always runs first); default {','.join(BENCH_STRATEGIES)}")
+    rn.add_argument("--datasets", default=None,
+                    help="comma-separated: spec-bench (every category), spec-bench:CATEGORY, long-docs:N "
+                         "(512, 2k, 4k, 8k), gsm8k, aime, humaneval, FILE.jsonl; default "
+                         + ",".join(BENCH_DATASETS))
+    rn.add_argument("--n", type=_positive_int("--n"), default=None, help="prompts per dataset (default 2)")
+    rn.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=None,
+                    help="default 128")
+    rn.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA or ../shared/data)")
+    rn.add_argument("--out", default="bench-out", help="folder for runs.jsonl, table.md and plots")
+    rn.add_argument("--temperature", type=_float_in("--temperature", 0, float("inf"), False,
+                    ">= 0 (0 = greedy)"), default=0.0)
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--quick", action="store_true",
+                    help="a few minutes: " + ",".join(QUICK_DATASETS) + ", 1 prompt each, 64 tokens")
+    rn.add_argument("--skip", default=None, help="static strategy: skipped sublayers, e.g. a3,a7,m12")
+    rn.add_argument("--max-draft", type=_positive_int("--max-draft"), default=None,
+                    help="maximum draft length, for the strategies that take one")
+    rn.add_argument("--strict", action="store_true",
+                    help="fail on any output difference, near-ties from reduced-precision rounding included")
     return p
 
 
@@ -190,7 +213,70 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec")
+BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8k")
+QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
+
+
+def _cmd_bench_run(a: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .api import load
+    from .bench import headline, markdown_table, run_side_by_side, summarize
+    from .datasets import data_dir
+    from .plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
+    strategies = a.strategies.split(",") if a.strategies else list(BENCH_STRATEGIES)
+    for s in strategies:
+        _check_strategy(s)
+    datasets = a.datasets.split(",") if a.datasets else list(QUICK_DATASETS if a.quick else BENCH_DATASETS)
+    n = a.n or (1 if a.quick else 2)
+    new = a.max_new_tokens or (64 if a.quick else 128)
+    root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in datasets) else None
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    common: dict[str, Any] = {} if a.max_draft is None else {"max_draft": a.max_draft}
+    opts = {s: dict(common) for s in strategies}
+    if "static" in opts:
+        if not a.skip:
+            raise ValueError("the static strategy needs --skip a3,m7,...")
+        opts["static"]["skip"] = a.skip
+    records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
+                               root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts)
+    summary = summarize(records)
+    head = headline(records)
+    head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
+                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out / name)
+    write("runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    table_md = markdown_table(summary)
+    write("table.md", table_md + "\n")
+    write("headline.json", json.dumps(head, indent=1) + "\n")
+    plot_speedup_vs_context(records, out / "speedup_vs_context.png")
+    plot_skip_share(records, out / "skip_share.png")
+    plot_tpt(records, out / "tpt.png", head.get("tpt_pearson_r"))
+    print(table_md)
+    print(json.dumps(head))
+    bad = head["mismatches"] if a.strict else head["hard_mismatches"]
+    if bad:
+        sys.stderr.write(f"knapspec: error: {bad} run(s) did not reproduce the autoregressive output "
+                         f"(see {out / 'runs.jsonl'})\n")
+        return 1
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench_cmd == "run":
+        return _cmd_bench_run(a)
     import statistics
 
     import torch

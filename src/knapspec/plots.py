@@ -45,3 +45,66 @@ def plot_latency(lm: LatencyModel, out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _by_strategy(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["strategy"], []).append(r)
+    return out
+
+
+def plot_speedup_vs_context(records: list[dict], out: str | Path) -> None:
+    """Speedup over autoregressive vs prompt length, per strategy (median per context length)."""
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for s, rs in _by_strategy(records).items():
+        if s == "autoregressive":
+            continue
+        ctxs = sorted({r["context"] for r in rs if r["speedup"]})
+        ys = [float(np.median([r["speedup"] for r in rs if r["context"] == c and r["speedup"]])) for c in ctxs]
+        ax.plot(ctxs, ys, "o-", label=s)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="speedup over autoregressive (median)",
+           title="speedup vs context length")
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def plot_skip_share(records: list[dict], out: str | Path, strategy: str = "knapspec") -> None:
+    """Share of attention and of MLP sublayers skipped by the plans used, vs prompt length."""
+    import numpy as np
+    rs = [r for r in records if r["strategy"] == strategy and r.get("attn_skip_share") is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ctxs = sorted({r["context"] for r in rs})
+    for key, label in (("attn_skip_share", "attention"), ("mlp_skip_share", "MLP")):
+        ax.plot(ctxs, [float(np.mean([r[key] for r in rs if r["context"] == c])) for c in ctxs], "o-",
+                label=f"{label} sublayers skipped")
+    ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="share skipped (drafting rounds)",
+           title=f"{strategy}: what the plans skip", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def plot_tpt(records: list[dict], out: str | Path, r_value: float | None = None) -> None:
+    """Predicted tokens-per-time vs measured tokens/s, one point per run that predicts."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for s, rs in _by_strategy(records).items():
+        pts = [(r["predicted_tps"], r["tokens_per_s"]) for r in rs if r.get("predicted_tps")]
+        if pts:
+            ax.plot([p for p, _ in pts], [m for _, m in pts], "o", label=s)
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, "k--", lw=0.8, label="y = x")
+    title = "predicted TPT vs measured"
+    if r_value is not None:
+        title += f" (Pearson r = {r_value:.3f})"
+    ax.set(xlabel="predicted tokens/s", ylabel="measured tokens/s", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> None:
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

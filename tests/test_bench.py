@@ -1,0 +1,118 @@
+"""The benchmark harness on a tiny model: metrics from known statistics, mismatch detection, and
+the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import WORDS, save_tiny_with_tokenizer
+from knapspec import bench
+from knapspec.cli import main
+from knapspec.datasets import Prompt
+from knapspec.engine import GenerationStats
+
+
+def _stats(new, decode_s, rounds, drafted, accepted, plan_s=0.0):
+    return GenerationStats(prompt_tokens=10, new_tokens=new, rounds=rounds, drafted=drafted, accepted=accepted,
+                           prefill_s=1.0, plan_s=plan_s, total_s=1.0 + decode_s)
+
+
+P = Prompt("q1", "long-docs:2048", "gao", "text", target_tokens=2048)
+
+
+def test_metrics_from_known_statistics():
+    ar = _stats(new=101, decode_s=5.0, rounds=100, drafted=0, accepted=0)           # 20 tok/s
+    sp = _stats(new=101, decode_s=2.5, rounds=40, drafted=90, accepted=60, plan_s=0.25)  # 40 tok/s
+    r_ar = bench.run_record(prompt=P, n_prompt=2040, strategy="autoregressive", stats=ar, describe={},
+                            ref_tps=None, match=None, mismatch=None)
+    r_sp = bench.run_record(prompt=P, n_prompt=2040, strategy="x", stats=sp, describe={"predicted_tps": 38.0},
+                            ref_tps=ar.tokens_per_s, match=True, mismatch=None)
+    assert r_ar["tokens_per_s"] == pytest.approx(20.0) and r_ar["speedup"] is None
+    assert r_sp["tokens_per_s"] == pytest.approx(40.0) and r_sp["speedup"] == pytest.approx(2.0)
+    assert r_sp["mean_accepted"] == pytest.approx(2.5) and r_sp["acceptance_rate"] == pytest.approx(60 / 90)
+    assert r_sp["plan_share"] == pytest.approx(0.1) and r_sp["context"] == 2048
+    r_sp2 = dict(r_sp, speedup=0.5, prompt_id="q2", tokens_per_s=10.0, predicted_tps=12.0)
+    r_sp3 = dict(r_sp, speedup=1.0, prompt_id="q3", tokens_per_s=20.0, predicted_tps=21.0)
+    summ = bench.summarize([r_ar, r_sp, r_sp2, r_sp3])
+    row = next(s for s in summ if s["strategy"] == "x")
+    assert row["speedup"] == pytest.approx(1.0)          # geometric mean of 2, 0.5, 1
+    assert row["runs"] == 3 and row["mismatches"] == 0
+    table = bench.markdown_table(summ)
+    assert "| x | 1.00x (2.50) | 1.00x |" in table
+    head = bench.headline([r_ar, r_sp, r_sp2, r_sp3])
+    assert head["speedup"]["x"] == pytest.approx(1.0)
+    assert head["tpt_pearson_r"] == pytest.approx(bench.pearson([38, 12, 21], [40, 10, 20]))
+    assert head["tpt_pearson_r"] > 0.99
+    assert bench.geomean([4.0, 1.0]) == pytest.approx(2.0)
+    assert bench.pearson([1, 2], [1, 2]) is None           # too few points to say anything
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return save_tiny_with_tokenizer("llama", tmp_path / "tiny")
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "prompt": " ".join(WORDS[i:i + 12] * 2), "chat": False} for i in range(3)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_side_by_side_writes_runs_table_and_plots(tiny_folder, prompts_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = main(["bench", "run", "--model", str(tiny_folder), "--dtype", "float32", "--strategies",
+               "autoregressive,lookup,knapspec", "--datasets", str(prompts_file), "--n", "2",
+               "--max-new-tokens", "12", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 6 and [r["strategy"] for r in runs[:3]] == ["autoregressive", "lookup", "knapspec"]
+    assert all(r["match"] is True for r in runs if r["strategy"] != "autoregressive")
+    assert all(r["speedup"] > 0 for r in runs)
+    for f in ("table.md", "headline.json", "speedup_vs_context.png", "skip_share.png", "tpt.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert "| lookup |" in (out / "table.md").read_text()
+    last = json.loads(captured.out.strip().splitlines()[-1])
+    assert last["runs"] == 6 and last["hard_mismatches"] == 0
+
+
+def test_a_broken_engine_is_caught(tiny_folder, prompts_file, tmp_path, capsys, caplog, monkeypatch):
+    """Accepting every draft without checking it (a broken acceptance rule) must be reported as a
+    mismatch and make the command fail."""
+    from knapspec import engine
+    from knapspec.sampling import Acceptance
+
+    def accept_everything(drafts, logits):
+        return Acceptance(n_accepted=len(drafts), token=int(logits[len(drafts)].argmax()), bonus=True)
+    monkeypatch.setattr(engine, "accept_greedy", accept_everything)
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = main(["bench", "run", "--model", str(tiny_folder), "--dtype", "float32", "--strategies", "static",
+               "--skip", "a1,m1,a2,m2", "--max-draft", "4", "--datasets", str(prompts_file), "--n", "3",
+               "--max-new-tokens", "16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "did not reproduce the autoregressive output" in err
+    assert "OUTPUT MISMATCH" in caplog.text and "NOT a near-tie" in caplog.text
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    bad = [r for r in runs if r["match"] is False]
+    assert bad, "a broken acceptance rule went unnoticed"
+    assert all(not r["mismatch"]["near_tie"] and r["mismatch"]["index"] >= 0 for r in bad)
+    assert "MISMATCH" in (out / "table.md").read_text()
+
+
+def test_near_tie_classification(tiny_folder):
+    from knapspec.api import load
+    llm = load(str(tiny_folder), dtype="float32")
+    prompt = [5, 6, 7, 8]
+    ref = llm.engine.generate(prompt, max_new_tokens=6).tokens
+    assert bench.classify_mismatch(llm.model, prompt, ref, list(ref)) is None
+    wrong = list(ref)
+    wrong[3] = (ref[3] + 1) % llm.model.cfg.vocab_size
+    mm = bench.classify_mismatch(llm.model, prompt, ref, wrong)
+    assert mm["index"] == 3 and mm["margin"] > 0 and mm["near_tie"] is False
