@@ -372,3 +372,72 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
             bar.update()
     bar.close()
     return records
+
+
+# ---- predicted TPT vs measured speed across plans (``knapspec bench tpt``) ---------------------------
+def alpha_from_mean_accepted(mean_accepted: float, d: int) -> float:
+    """The i.i.d. acceptance rate whose expected tokens per round with ``d`` drafts is
+    ``mean_accepted`` (bisection on E(α, d), which increases in α)."""
+    from .strategies.knapspec import expected_tokens
+    lo, hi = 0.0, 1.0
+    target = min(max(mean_accepted, 1.0), d + 1.0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if expected_tokens(mid, d) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, window: int,
+              root=None, progress: bool = True) -> list[dict]:
+    """For long-document prompts at each context: the KnapSpec DP's candidate plans (spread over
+    the time saved), each decoded with its TPT-optimal draft length as a fixed plan (confidence
+    exit off, so rounds draft exactly d as TPT assumes); predicted TPT vs measured tokens/s.
+    ``predicted_post`` uses the acceptance measured in the run (isolates the latency model)."""
+    from tqdm import tqdm
+
+    from .datasets import load_dataset
+    from .latency import get_latency_model
+    from .sampling import SamplingParams
+    from .strategies.base import RoundState
+    from .strategies.knapspec import KnapSpecStrategy, tpt
+    from .strategies.static import StaticStrategy
+    m, eng = llm.model, llm.engine
+    lat = get_latency_model(m, quick=True)
+    rows: list[dict] = []
+    jobs = [(c, p) for c in contexts for p in load_dataset(f"long-docs:{c}", root=root, tokenizer=llm.tokenizer, n=n)]
+    bar = tqdm(total=len(jobs) * (plans + 1), disable=not progress, desc="tpt", unit="run")
+    for ctx, p in jobs:
+        ids = llm.encode(p.text, chat=p.chat)
+        cache = m.new_cache(len(ids) + 1)
+        for s in range(0, len(ids), 512):
+            m.forward(torch.tensor([ids[s:s + 512]], device=m.device), s, cache, logits=False)
+        strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0)
+        strat.start(RoundState(model=m, cache=cache, tokens=ids + [0], n_prompt=len(ids), round=0,
+                               sampling=SamplingParams(), remaining=new_tokens))
+        cands, _ = strat.optimise(len(ids))
+        if len(cands) > plans:
+            idx = np.linspace(0, len(cands) - 1, plans).round().astype(int)
+            cands = [cands[i] for i in sorted(set(idx.tolist()))]
+        g = eng.generate(ids, max_new_tokens=new_tokens, stop_ids=())
+        t1 = lat.predict(None, len(ids), 1)
+        rows.append(dict(context=ctx, prompt_tokens=len(ids), prompt_id=p.id, plan="full", skipped=0, d=0,
+                         alpha=1.0, predicted_tps=1 / t1, predicted_post=1 / t1,
+                         tokens_per_s=g.stats.tokens_per_s, mean_accepted=1.0))
+        bar.update()
+        for plan, alpha, _ in cands:
+            tv = [lat.predict(None, len(ids), d + 1) for d in range(9)]
+            td = lat.predict(plan, len(ids), 1)
+            d = max(range(1, 9), key=lambda d: tpt(alpha, d, td, tv[d]))
+            g = eng.generate(ids, StaticStrategy(plan, max_draft=d, threshold=0.0), max_new_tokens=new_tokens,
+                             stop_ids=())
+            a_meas = alpha_from_mean_accepted(g.stats.accepted / max(g.stats.draft_rounds, 1) + 1, d)
+            rows.append(dict(context=ctx, prompt_tokens=len(ids), prompt_id=p.id, plan=str(plan),
+                             skipped=plan.n_skipped, d=d, alpha=alpha, predicted_tps=tpt(alpha, d, td, tv[d]),
+                             predicted_post=tpt(a_meas, d, td, tv[d]), tokens_per_s=g.stats.tokens_per_s,
+                             mean_accepted=g.stats.mean_accepted))
+            bar.update()
+    bar.close()
+    return rows

@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--widths", default="1,4,8,16")
     vf.add_argument("--repeats", type=_positive_int("--repeats"), default=15)
     vf.add_argument("--dtypes", default="float32,bfloat16")
+    tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
+    _add_model_args(tp)
+    tp.add_argument("--contexts", default="512,2048,4096")
+    tp.add_argument("--n", type=_positive_int("--n"), default=1, help="prompts per context")
+    tp.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=64)
+    tp.add_argument("--plans", type=_positive_int("--plans"), default=6, help="candidate plans per prompt")
+    tp.add_argument("--window", type=_positive_int("--window"), default=16, help="tokens the DP scores on")
+    tp.add_argument("--data", default=None, help="data folder")
     rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
     _add_model_args(rn)
     rn.add_argument("--strategies", default=None,
@@ -274,9 +282,33 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tpt(a: argparse.Namespace) -> int:
+    from .api import load
+    from .bench import bench_tpt, ints, pearson, table
+    from .datasets import data_dir
+    root = data_dir(a.data)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    rows = bench_tpt(llm, contexts=ints(a.contexts), n=a.n, new_tokens=a.new_tokens, plans=a.plans,
+                     window=a.window, root=root)
+    print(table(rows, ["context", "prompt_tokens", "skipped", "d", "alpha", "predicted_tps", "predicted_post",
+                       "tokens_per_s", "mean_accepted"]))
+    res = {"bench": "tpt", "pearson_r": pearson([r["predicted_tps"] for r in rows], [r["tokens_per_s"] for r in rows]),
+           "pearson_r_post": pearson([r["predicted_post"] for r in rows], [r["tokens_per_s"] for r in rows])}
+    per_ctx = {}
+    for c in ints(a.contexts):
+        rs = [r for r in rows if r["context"] == c]
+        per_ctx[c] = pearson([r["predicted_tps"] for r in rs], [r["tokens_per_s"] for r in rs])
+    res["pearson_r_within_context"] = per_ctx
+    res["rows"] = rows
+    print(json.dumps(res))
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     if a.bench_cmd == "run":
         return _cmd_bench_run(a)
+    if a.bench_cmd == "tpt":
+        return _cmd_bench_tpt(a)
     import statistics
 
     import torch

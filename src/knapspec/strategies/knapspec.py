@@ -20,7 +20,8 @@ last tokens, computed read-only against the prefilled cache, so no round drafts 
    draft beats a plain decoding step (``1 / T_verify(1)``), the strategy decodes without drafting
    until the next re-plan.
 4. **Schedule.** Re-plan every ``every`` rounds and whenever the context has grown by
-   ``regrow`` (a fraction) since the last plan.
+   ``regrow`` (a fraction) since the last plan; after a no-draft verdict the interval doubles
+   (up to 8x ``every``) so that planning stays cheap where drafting does not pay.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class KnapSpecStrategy(Strategy):
         self.choice = None
         self.history = []
         self._used: list[Choice] = []              # the choice of every round
+        self._every_now = self.every
 
     # ---- collection -----------------------------------------------------------------------------
     def _add(self, start: int, hidden: torch.Tensor, targets: torch.Tensor) -> None:
@@ -237,7 +239,7 @@ class KnapSpecStrategy(Strategy):
     def propose(self, state: RoundState) -> Draft:
         ctx = state.context_length
         self._cache = state.cache
-        due = (state.round - self._last_round >= self.every
+        due = (state.round - self._last_round >= self._every_now
                or ctx >= self._last_ctx * (1.0 + self.regrow))
         if self.choice is None or due:
             self._plan(ctx, state.round)
@@ -297,6 +299,9 @@ class KnapSpecStrategy(Strategy):
         _, c = self.optimise(ctx)
         self.choice = c
         self.history.append(c)
+        # back off while drafting does not pay (each no-draft verdict doubles the interval, up to
+        # 8x): re-planning then costs little where the answer keeps being "decode normally"
+        self._every_now = self.every if c.plan is not None else min(2 * self._every_now, 8 * self.every)
         self._last_round, self._last_ctx = rnd, ctx
         if log.isEnabledFor(logging.DEBUG):
             if c.plan is None:
