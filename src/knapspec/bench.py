@@ -337,6 +337,12 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
         prompts += load_dataset(spec, root=root, tokenizer=llm.tokenizer, n=n)
     if not prompts:
         raise ValueError("no prompts: check --datasets and --n")
+    encoded = [llm.encode(p.text, chat=p.chat) for p in prompts]
+    limit = llm.model.cfg.max_position
+    for p, ids in zip(prompts, encoded):          # fail before any run, not in the middle
+        if len(ids) + max_new_tokens > limit:
+            raise ValueError(f"{p.dataset} prompt {p.id} has {len(ids)} tokens: with {max_new_tokens} new tokens "
+                             f"it exceeds the model's context of {limit}; use a shorter length (e.g. long-docs:8000)")
     sp = SamplingParams(temperature=temperature, seed=seed)
     eng, stops = llm.engine, llm.stop_ids
 
@@ -348,8 +354,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
             eng.generate(ids, make(s), max_new_tokens=16, sampling=sp, stop_ids=stops)
     records: list[dict] = []
     bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
-    for p in prompts:
-        ids = llm.encode(p.text, chat=p.chat)
+    for p, ids in zip(prompts, encoded):
         ref_tokens, ref_tps = None, None
         for s in order:
             bar.set_postfix_str(f"{p.dataset} {s}")

@@ -221,8 +221,8 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec")
-BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8k")
+BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid")
+BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8000")
 QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
 
 

@@ -1,0 +1,171 @@
+"""Hybrid drafting: prompt lookup, KnapSpec layer-skip drafting, both, or none — chosen per round
+by predicted tokens per time.
+
+Each round the strategy prices four drafts with the latency model at the current context:
+
+* **lookup**: the tokens that followed the most recent earlier occurrence of the last n tokens
+  (no model cost); possibly truncated to its best prefix;
+* **skip**: ``d`` tokens drafted with the current KnapSpec plan (the embedded KnapSpec planner
+  chooses the plan; its acceptance is tracked online, starting from the planner's α);
+* **lookup + skip**: the lookup tokens, then ``d`` more drafted with the plan after them;
+* **none**: a plain decoding step.
+
+Expected tokens use acceptance estimates tracked online: for lookup, per n-gram match length and
+draft position (the probability that the token is accepted given that the ones before it were,
+Beta(1, 1) prior); for skip drafts, per token. The draft with the highest
+``E[tokens] / (model drafting time + verification time)`` wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..latency import LatencyModel
+from ..model import Model
+from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
+from .knapspec import KnapSpecStrategy
+from .lookup import PromptLookupStrategy, find_continuation
+
+MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: str                   # "none" | "lookup" | "skip" | "lookup+skip"
+    n_lookup: int
+    n_skip: int
+    expected: float
+    seconds: float
+
+    @property
+    def tpt(self) -> float:
+        return self.expected / self.seconds
+
+
+class HybridStrategy(Strategy):
+    name = "hybrid"
+    wants_hidden = True
+
+    def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
+                 max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
+                 threshold: float | None = None, **planner: Any) -> None:
+        self.model = model
+        self.planner = KnapSpecStrategy(model, latency, d_max=d_max, **planner)
+        self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
+        self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
+        # lookup acceptance: successes / trials per (n-gram length, position)
+        self._lk_acc = np.ones((max_ngram + 1, MAX_POS))
+        self._lk_try = 2 * np.ones((max_ngram + 1, MAX_POS))
+        self._sk_acc = 0.0
+        self._sk_try = 0.0
+        self._pending: tuple[Option, int] | None = None
+        self._times_ctx = -1
+        self.counts: dict[str, int] = {}
+        self._lookup = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_lookup)   # token buffer
+
+    @property
+    def latency(self) -> LatencyModel:
+        return self.planner.latency
+
+    # ---- estimates --------------------------------------------------------------------------------
+    def lookup_accept(self, n: int) -> np.ndarray:
+        """P(position j accepted | positions < j accepted) for an n-gram match."""
+        return self._lk_acc[min(n, self.max_ngram)] / self._lk_try[min(n, self.max_ngram)]
+
+    def skip_alpha(self) -> float:
+        c = self.planner.choice
+        prior = c.alpha if c is not None and c.plan is not None else 0.0
+        return (self._sk_acc + self.skip_prior * prior) / (self._sk_try + self.skip_prior)
+
+    def _times(self, ctx: int) -> None:
+        if abs(ctx - self._times_ctx) < 64 and self._times_ctx >= 0:
+            return
+        lat = self.latency
+        w = self.max_lookup + self.d_max + 1
+        self._tv = [lat.predict(None, ctx, k + 1) for k in range(w + 1)]
+        self._times_ctx = ctx
+        self._td_plan = None
+
+    def options(self, ctx: int, n_gram: int, lookup: list[int]) -> list[Option]:
+        """Every candidate draft of this round with its expected tokens and predicted time."""
+        self._times(ctx)
+        tv = self._tv
+        opts = [Option("none", 0, 0, 1.0, tv[0])]
+        k = len(lookup)
+        reach = [1.0]                             # P(first i lookup tokens all accepted)
+        if k:
+            p = self.lookup_accept(n_gram)
+            for i in range(k):
+                reach.append(reach[-1] * float(p[min(i, MAX_POS - 1)]))
+            for kk in range(1, k + 1):
+                opts.append(Option("lookup", kk, 0, sum(reach[:kk + 1]), tv[kk]))
+        c = self.planner.choice
+        if self.use_skip and c is not None and c.plan is not None:
+            a = self.skip_alpha()
+            td = self.latency.predict(c.plan, ctx, 1)
+            for d in range(1, self.d_max + 1):
+                e_skip = sum(a ** i for i in range(1, d + 1))
+                opts.append(Option("skip", 0, d, 1.0 + e_skip, d * td + tv[d]))
+                if k:
+                    opts.append(Option("lookup+skip", k, d, sum(reach) + reach[-1] * e_skip, d * td + tv[k + d]))
+        return opts
+
+    def choose(self, ctx: int, n_gram: int, lookup: list[int]) -> Option:
+        return max(self.options(ctx, n_gram, lookup), key=lambda o: o.tpt)
+
+    # ---- the protocol -------------------------------------------------------------------------------
+    def start(self, state: RoundState) -> None:
+        self.planner.start(state)
+        self._lookup.start(state)
+        self._pending = None
+        self._times_ctx = -1
+
+    def propose(self, state: RoundState) -> Draft:
+        # keep the planner's schedule (it re-plans every R rounds / on context growth)
+        self.planner.propose(state)
+        n_gram, cont = find_continuation(self._lookup._tokens(state.tokens), max_ngram=self.max_ngram,
+                                         max_len=self.max_lookup)
+        best = self.choose(state.context_length, n_gram, cont)
+        self._pending = (best, n_gram)
+        self.counts[best.kind] = self.counts.get(best.kind, 0) + 1
+        if best.kind == "none":
+            return AUTOREGRESSIVE
+        plan = self.planner.choice.plan if best.n_skip else None
+        return Draft(plan=plan, max_len=best.n_lookup + best.n_skip, tokens=tuple(cont[:best.n_lookup]),
+                     threshold=self.threshold, source=best.kind)
+
+    def observe(self, outcome: Outcome) -> None:
+        self.planner.observe(outcome)
+        if self._pending is None:
+            return
+        opt, n_gram = self._pending
+        self._pending = None
+        acc, nl = outcome.accepted, outcome.n_lookup
+        g = min(n_gram, self.max_ngram)
+        for j in range(min(nl, acc + 1)):          # lookup positions that were decided
+            pos = min(j, MAX_POS - 1)
+            self._lk_try[g, pos] += 1
+            self._lk_acc[g, pos] += j < acc
+        if acc >= nl:                              # the skip drafts were reached
+            tried = outcome.drafted - nl
+            ok = acc - nl
+            self._sk_try += min(tried, ok + 1)
+            self._sk_acc += ok
+
+    def describe(self) -> dict[str, Any]:
+        d = self.planner.describe()
+        d["strategy"] = self.name
+        total = sum(self.counts.values()) or 1
+        d.update({f"share_{k}": v / total for k, v in self.counts.items()})
+        return d
+
+
+@REGISTRY.register("hybrid")
+def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
+            threshold: float | None = None, **options: Any) -> Strategy:
+    kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "window", "every",
+                                                    "regrow", "min_cosine", "max_states", "resolution", "alpha")}
+    return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)

@@ -1,0 +1,84 @@
+"""Hybrid drafting: the per-round choice on constructed cases, and lossless output."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_model
+from knapspec.engine import Engine
+from knapspec.latency import LatencyModel
+from knapspec.plan import Plan
+from knapspec.strategies.hybrid import HybridStrategy
+from knapspec.strategies.knapspec import Choice
+
+
+def _lat(n_layers: int, draft_cheap: bool = True) -> LatencyModel:
+    return LatencyModel.analytic(n_layers, attn=1e-3, attn_per_token=1e-6, mlp=1.5e-3,
+                                 head=1e-5 if draft_cheap else 2e-2, width_factor=0.02)
+
+
+def _with_plan(strat: HybridStrategy, alpha: float | None) -> None:
+    n = strat.model.cfg.n_layers
+    plan = None if alpha is None else Plan.from_skips(n, attn=(1,), mlp=(1, 2))
+    strat.planner.choice = Choice(plan=plan, d=0 if plan is None else 4, alpha=alpha or 0.0, tpt=1.0,
+                                  tpt_ar=1.0, context=100)
+
+
+def test_long_match_picks_lookup(tiny_root):
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers))
+    s._lk_acc[3] += 50                      # long n-gram matches have been accepted often
+    s._lk_try[3] += 50
+    _with_plan(s, 0.3)
+    best = s.choose(100, 3, list(range(10, 22)))
+    assert best.kind in ("lookup", "lookup+skip") and best.n_lookup >= 6
+
+
+def test_no_match_picks_skip_or_none(tiny_root):
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers))
+    _with_plan(s, 0.9)                      # a good plan with cheap drafts: layer-skip drafting
+    assert s.choose(100, 0, []).kind == "skip"
+    _with_plan(s, None)                     # the planner found nothing worth drafting
+    assert s.choose(100, 0, []).kind == "none"
+    s2 = HybridStrategy(m, _lat(m.cfg.n_layers, draft_cheap=False))
+    _with_plan(s2, 0.2)                     # poor acceptance, expensive drafts: plain decoding
+    assert s2.choose(100, 0, []).kind == "none"
+
+
+def test_rejected_lookups_lower_their_estimate(tiny_root):
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers))
+    s._lk_try[1, 0] += 200                  # 1-gram matches rejected at the first position
+    _with_plan(s, None)
+    assert s.choose(100, 1, [7, 8, 9]).kind == "none"
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_greedy_hybrid_equals_autoregressive(tiny_root, data):
+    kind = data.draw(st.sampled_from(["llama", "qwen3"]), label="arch")
+    m = tiny_model(kind, tiny_root)
+    eng = Engine(m)
+    base = data.draw(st.lists(st.integers(3, 30), min_size=1, max_size=8), label="base")
+    prompt = (base * 5)[:data.draw(st.integers(1, 40), label="len")]
+    n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
+    strat = HybridStrategy(m, _lat(m.cfg.n_layers), alpha="cosine", min_cosine=0.0,
+                           every=data.draw(st.integers(1, 8), label="every"),
+                           max_lookup=data.draw(st.integers(1, 12), label="max_lookup"),
+                           d_max=data.draw(st.integers(1, 6), label="d_max"))
+    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
+    assert got.tokens == ref
+
+
+def test_hybrid_uses_every_kind_of_draft_and_stays_lossless(tiny_root):
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = list(range(3, 30)) * 2 + list(range(40, 60))
+    ref = eng.generate(prompt, max_new_tokens=60, stop_ids=(2,)).tokens
+    strat = HybridStrategy(m, _lat(m.cfg.n_layers), alpha="cosine", min_cosine=0.0, every=4)
+    got = eng.generate(prompt, strat, max_new_tokens=60, stop_ids=(2,), threshold=0.0)
+    assert got.tokens == ref
+    assert got.stats.drafted > 0 and len(strat.counts) >= 2, strat.counts
