@@ -51,11 +51,14 @@ class HybridStrategy(Strategy):
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
+                 plan_after: int = 4,
                  threshold: float | None = None, **planner: Any) -> None:
         self.model = model
         self.planner = KnapSpecStrategy(model, latency, d_max=d_max, **planner)
         self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
+        self.plan_after = plan_after
+        self._misses = 0
         # lookup acceptance: successes / trials per (n-gram length, position)
         self._lk_acc = np.ones((max_ngram + 1, MAX_POS))
         self._lk_try = 2 * np.ones((max_ngram + 1, MAX_POS))
@@ -118,16 +121,20 @@ class HybridStrategy(Strategy):
 
     # ---- the protocol -------------------------------------------------------------------------------
     def start(self, state: RoundState) -> None:
-        self.planner.start(state)
+        # the layer-skip planner runs lazily: only once lookups have missed ``plan_after`` rounds
+        # (where lookups keep hitting, its DP would be pure overhead)
+        self.planner.collect_prompt(state)
+        self._misses = 0
         self._lookup.start(state)
         self._pending = None
         self._times_ctx = -1
 
     def propose(self, state: RoundState) -> Draft:
-        # keep the planner's schedule (it re-plans every R rounds / on context growth)
-        self.planner.propose(state)
         n_gram, cont = find_continuation(self._lookup._tokens(state.tokens), max_ngram=self.max_ngram,
                                          max_len=self.max_lookup)
+        self._misses = 0 if cont else self._misses + 1
+        if self.use_skip and (self.planner.choice is not None or self._misses >= self.plan_after):
+            self.planner.propose(state)            # plans now, then on the planner's own schedule
         best = self.choose(state.context_length, n_gram, cont)
         self._pending = (best, n_gram)
         self.counts[best.kind] = self.counts.get(best.kind, 0) + 1
@@ -166,6 +173,7 @@ class HybridStrategy(Strategy):
 @REGISTRY.register("hybrid")
 def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
             threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "window", "every",
-                                                    "regrow", "min_cosine", "max_states", "resolution", "alpha")}
+    kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
+                                                    "every", "regrow", "min_cosine", "max_states", "resolution",
+                                                    "alpha")}
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)

@@ -209,10 +209,16 @@ class KnapSpecStrategy(Strategy):
         cut = hid.shape[1] - min(self.window, hid.shape[1])
         return self._chunks[0][0] + cut, hid[:, cut:], tgt[cut:]
 
-    @torch.inference_mode()
     def start(self, state: RoundState) -> None:
-        """Collect the full model's residual stream on the prompt's last tokens, read-only against
-        the prefilled cache, and plan before the first round."""
+        """Collect the full model's residual stream on the prompt's last tokens and plan before
+        the first round."""
+        self.collect_prompt(state)
+        self._plan(state.context_length, state.round)
+
+    @torch.inference_mode()
+    def collect_prompt(self, state: RoundState) -> None:
+        """The full model's residual stream on the prompt's last ``window`` tokens, computed
+        read-only against the prefilled cache (no KV is rewritten)."""
         self._reset()
         self._cache = state.cache
         model = state.model
@@ -227,7 +233,6 @@ class KnapSpecStrategy(Strategy):
         hidden = torch.stack(hs)[:, 0]                             # [2L+1, k, H]
         targets = model.head(hidden[-1]).argmax(-1)
         self._add(p0, hidden, targets)
-        self._plan(state.context_length, state.round)
 
     def observe(self, outcome: Outcome) -> None:
         if outcome.hidden is None:
