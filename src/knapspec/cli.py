@@ -277,13 +277,12 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     print(table_md)
     print(json.dumps(head))
     reduced = llm.model.dtype in (torch.bfloat16, torch.float16)
-    if head["mismatches"] and reduced and not a.strict:
+    if head["mismatches"] > head["hard_mismatches"] and reduced and not a.strict:
         # a verify pass over d+1 tokens and a 1-token step round differently in bf16/fp16, and
         # a greedy choice between nearly equal logits can flip; float32 is where equality is exact
-        sys.stderr.write(f"knapspec: warning: {head['mismatches']} run(s) differ from the autoregressive output "
-                         f"in {head['dtype']} ({head['hard_mismatches']} not at a near-tie); check exactness with "
+        sys.stderr.write(f"knapspec: warning: {head['mismatches'] - head['hard_mismatches']} run(s) differ from "
+                         f"the autoregressive output at a near-tie in {head['dtype']}; check exactness with "
                          "--dtype float32, or fail on any difference with --strict\n")
-        return 0
     bad = head["mismatches"] if a.strict else head["hard_mismatches"]
     if bad:
         sys.stderr.write(f"knapspec: error: {bad} run(s) did not reproduce the autoregressive output "
