@@ -83,5 +83,6 @@ def test_greedy_baselines_equal_autoregressive(name, tiny_root, data):
     ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
     got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
     assert got.tokens == ref
-    if name == "early-exit" and n_new > 1:
+    if name == "early-exit" and len(ref) > 2:
+        # a round with at least two tokens still to go may draft (threshold 0 never stops it)
         assert got.stats.drafted > 0 and isinstance(strat, EarlyExitStrategy)
