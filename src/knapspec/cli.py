@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 log = logging.getLogger("knapspec")
@@ -65,11 +66,15 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
                    help="maximum draft length per round")
     p.add_argument("--threshold", type=_float_in("--threshold", 0, 1, False, "in [0, 1]"), default=None,
                    help="draft confidence threshold: drafting stops below it")
-    p.add_argument("--calibration", default=None, help="calibration file (draft-verify, knn-ssd)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration file of draft-verify / knn-ssd (default: the one `knapspec calibrate` "
+                        "wrote for this model)")
+    p.add_argument("--skip-ratio", type=_float_in("--skip-ratio", 0, 1, True, "in (0, 1)"), default=None,
+                   help="swift: share of sublayers its skip sets skip (default 0.45)")
 
 
 def _strategy_options(a: argparse.Namespace) -> dict[str, Any]:
-    opts = {k: getattr(a, k) for k in ("skip", "plan_file", "max_draft", "calibration")
+    opts = {k: getattr(a, k) for k in ("skip", "plan_file", "max_draft", "calibration", "skip_ratio")
             if getattr(a, k, None) is not None}
     return opts
 
@@ -99,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quick", action="store_true", help="a coarse grid (about 30 s)")
     pr.add_argument("--force", action="store_true", help="re-profile even if a cached profile exists")
     pr.add_argument("--plot", default=None, help="write a PNG of measured points and fits")
+
+    c = sub.add_parser("calibrate", help="offline searches: draft-verify (one skip set), knn-ssd (one per cluster)")
+    _add_model_args(c)
+    c.add_argument("--strategy", required=True, help="draft-verify or knn-ssd")
+    c.add_argument("--out", default=None, help="calibration file to write (default: the cache folder, "
+                                               "where the strategy looks for it)")
+    c.add_argument("--datasets", default="spec-bench",
+                   help="calibration prompts: spec-bench (every category), spec-bench:CATEGORY, gsm8k, "
+                        "humaneval, FILE.jsonl, comma-separated; the LAST --n prompts of each are used, so "
+                        "the benchmark's first prompts stay unseen")
+    c.add_argument("--n", type=_positive_int("--n"), default=None,
+                   help="prompts per dataset (default: draft-verify 1, knn-ssd 4)")
+    c.add_argument("--trials", type=_positive_int("--trials"), default=None,
+                   help="search trials (default: draft-verify 40, knn-ssd 48 per cluster)")
+    c.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=32,
+                   help="draft-verify: tokens generated per prompt and trial")
+    c.add_argument("--clusters", type=_positive_int("--clusters"), default=4, help="knn-ssd: k-means clusters")
+    c.add_argument("--skip-ratio", type=_float_in("--skip-ratio", 0, 1, True, "in (0, 1)"), default=0.45,
+                   help="knn-ssd: share of sublayers skipped")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA or ../shared/data)")
 
     b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=_Parser)
@@ -218,6 +244,44 @@ def _cmd_profile(a: argparse.Namespace) -> int:
         from .plots import plot_latency
         plot_latency(lm, a.plot)
         print(f"plot: {a.plot}")
+    return 0
+
+
+CALIBRATED = ("draft-verify", "knn-ssd")
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from .api import load
+    from .bench import expand_datasets
+    from .datasets import data_dir, load_dataset
+    if a.strategy not in CALIBRATED:
+        _check_strategy(a.strategy)
+        raise ValueError(f"strategy {a.strategy!r} needs no calibration: calibrate {' or '.join(CALIBRATED)}")
+    specs = [d for d in a.datasets.split(",") if d]
+    root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in specs) else None
+    if any(d.startswith("long-docs") for d in specs):
+        raise ValueError("calibrate takes spec-bench, spec-bench:CATEGORY, gsm8k, aime, humaneval or FILE.jsonl")
+    n = a.n or (1 if a.strategy == "draft-verify" else 4)
+    prompts = []
+    for spec in expand_datasets(specs, root):
+        prompts += load_dataset(spec, root=root)[-n:]
+    if a.out and Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder: give a file name, e.g. {a.out}/calibration.json")
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
+    if a.strategy == "draft-verify":
+        from .strategies.draft_verify import calibrate
+        rec = calibrate(llm, ids, trials=a.trials or 40, new_tokens=a.new_tokens, seed=a.seed, out=a.out)
+        print(f"draft-verify skip set: {rec['skip']}  ({rec['tokens_per_s']:.1f} tokens/s vs autoregressive "
+              f"{rec['ar_tokens_per_s']:.1f}; {rec['trials']} trials on {rec['n_prompts']} prompts, "
+              f"{rec['seconds']} s)")
+    else:
+        from .strategies.knn_ssd import calibrate
+        rec = calibrate(llm, [(p.category or p.dataset, x) for p, x in zip(prompts, ids)], clusters=a.clusters,
+                        trials=a.trials or 48, skip_ratio=a.skip_ratio, seed=a.seed, out=a.out)
+        for i, c in enumerate(rec["clusters"]):
+            print(f"cluster {i}: {c['size']} prompts {c['labels']}  matchness {c['matchness']:.3f}  skip {c['skip']}")
+    print(f"written: {rec['path']}")
     return 0
 
 
@@ -358,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(a)
         if a.cmd == "profile":
             return _cmd_profile(a)
+        if a.cmd == "calibrate":
+            return _cmd_calibrate(a)
         if a.cmd == "bench":
             return _cmd_bench(a)
         parser.error(f"unknown command {a.cmd!r}")

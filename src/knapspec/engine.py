@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .cache import KVCache
-from .model import Model
+from .model import Model, rms_norm
 from .sampling import SamplingParams, accept, accept_greedy, probs, sample
 from .strategies.base import Draft, Outcome, RoundState, Strategy
 
@@ -139,9 +139,13 @@ class Engine:
         t0 = self._now()
 
         # ---- prefill (chunked: bounded attention memory for long prompts) ----
+        embed_sum = None
         for s in range(0, len(prompt), self.prefill_chunk):
             chunk = torch.tensor([prompt[s:s + self.prefill_chunk]], device=dev)
             out = model.forward(chunk, s, cache, last_only=True)
+            if strategy.wants_prompt_embedding:          # KNN-SSD: mean last hidden state
+                part = rms_norm(out.last_hidden[0], model.final_norm, cfg.rms_norm_eps).float().sum(0)
+                embed_sum = part if embed_sum is None else embed_sum + part
         first = sample(probs(out.logits[0, -1], sampling), gen)
         tokens = list(prompt) + [first]
         st.new_tokens = 1
@@ -153,7 +157,8 @@ class Engine:
             return
 
         state = RoundState(model=model, cache=cache, tokens=tokens, n_prompt=len(prompt), round=0,
-                           sampling=sampling, remaining=max_new_tokens - 1)
+                           sampling=sampling, remaining=max_new_tokens - 1,
+                           prompt_embedding=None if embed_sum is None else embed_sum / len(prompt))
         ta = self._now()
         strategy.start(state)
         st.plan_s += self._now() - ta

@@ -48,6 +48,8 @@ class RoundState:
     round: int
     sampling: SamplingParams
     remaining: int                  # new tokens still allowed
+    prompt_embedding: torch.Tensor | None = None   # mean final-norm hidden state over the prompt [H]
+                                                   # (only for strategies with wants_prompt_embedding)
 
     @property
     def context_length(self) -> int:
@@ -73,6 +75,7 @@ class Strategy:
 
     name: ClassVar[str] = "autoregressive"
     wants_hidden: ClassVar[bool] = False
+    wants_prompt_embedding: ClassVar[bool] = False
 
     def start(self, state: RoundState) -> None:
         """A new generation begins (the prompt is prefilled)."""
