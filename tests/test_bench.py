@@ -116,3 +116,14 @@ def test_near_tie_classification(tiny_folder):
     wrong[3] = (ref[3] + 1) % llm.model.cfg.vocab_size
     mm = bench.classify_mismatch(llm.model, prompt, ref, wrong)
     assert mm["index"] == 3 and mm["margin"] > 0 and mm["near_tie"] is False
+
+
+def test_swift_keeps_its_search_across_prompts(tiny_folder, prompts_file):
+    """SWIFT's optimisation phase spans the first inputs: the harness keeps one instance per run."""
+    import knapspec
+    llm = knapspec.load(str(tiny_folder), dtype="float32")
+    recs = bench.run_side_by_side(llm, strategies=["swift"], datasets=[str(prompts_file)], n=3, max_new_tokens=8,
+                                  progress=False, strategy_options={"swift": {"max_trials": 40, "batch": 2}})
+    trials = [r["strategy_state"]["trials"] for r in recs if r["strategy"] == "swift"]
+    assert len(trials) == 3 and trials[0] < trials[1] < trials[2]
+    assert all(r["match"] for r in recs if r["strategy"] == "swift")

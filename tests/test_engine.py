@@ -112,6 +112,7 @@ def _chi2(samples: np.ndarray, expected_p: np.ndarray) -> float:
 @pytest.mark.parametrize("sp, vocab_trunc", [
     (SamplingParams(temperature=1.0, seed=11), False),
     (SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=12), False),
+    (SamplingParams(temperature=1.0, seed=13), True),
 ])
 def test_speculative_sampling_is_exact(sp, vocab_trunc):
     """Joint distribution of generated tokens 2 and 3 (drawn in a speculative round with a poor
@@ -123,6 +124,9 @@ def test_speculative_sampling_is_exact(sp, vocab_trunc):
     eng = Engine(m)
     poor = Plan.from_skips(2, attn=[0, 1], mlp=[1])
     strat = StaticStrategy(poor, max_draft=2, threshold=0.0)
+    if vocab_trunc:          # draft-only vocabulary: 7 of the 12 tokens, zero probability elsewhere
+        ids = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+        strat.draft = Draft(plan=poor, max_len=2, threshold=0.0, head=m.lm_head[ids], head_ids=ids)
     n = 20000
     samples = np.empty(n, dtype=np.int64)
     drafted = accepted = 0

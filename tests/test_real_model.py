@@ -80,3 +80,53 @@ def test_stream_yields_the_generated_text(embedded):
     pieces = list(embedded.stream("The capital of France is", max_new_tokens=12))
     full = embedded.generate("The capital of France is", max_new_tokens=12)
     assert "".join(pieces) == full.text and len(pieces) > 1
+
+
+# ---- every strategy end to end from the command line ------------------------------------------------
+CLI_PROMPT = "Summarize: the meeting agreed to move the release to Friday and to fix the cache bug first."
+
+
+def _cli_json(args, capsys) -> dict:
+    import json
+
+    from knapspec.cli import main
+    capsys.readouterr()
+    rc = main(["generate", "--dtype", "float32", "--json", "--chat", "--max-new-tokens", "24",
+               "--prompt", CLI_PROMPT, *args])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+@pytest.fixture(scope="module")
+def calibrations(tmp_path_factory):
+    """Small offline searches through the CLI (the real ones take minutes: docs/benchmarks.md)."""
+    from knapspec.cli import main
+    d = tmp_path_factory.mktemp("calibration")
+    assert main(["calibrate", "--strategy", "draft-verify", "--dtype", "float32", "--datasets",
+                 "spec-bench:summarization,spec-bench:coding", "--n", "1", "--trials", "2", "--new-tokens", "8",
+                 "--out", str(d / "dv.json")]) == 0
+    assert main(["calibrate", "--strategy", "knn-ssd", "--dtype", "float32", "--datasets",
+                 "spec-bench:summarization,spec-bench:translation", "--n", "3", "--clusters", "2",
+                 "--trials", "8", "--out", str(d / "knn.json")]) == 0
+    return d
+
+
+_AR: dict = {}
+
+
+def _all_strategies() -> list[str]:
+    from knapspec.strategies import REGISTRY
+    return [n for n in REGISTRY.names() if n != "autoregressive"]
+
+
+@pytest.mark.parametrize("name", _all_strategies())
+def test_every_strategy_runs_from_the_cli_and_is_lossless(name, calibrations, capsys):
+    if "ref" not in _AR:
+        _AR["ref"] = _cli_json(["--strategy", "autoregressive"], capsys)
+    ref = _AR["ref"]
+    extra = {"static": ["--skip", "a10,m12,a20"], "draft-verify": ["--calibration", str(calibrations / "dv.json")],
+             "knn-ssd": ["--calibration", str(calibrations / "knn.json")]}.get(name, [])
+    got = _cli_json(["--strategy", name, *extra], capsys)
+    assert got["tokens"] == ref["tokens"]
+    assert got["stats"]["new_tokens"] == len(ref["tokens"])

@@ -247,6 +247,7 @@ def run_record(*, prompt, n_prompt: int, strategy: str, stats, describe: dict, r
         "plan_share": stats.plan_s / stats.decode_s if stats.decode_s > 0 else 0.0,
         "predicted_tps": describe.get("predicted_tps"), "attn_skip_share": describe.get("attn_skip_share"),
         "mlp_skip_share": describe.get("mlp_skip_share"), "match": match, "mismatch": mismatch,
+        "strategy_state": describe,
     }
 
 
@@ -356,12 +357,15 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
         for s in order:
             eng.generate(ids, make(s), max_new_tokens=16, sampling=sp, stop_ids=stops)
     records: list[dict] = []
+    kept: dict = {}                                # strategies that learn across prompts (SWIFT)
     bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
     for p, ids in zip(prompts, encoded):
         ref_tokens, ref_tps = None, None
         for s in order:
             bar.set_postfix_str(f"{p.dataset} {s}")
-            strat = make(s)
+            strat = kept.get(s) or make(s)
+            if strat.persists_across_prompts:
+                kept[s] = strat
             g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
             match, mm = None, None
             if s == "autoregressive":

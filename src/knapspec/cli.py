@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="re-profile even if a cached profile exists")
     pr.add_argument("--plot", default=None, help="write a PNG of measured points and fits")
 
-    c = sub.add_parser("calibrate", help="offline searches: draft-verify (one skip set), knn-ssd (one per cluster)")
+    c = sub.add_parser("calibrate", help="offline searches: draft-verify (one skip set), knn-ssd (one per "
+                                         "cluster), vocab (the draft vocabulary's token ranking)")
     _add_model_args(c)
-    c.add_argument("--strategy", required=True, help="draft-verify or knn-ssd")
+    c.add_argument("--strategy", required=True, help="draft-verify, knn-ssd or vocab")
     c.add_argument("--out", default=None, help="calibration file to write (default: the cache folder, "
                                                "where the strategy looks for it)")
     c.add_argument("--datasets", default="spec-bench",
@@ -115,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "humaneval, FILE.jsonl, comma-separated; the LAST --n prompts of each are used, so "
                         "the benchmark's first prompts stay unseen")
     c.add_argument("--n", type=_positive_int("--n"), default=None,
-                   help="prompts per dataset (default: draft-verify 1, knn-ssd 4)")
+                   help="prompts per dataset (default: draft-verify 1, knn-ssd 4, vocab 8)")
     c.add_argument("--trials", type=_positive_int("--trials"), default=None,
-                   help="search trials (default: draft-verify 40, knn-ssd 48 per cluster)")
-    c.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=32,
-                   help="draft-verify: tokens generated per prompt and trial")
+                   help="search trials (default: draft-verify 30, knn-ssd 48 per cluster)")
+    c.add_argument("--new-tokens", type=_positive_int("--new-tokens"), default=None,
+                   help="tokens generated per prompt (default: draft-verify 24 per trial, vocab 64)")
     c.add_argument("--clusters", type=_positive_int("--clusters"), default=4, help="knn-ssd: k-means clusters")
     c.add_argument("--skip-ratio", type=_float_in("--skip-ratio", 0, 1, True, "in (0, 1)"), default=0.45,
                    help="knn-ssd: share of sublayers skipped")
@@ -247,7 +248,7 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-CALIBRATED = ("draft-verify", "knn-ssd")
+CALIBRATED = ("draft-verify", "knn-ssd", "vocab")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
@@ -261,7 +262,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in specs) else None
     if any(d.startswith("long-docs") for d in specs):
         raise ValueError("calibrate takes spec-bench, spec-bench:CATEGORY, gsm8k, aime, humaneval or FILE.jsonl")
-    n = a.n or (1 if a.strategy == "draft-verify" else 4)
+    n = a.n or {"draft-verify": 1, "knn-ssd": 4, "vocab": 8}[a.strategy]
     prompts = []
     for spec in expand_datasets(specs, root):
         prompts += load_dataset(spec, root=root)[-n:]
@@ -271,10 +272,16 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
     if a.strategy == "draft-verify":
         from .strategies.draft_verify import calibrate
-        rec = calibrate(llm, ids, trials=a.trials or 40, new_tokens=a.new_tokens, seed=a.seed, out=a.out)
+        rec = calibrate(llm, ids, trials=a.trials or 30, new_tokens=a.new_tokens or 24, seed=a.seed,
+                        out=a.out)
         print(f"draft-verify skip set: {rec['skip']}  ({rec['tokens_per_s']:.1f} tokens/s vs autoregressive "
               f"{rec['ar_tokens_per_s']:.1f}; {rec['trials']} trials on {rec['n_prompts']} prompts, "
               f"{rec['seconds']} s)")
+    elif a.strategy == "vocab":
+        from .strategies.vocab import calibrate
+        rec = calibrate(llm, ids, new_tokens=a.new_tokens or 64, out=a.out)
+        print(f"draft vocabulary ranking: {rec['distinct']} distinct tokens from {rec['n_prompts']} prompts and "
+              f"{rec['output_tokens']} generated tokens ({rec['seconds']} s)")
     else:
         from .strategies.knn_ssd import calibrate
         rec = calibrate(llm, [(p.category or p.dataset, x) for p, x in zip(prompts, ids)], clusters=a.clusters,

@@ -76,6 +76,7 @@ class Strategy:
     name: ClassVar[str] = "autoregressive"
     wants_hidden: ClassVar[bool] = False
     wants_prompt_embedding: ClassVar[bool] = False
+    persists_across_prompts: ClassVar[bool] = False   # learns across generations (the benchmark keeps it)
 
     def start(self, state: RoundState) -> None:
         """A new generation begins (the prompt is prefilled)."""

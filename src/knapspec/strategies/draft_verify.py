@@ -70,7 +70,7 @@ def measure_tps(engine, prompts: list[list[int]], strategy: Strategy | None, new
     return tokens / secs if secs > 0 else 0.0
 
 
-def calibrate(llm, prompts: list[list[int]], *, trials: int = 40, new_tokens: int = 32, d_max: int = 12,
+def calibrate(llm, prompts: list[list[int]], *, trials: int = 30, new_tokens: int = 24, d_max: int = 12,
               n_random: int = 8, seed: int = 0, out=None, progress: bool = True) -> dict[str, Any]:
     """Search the static skip set (see the module docstring) and save it; returns the saved record."""
     if not prompts:

@@ -14,6 +14,10 @@ Expected tokens use acceptance estimates tracked online: for lookup, per n-gram 
 draft position (the probability that the token is accepted given that the ones before it were,
 Beta(1, 1) prior); for skip drafts, per token. The draft with the highest
 ``E[tokens] / (model drafting time + verification time)`` wins.
+
+With a draft vocabulary (``draft_vocab``, see ``vocab.py``) every skip option also comes in one
+variant per subset size: the draft step is cheaper by the lm_head rows left out, and its acceptance
+is tracked per size (prior: the full-vocabulary estimate times the subset's coverage).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
 from .lookup import PromptLookupStrategy, find_continuation
+from .vocab import DraftVocab
 
 MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
 
@@ -39,6 +44,7 @@ class Option:
     n_skip: int
     expected: float
     seconds: float
+    vocab: int | None = None    # draft vocabulary size of the skip drafts (None = full)
 
     @property
     def tpt(self) -> float:
@@ -51,7 +57,7 @@ class HybridStrategy(Strategy):
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
-                 plan_after: int = 4,
+                 plan_after: int = 4, draft_vocab: DraftVocab | None = None,
                  threshold: float | None = None, **planner: Any) -> None:
         self.model = model
         self.planner = KnapSpecStrategy(model, latency, d_max=d_max, **planner)
@@ -68,6 +74,9 @@ class HybridStrategy(Strategy):
         self._times_ctx = -1
         self.counts: dict[str, int] = {}
         self._lookup = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_lookup)   # token buffer
+        self.vocab = draft_vocab
+        self._vk: dict[int | None, list[float]] = {}     # per vocabulary size: [accepted, tried]
+        self._n_committed = 0
 
     @property
     def latency(self) -> LatencyModel:
@@ -78,10 +87,15 @@ class HybridStrategy(Strategy):
         """P(position j accepted | positions < j accepted) for an n-gram match."""
         return self._lk_acc[min(n, self.max_ngram)] / self._lk_try[min(n, self.max_ngram)]
 
-    def skip_alpha(self) -> float:
+    def skip_alpha(self, vocab: int | None = None) -> float:
         c = self.planner.choice
         prior = c.alpha if c is not None and c.plan is not None else 0.0
-        return (self._sk_acc + self.skip_prior * prior) / (self._sk_try + self.skip_prior)
+        full = (self._sk_acc + self.skip_prior * prior) / (self._sk_try + self.skip_prior)
+        if vocab is None or self.vocab is None:
+            return full
+        cov = float(self.vocab.coverage()[self.vocab.sizes.index(vocab)])
+        acc, tried = self._vk.get(vocab, (0.0, 0.0))
+        return (acc + self.skip_prior * full * cov) / (tried + self.skip_prior)
 
     def _times(self, ctx: int) -> None:
         if abs(ctx - self._times_ctx) < 64 and self._times_ctx >= 0:
@@ -107,13 +121,17 @@ class HybridStrategy(Strategy):
                 opts.append(Option("lookup", kk, 0, sum(reach[:kk + 1]), tv[kk]))
         c = self.planner.choice
         if self.use_skip and c is not None and c.plan is not None:
-            a = self.skip_alpha()
-            td = self.latency.predict(c.plan, ctx, 1)
-            for d in range(1, self.d_max + 1):
-                e_skip = sum(a ** i for i in range(1, d + 1))
-                opts.append(Option("skip", 0, d, 1.0 + e_skip, d * td + tv[d]))
-                if k:
-                    opts.append(Option("lookup+skip", k, d, sum(reach) + reach[-1] * e_skip, d * td + tv[k + d]))
+            vocabs: list[int | None] = [None] + (list(self.vocab.sizes) if self.vocab is not None else [])
+            for v in vocabs:
+                a = self.skip_alpha(v)
+                scale = 1.0 if v is None else self.vocab.rows_for(v) / self.vocab.V
+                td = self.latency.predict(c.plan, ctx, 1, head_scale=scale)
+                for d in range(1, self.d_max + 1):
+                    e_skip = sum(a ** i for i in range(1, d + 1))
+                    opts.append(Option("skip", 0, d, 1.0 + e_skip, d * td + tv[d], v))
+                    if k:
+                        opts.append(Option("lookup+skip", k, d, sum(reach) + reach[-1] * e_skip,
+                                           d * td + tv[k + d], v))
         return opts
 
     def choose(self, ctx: int, n_gram: int, lookup: list[int]) -> Option:
@@ -128,8 +146,15 @@ class HybridStrategy(Strategy):
         self._lookup.start(state)
         self._pending = None
         self._times_ctx = -1
+        self._vk = {}
+        if self.vocab is not None:
+            self.vocab.start(state.tokens[:state.n_prompt], capacity=state.remaining + 2)
+        self._n_committed = state.n_prompt
 
     def propose(self, state: RoundState) -> Draft:
+        if self.vocab is not None and len(state.tokens) > self._n_committed:
+            self.vocab.commit(state.tokens[self._n_committed:])
+            self._n_committed = len(state.tokens)
         n_gram, cont = find_continuation(self._lookup._tokens(state.tokens), max_ngram=self.max_ngram,
                                          max_len=self.max_lookup)
         self._misses = 0 if cont else self._misses + 1
@@ -141,8 +166,12 @@ class HybridStrategy(Strategy):
         if best.kind == "none":
             return AUTOREGRESSIVE
         plan = self.planner.choice.plan if best.n_skip else None
+        head = ids = None
+        if best.n_skip and self.vocab is not None:
+            self.vocab.select(best.vocab)
+            head, ids = self.vocab.head()
         return Draft(plan=plan, max_len=best.n_lookup + best.n_skip, tokens=tuple(cont[:best.n_lookup]),
-                     threshold=self.threshold, source=best.kind)
+                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids)
 
     def observe(self, outcome: Outcome) -> None:
         self.planner.observe(outcome)
@@ -157,16 +186,23 @@ class HybridStrategy(Strategy):
             self._lk_try[g, pos] += 1
             self._lk_acc[g, pos] += j < acc
         if acc >= nl:                              # the skip drafts were reached
-            tried = outcome.drafted - nl
+            tried = min(outcome.drafted - nl, acc - nl + 1)
             ok = acc - nl
-            self._sk_try += min(tried, ok + 1)
-            self._sk_acc += ok
+            if opt.vocab is None:
+                self._sk_try += tried
+                self._sk_acc += ok
+            else:
+                v = self._vk.setdefault(opt.vocab, [0.0, 0.0])
+                v[0] += ok
+                v[1] += tried
 
     def describe(self) -> dict[str, Any]:
         d = self.planner.describe()
         d["strategy"] = self.name
         total = sum(self.counts.values()) or 1
         d.update({f"share_{k}": v / total for k, v in self.counts.items()})
+        if self.vocab is not None:
+            d.update(self.vocab.describe())
         return d
 
 
@@ -176,4 +212,26 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
                                                     "every", "regrow", "min_cosine", "max_states", "resolution",
                                                     "alpha")}
-    return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
+    vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
+    return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab, **kw)
+
+
+def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
+    """``None``/"off": no truncation; "auto": the vocab calibration file of this model if one exists;
+    a path: that file (must exist); a :class:`DraftVocab`: itself."""
+    import logging
+
+    from .search import default_calibration_path, load_calibration
+    if spec is None or isinstance(spec, DraftVocab) or spec == "off":
+        return None if spec == "off" else spec
+    if spec == "auto":
+        if not default_calibration_path("vocab", model).is_file():
+            logging.getLogger(__name__).debug("no draft vocabulary calibration: full-vocabulary drafts")
+            return None
+        spec = None
+    doc, path = load_calibration(spec, "vocab", model)
+    try:
+        return DraftVocab(model, doc["ranked"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"calibration file {path} is malformed ({e}); "
+                         "re-run knapspec calibrate --strategy vocab") from None

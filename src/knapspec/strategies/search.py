@@ -5,7 +5,8 @@
   and its top-1 is compared with the full model's top-1 at the same positions.
 * :class:`SkipSearch` — an optuna study over skip sets. A trial is one value in [0, 1] per
   skippable sublayer; with a fixed skip count the k highest are skipped (SWIFT, KNN-SSD), without
-  one every value above 0.5 is (Draft & Verify). Trials alternate between random search and
+  one every value above 0.5 is (Draft & Verify; its random trials first draw a skip share in
+  ``random_share``, then a random set of that size). Trials alternate between random search and
   optuna's Bayesian optimisation (TPE) as the method asks.
 * Calibration files: JSON written atomically under ``$KNAPSPEC_CACHE/calibration`` (or where the
   user says), checked against the model they were made for when read back.
@@ -107,7 +108,7 @@ class SkipSearch:
     1 = optimiser only after ``n_random`` random start-up trials)."""
 
     def __init__(self, n_layers: int, *, skip_count: int | None = None, bo_every: int = 2,
-                 n_random: int = 4, seed: int = 0) -> None:
+                 n_random: int = 4, seed: int = 0, random_share: tuple[float, float] = (0.1, 0.5)) -> None:
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.n_layers = n_layers
@@ -117,6 +118,7 @@ class SkipSearch:
         if skip_count is not None and not 1 <= skip_count <= len(self.space):
             raise ValueError(f"skip count must be in 1..{len(self.space)}, got {skip_count}")
         self.k, self.bo_every, self.n_random = skip_count, bo_every, n_random
+        self.random_share = random_share
         self.rng = random.Random(seed)
         self.study = optuna.create_study(direction="maximize",
                                          sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=0))
@@ -133,7 +135,14 @@ class SkipSearch:
     def ask(self) -> Trial:
         bo = self._is_bo()
         if not bo:
-            self.study.enqueue_trial({f"s{s}": self.rng.random() for s in self.space})
+            if self.k is not None:           # a uniformly random set of k sublayers
+                vals = {s: self.rng.random() for s in self.space}
+            else:                            # a random share of the sublayers, then a random set of that size
+                share = self.rng.uniform(*self.random_share)
+                chosen = set(self.rng.sample(self.space, max(1, round(share * len(self.space)))))
+                vals = {s: self.rng.uniform(0.5, 1.0) if s in chosen else self.rng.uniform(0.0, 0.5)
+                        for s in self.space}
+            self.study.enqueue_trial({f"s{s}": v for s, v in vals.items()})
         t = self.study.ask()
         values = {s: t.suggest_float(f"s{s}", 0.0, 1.0) for s in self.space}
         self.n_trials += 1

@@ -27,6 +27,7 @@ from .search import PlanScorer, SkipSearch, skippable
 
 class SWIFTStrategy(Strategy):
     name = "swift"
+    persists_across_prompts = True
 
     def __init__(self, model: Model, *, skip_ratio: float = 0.45, window: int = 32, batch: int = 4,
                  max_trials: int = 64, patience: int = 24, bo_every: int = 2, d_max: int = 25,

@@ -1,0 +1,167 @@
+"""Draft-only vocabulary truncation.
+
+On a small model the lm_head is a large share of a draft step (SmolLM2-135M: 49152 x 576, ~21% of
+the weights, read on every draft token). A draft may compute logits over a *subset* of the
+vocabulary only: the most frequent tokens of calibration text plus every token of the prompt and
+of the output so far. Verification always uses the full vocabulary, so greedy output is unchanged;
+under sampling the draft distribution is zero outside the subset, a valid proposal for speculative
+sampling, so the output distribution stays exact.
+
+:class:`DraftVocab` keeps the subset's lm_head rows in one preallocated buffer (frequent tokens,
+then the prompt's, then output tokens appended as they are committed: no rebuild while generating)
+and tracks, for each candidate size, the *coverage*: how often a committed output token lies in the
+subset of that size. A truncated draft can only propose covered tokens, so its per-token acceptance
+is modelled as alpha x coverage; the strategy picks the size (or the full vocabulary) with the best
+tokens per time, the lm_head's share of a draft step shrinking with the rows kept.
+
+The ranking of frequent tokens comes from ``knapspec calibrate --strategy vocab`` (token counts of
+calibration text under the model's tokenizer), saved as a calibration file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model import Model
+
+SIZES = (1024, 2048, 4096, 8192, 16384)
+
+
+class DraftVocab:
+    """A growing draft vocabulary over a fixed frequency ranking (``ranked``: token ids, most
+    frequent first). ``size`` = how many frequent tokens are included (None = full vocabulary)."""
+
+    def __init__(self, model: Model, ranked: list[int] | np.ndarray, *, sizes: tuple[int, ...] = SIZES,
+                 prior: float = 8.0) -> None:
+        V = model.cfg.vocab_size
+        ranked = [int(t) for t in ranked if 0 <= int(t) < V]
+        if not ranked:
+            raise ValueError("the vocabulary ranking is empty")
+        self.model, self.V = model, V
+        self.sizes = tuple(s for s in sorted(set(sizes)) if 0 < s < min(V, len(ranked) + 1))
+        self.rank = np.full(V, V, dtype=np.int64)
+        self.rank[ranked] = np.arange(len(ranked))
+        self.ranked = ranked
+        self.prior = prior
+        self.size: int | None = None
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self.hits = np.zeros(len(self.sizes))
+        self.seen_outputs = 0
+
+    # ---- per generation ---------------------------------------------------------------------------
+    def start(self, prompt: list[int], capacity: int) -> None:
+        """A new generation: the prompt's tokens are in every subset; the coverage prior is the
+        coverage of the prompt by each size (a token counts as covered if frequent or seen before)."""
+        self.seen = np.zeros(self.V, dtype=bool)
+        prior_hits = np.zeros(len(self.sizes))
+        for t in prompt:
+            prior_hits += self.seen[t] | (self.rank[t] < np.asarray(self.sizes))
+            self.seen[t] = True
+        self.prior_cov = prior_hits / max(1, len(prompt))
+        self._reset_counts()
+        self.capacity = capacity
+        self.size = None
+        self._rows = None
+
+    def coverage(self) -> np.ndarray:
+        """Estimated share of output tokens inside each candidate size's subset."""
+        return (self.hits + self.prior * self.prior_cov) / (self.seen_outputs + self.prior)
+
+    def commit(self, tokens: list[int]) -> None:
+        """Committed output tokens: update the coverage counts, add unseen tokens to the subset."""
+        sizes = np.asarray(self.sizes)
+        for t in tokens:
+            self.hits += self.seen[t] | (self.rank[t] < sizes)
+            self.seen_outputs += 1
+            if not self.seen[t]:
+                self.seen[t] = True
+                if self._rows is not None and self.rank[t] >= self.size:
+                    self._append(t)
+
+    # ---- the head ---------------------------------------------------------------------------------
+    def select(self, size: int | None) -> None:
+        """Use ``size`` frequent tokens (plus every seen token) from now on; None = full vocabulary."""
+        if size == self.size:
+            return
+        self.size = size
+        self._rows = None
+        if size is None:
+            return
+        base = self.ranked[:size]
+        extra = [int(t) for t in np.flatnonzero(self.seen) if self.rank[t] >= size]
+        ids = base + extra
+        cap = len(ids) + self.capacity
+        lm = self.model.lm_head
+        self._ids = torch.empty(cap, dtype=torch.long, device=lm.device)
+        self._head = torch.empty(cap, lm.shape[1], dtype=lm.dtype, device=lm.device)
+        self._rows = 0
+        for t in ids:
+            self._append(t)
+
+    def _append(self, t: int) -> None:
+        assert self._rows is not None
+        if self._rows >= self._ids.shape[0]:             # grow (rare: capacity is max new tokens)
+            self._ids = torch.cat([self._ids, torch.empty_like(self._ids)])
+            self._head = torch.cat([self._head, torch.empty_like(self._head)])
+        self._ids[self._rows] = t
+        self._head[self._rows] = self.model.lm_head[t]
+        self._rows += 1
+
+    @property
+    def n_rows(self) -> int:
+        return self.V if self._rows is None else self._rows
+
+    def head(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(lm_head rows, their token ids) for the current subset; (None, None) = full vocabulary."""
+        if self._rows is None:
+            return None, None
+        return self._head[:self._rows], self._ids[:self._rows]
+
+    def rows_for(self, size: int) -> int:
+        """Rows the subset of ``size`` frequent tokens would have now."""
+        return size + int(np.count_nonzero(self.seen & (self.rank >= size)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"draft_vocab": self.size, "draft_vocab_rows": self.n_rows,
+                "coverage": {s: round(float(c), 3) for s, c in zip(self.sizes, self.coverage())}}
+
+
+def rank_tokens(token_lists: list[list[int]]) -> list[int]:
+    """Token ids by frequency (most frequent first; ties by id)."""
+    c: Counter[int] = Counter()
+    for ids in token_lists:
+        c.update(ids)
+    return [t for t, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def calibrate(llm, prompts: list[list[int]], *, new_tokens: int = 64, out=None,
+              progress: bool = True) -> dict[str, Any]:
+    """Rank tokens by their frequency in the calibration prompts and in the model's own greedy
+    continuations of them (what drafts will have to propose); save the ranking."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .search import default_calibration_path, save_calibration
+    if not prompts:
+        raise ValueError("vocab calibration needs at least one prompt")
+    t0 = time.perf_counter()
+    lists: list[list[int]] = []
+    n_out = 0
+    for ids in tqdm(prompts, desc="vocab calibration", disable=not progress, leave=False):
+        lists.append(ids)
+        g = llm.engine.generate(ids, None, max_new_tokens=new_tokens, stop_ids=llm.stop_ids)
+        lists.append(g.tokens)
+        n_out += len(g.tokens)
+    ranked = rank_tokens(lists)
+    record = {"ranked": ranked, "distinct": len(ranked), "n_prompts": len(prompts), "new_tokens": new_tokens,
+              "output_tokens": n_out, "seconds": round(time.perf_counter() - t0, 1)}
+    path = save_calibration(out or default_calibration_path("vocab", llm.model), "vocab", llm.model, record)
+    record["path"] = str(path)
+    return record
