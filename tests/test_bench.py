@@ -127,3 +127,13 @@ def test_swift_keeps_its_search_across_prompts(tiny_folder, prompts_file):
     trials = [r["strategy_state"]["trials"] for r in recs if r["strategy"] == "swift"]
     assert len(trials) == 3 and trials[0] < trials[1] < trials[2]
     assert all(r["match"] for r in recs if r["strategy"] == "swift")
+
+
+def test_strategy_variants_parse_and_reject_bad_options():
+    assert bench.parse_variant("hybrid") == ("hybrid", {})
+    assert bench.parse_variant("swift:skip_ratio=0.2;max_trials=8;seed=x") == (
+        "swift", {"skip_ratio": 0.2, "max_trials": 8, "seed": "x"})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        bench.parse_variant("nope:x=1")
+    with pytest.raises(ValueError, match="expected NAME:key=value"):
+        bench.parse_variant("hybrid:draft_vocab")

@@ -320,6 +320,29 @@ def expand_datasets(specs: list[str], root) -> list[str]:
     return out
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:key=value,...`` (a strategy with options, e.g. ``hybrid:draft_vocab=off``):
+    the benchmark runs variants of one strategy side by side under their full spec."""
+    from .strategies import REGISTRY
+    name, _, rest = spec.partition(":")
+    if name not in REGISTRY.names():
+        raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(REGISTRY.names())}")
+    extra: dict = {}
+    for item in filter(None, rest.split(";")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise ValueError(f"bad strategy option {item!r} in {spec!r}: expected NAME:key=value;key=value")
+        for conv in (int, float):
+            try:
+                extra[k] = conv(v)
+                break
+            except ValueError:
+                pass
+        else:
+            extra[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return name, extra
+
+
 def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int, max_new_tokens: int,
                      root=None, temperature: float = 0.0, seed: int | None = 0, warmup: bool = True,
                      progress: bool = True, strategy_options: dict | None = None,
@@ -332,9 +355,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     from .sampling import SamplingParams
     from .strategies import REGISTRY
     order = ["autoregressive"] + [s for s in strategies if s != "autoregressive"]
-    for s in order:
-        if s not in REGISTRY.names():
-            raise ValueError(f"unknown strategy {s!r}: choose from {', '.join(REGISTRY.names())}")
+    variants = {s: parse_variant(s) for s in order}
     opts = strategy_options or {}
     prompts = []
     for spec in expand_datasets(datasets, root):
@@ -351,7 +372,8 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     eng, stops = llm.engine, llm.stop_ids
 
     def make(s: str):
-        return REGISTRY.create(s, llm.model, **opts.get(s, {}))
+        name, extra = variants[s]
+        return REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra})
     if warmup:                                    # kernels, allocator, latency profile, caches
         ids = llm.encode(prompts[0].text, chat=prompts[0].chat)[-256:]
         for s in order:

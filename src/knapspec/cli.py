@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
     _add_model_args(rn)
     rn.add_argument("--strategies", default=None,
-                    help=f"comma-separated (autoregressive always runs first); default {','.join(BENCH_STRATEGIES)}")
+                    help="comma-separated (autoregressive always runs first); a variant with options is "
+                         "NAME:key=value;key=value (e.g. hybrid:draft_vocab=off); default "
+                         + ",".join(BENCH_STRATEGIES))
     rn.add_argument("--datasets", default=None,
                     help="comma-separated: spec-bench (every category), spec-bench:CATEGORY, long-docs:N "
                          "(512, 2k, 4k, 8k), gsm8k, aime, humaneval, FILE.jsonl; default "
@@ -305,12 +307,12 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     import torch
 
     from .api import load
-    from .bench import headline, markdown_table, run_side_by_side, summarize
+    from .bench import headline, markdown_table, parse_variant, run_side_by_side, summarize
     from .datasets import data_dir
     from .plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
     strategies = a.strategies.split(",") if a.strategies else list(BENCH_STRATEGIES)
     for s in strategies:
-        _check_strategy(s)
+        parse_variant(s)
     datasets = a.datasets.split(",") if a.datasets else list(QUICK_DATASETS if a.quick else BENCH_DATASETS)
     n = a.n or (1 if a.quick else 2)
     new = a.max_new_tokens or (64 if a.quick else 128)
