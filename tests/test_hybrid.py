@@ -82,3 +82,22 @@ def test_hybrid_uses_every_kind_of_draft_and_stays_lossless(tiny_root):
     got = eng.generate(prompt, strat, max_new_tokens=60, stop_ids=(2,), threshold=0.0)
     assert got.tokens == ref
     assert got.stats.drafted > 0 and len(strat.counts) >= 2, strat.counts
+
+
+def test_learning_strategies_are_kept_across_calls(tiny_root):
+    from knapspec.api import LLM
+    m = tiny_model("llama", tiny_root)
+    llm = LLM(m, None)
+    a = llm.make_strategy("hybrid", latency=_lat(m.cfg.n_layers))
+    assert llm.make_strategy("hybrid", latency=_lat(m.cfg.n_layers)) is not a   # other options: another one
+    lat = _lat(m.cfg.n_layers)
+    h = llm.make_strategy("hybrid", latency=lat)
+    assert llm.make_strategy("hybrid", latency=lat) is h
+    assert llm.make_strategy("hybrid", latency=lat, persist=False) is not llm.make_strategy(
+        "hybrid", latency=lat, persist=False)
+    assert llm.make_strategy("lookup") is not llm.make_strategy("lookup")
+    prompt = [5, 6, 7, 8, 9] * 4
+    llm.generate(prompt, strategy=h, max_new_tokens=12)
+    tried = h._lk_try.sum()
+    llm.generate(prompt, strategy="hybrid", latency=lat, max_new_tokens=12)
+    assert h._lk_try.sum() > tried                      # the second call went on learning in h

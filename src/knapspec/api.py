@@ -68,6 +68,7 @@ class LLM:
         self.checkpoint = checkpoint
         self.engine = Engine(model)
         self.stop_ids = self._stop_ids()
+        self._kept: dict[tuple[str, str], Strategy] = {}
 
     def _stop_ids(self) -> tuple[int, ...]:
         ids = set(self.model.cfg.eos_token_ids)
@@ -96,9 +97,21 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def make_strategy(self, strategy: str | Strategy | None, **options: Any) -> Strategy:
+        """A strategy by name. Strategies that learn across prompts (``persists_across_prompts``:
+        SWIFT's search, the hybrid's acceptance estimates) are kept per (name, options) and reused
+        by later calls."""
         if isinstance(strategy, Strategy):
             return strategy
-        return REGISTRY.create(strategy or DEFAULT_STRATEGY, self.model, **options)
+        name = strategy or DEFAULT_STRATEGY
+        key = (name, repr(sorted((k, v if isinstance(v, (int, float, str, bool, type(None))) else id(v))
+                                 for k, v in options.items())))
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept
+        made = REGISTRY.create(name, self.model, **options)
+        if made.persists_across_prompts:
+            self._kept[key] = made
+        return made
 
     # ---- generation -----------------------------------------------------------------------------
     def stream_ids(self, prompt: str | list[int], *, strategy: str | Strategy | None = None,

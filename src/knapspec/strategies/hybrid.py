@@ -57,9 +57,12 @@ class HybridStrategy(Strategy):
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
-                 plan_after: int = 4, draft_vocab: DraftVocab | None = None,
+                 plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
                  threshold: float | None = None, **planner: Any) -> None:
         self.model = model
+        # the acceptance estimates carry over to the next prompts (the benchmark and the API keep
+        # one instance), instead of starting every generation from the Beta(1, 1) priors
+        self.persists_across_prompts = persist
         self.planner = KnapSpecStrategy(model, latency, d_max=d_max, **planner)
         self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
@@ -211,7 +214,7 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
             threshold: float | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
                                                     "every", "regrow", "min_cosine", "max_states", "resolution",
-                                                    "alpha")}
+                                                    "alpha", "persist", "skip_prior")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab, **kw)
 
