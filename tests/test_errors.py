@@ -121,3 +121,20 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["calibrate", "--strategy", "lookup"], "strategy 'lookup' needs no calibration"),
+    (["calibrate", "--strategy", "nope"], "unknown strategy 'nope'"),
+    (["calibrate", "--strategy", "knn-ssd", "--datasets", "long-docs:2k"], "calibrate takes spec-bench"),
+    (["generate", "--strategy", "draft-verify", "--calibration", "/nonexistent/dv.json"],
+     "no draft-verify calibration file at /nonexistent/dv.json"),
+    (["generate", "--strategy", "swift", "--skip-ratio", "1.5"], "--skip-ratio must be in (0, 1), got 1.5"),
+])
+def test_bad_calibration_requests(args, needle, tmp_path, empty_cache, capsys):
+    tiny = save_tiny("llama", tmp_path / "tiny")
+    extra = ["--prompt", "hi"] if args[0] == "generate" else []
+    rc, err = run_cli([*args, "--model", str(tiny), *extra], capsys)
+    assert rc == 2
+    assert needle in _one_line(err)
+    assert not list(tmp_path.glob("**/*.tmp"))
