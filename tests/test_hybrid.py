@@ -23,6 +23,7 @@ def _with_plan(strat: HybridStrategy, alpha: float | None) -> None:
     plan = None if alpha is None else Plan.from_skips(n, attn=(1,), mlp=(1, 2))
     strat.planner.choice = Choice(plan=plan, d=0 if plan is None else 4, alpha=alpha or 0.0, tpt=1.0,
                                   tpt_ar=1.0, context=100)
+    strat._active = True                    # the planner runs (after enough lookup misses)
 
 
 def test_long_match_picks_lookup(tiny_root):
@@ -49,10 +50,51 @@ def test_no_match_picks_skip_or_none(tiny_root):
 
 def test_rejected_lookups_lower_their_estimate(tiny_root):
     m = tiny_model("llama", tiny_root)
-    s = HybridStrategy(m, _lat(m.cfg.n_layers))
+    s = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=0)       # every lookup token priced
     s._lk_try[1, 0] += 200                  # 1-gram matches rejected at the first position
     _with_plan(s, None)
     assert s.choose(100, 1, [7, 8, 9]).kind == "none"
+    s2 = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=4)      # lookups drafted up to 4 tokens
+    s2._lk_try[1, 0] += 200
+    _with_plan(s2, 0.9)
+    best = s2.choose(100, 1, list(range(10, 22)))
+    assert (best.kind, best.n_lookup) == ("lookup", 4)               # not none, not skip, not longer
+    s2._lk_acc[1] += 200                    # the same matches always accepted: the whole lookup
+    s2._lk_try[1] += 200
+    assert s2.choose(100, 1, list(range(10, 22))).n_lookup == 12
+
+
+def test_uncertain_lookup_estimates_are_still_explored(tiny_root):
+    """A kind of match that was rejected a few times is still drafted now and then (Thompson
+    sampling), so its estimate can recover; after many rejections it is (almost) never drafted."""
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=0)
+    s._lk_try[1, 0] += 58                   # 1 accepted of 60 tried at the first position
+    picks = [s.choose(100, 1, [7, 8, 9], explore=True).kind for _ in range(300)]
+    assert s.choose(100, 1, [7, 8, 9]).kind == "none"          # the posterior mean says no
+    assert 0.05 < picks.count("lookup") / len(picks) < 0.95, picks.count("lookup")
+    s._lk_try[1, 0] += 2000
+    picks = [s.choose(100, 1, [7, 8, 9], explore=True).kind for _ in range(300)]
+    assert picks.count("lookup") <= 3
+
+
+def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch):
+    """No residual stream is captured and no plan is made while lookups hit; after ``plan_after``
+    misses in a row the planner runs; a "no draft pays" verdict doubles the wait for the next prompt."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
+    s = HybridStrategy(m, slow, plan_after=3)
+    eng.generate([5, 6, 7, 8] * 10, s, max_new_tokens=3, stop_ids=())
+    assert not s.planner.history and not s.wants_hidden      # lookups hit: no planning
+    monkeypatch.setattr("knapspec.strategies.hybrid.find_continuation", lambda *a, **k: (0, []))
+    out = eng.generate(list(range(3, 40)), s, max_new_tokens=12, stop_ids=())   # lookups never match
+    assert s.planner.history and s.wants_hidden              # misses: the planner ran
+    assert s.planner.history[0].plan is None                 # ... and found nothing worth drafting
+    assert s._plan_after_now == 6
+    assert len(s.planner.history) == 1 and out.stats.new_tokens == 12
+    eng.generate(list(range(3, 40)), s, max_new_tokens=6, stop_ids=())   # 5 misses < 6: no planner
+    assert not s.wants_hidden
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -67,7 +109,9 @@ def test_greedy_hybrid_equals_autoregressive(tiny_root, data):
     strat = HybridStrategy(m, _lat(m.cfg.n_layers), alpha="cosine", min_cosine=0.0,
                            every=data.draw(st.integers(1, 8), label="every"),
                            max_lookup=data.draw(st.integers(1, 12), label="max_lookup"),
-                           d_max=data.draw(st.integers(1, 6), label="d_max"))
+                           d_max=data.draw(st.integers(1, 6), label="d_max"),
+                           plan_after=data.draw(st.integers(0, 4), label="plan_after"),
+                           min_lookup=data.draw(st.integers(0, 8), label="min_lookup"))
     ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
     got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
     assert got.tokens == ref

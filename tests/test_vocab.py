@@ -51,6 +51,7 @@ def test_truncation_is_chosen_when_the_head_is_costly_and_coverage_high(tiny_roo
     vocab.start(list(range(3, 12)), capacity=20)         # prompt tokens all inside the top 16
     s.planner.choice = Choice(plan=Plan.from_skips(n, attn=(1,), mlp=(2,)), d=4, alpha=0.8, tpt=1.0,
                               tpt_ar=1.0, context=100)
+    s._active = True                                      # the planner runs
     best = s.choose(100, 0, [])
     assert best.kind == "skip" and best.vocab == 16       # the smallest subset: most of the head saved
     vocab.hits[:] = 0                                     # outputs never covered by the subsets
@@ -62,6 +63,7 @@ def test_truncation_is_chosen_when_the_head_is_costly_and_coverage_high(tiny_roo
     s2.vocab.hits[:] = 0.5 * 1000
     s2.vocab.seen_outputs = 1000
     s2.planner.choice = s.planner.choice
+    s2._active = True
     assert s2.choose(100, 0, []).vocab is None            # a free head is not worth half the acceptance
 
 

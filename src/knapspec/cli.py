@@ -65,7 +65,7 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft", type=_positive_int("--max-draft"), default=None,
                    help="maximum draft length per round")
     p.add_argument("--threshold", type=_float_in("--threshold", 0, 1, False, "in [0, 1]"), default=None,
-                   help="draft confidence threshold: drafting stops below it")
+                   help="draft confidence threshold: drafting stops below it (default 0.9, measured)")
     p.add_argument("--calibration", default=None,
                    help="calibration file of draft-verify / knn-ssd (default: the one `knapspec calibrate` "
                         "wrote for this model)")
@@ -294,7 +294,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:draft_vocab=off", "hybrid:persist=false")
+BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:draft_vocab=off", "hybrid:min_lookup=0")
 BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8000")
 QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
 
@@ -323,10 +323,11 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
     common: dict[str, Any] = {} if a.max_draft is None else {"max_draft": a.max_draft}
     opts = {s: dict(common) for s in strategies}
-    if "static" in opts:
-        if not a.skip:
-            raise ValueError("the static strategy needs --skip a3,m7,...")
-        opts["static"]["skip"] = a.skip
+    for s in strategies:                           # static and its variants (static:threshold=0.3)
+        if parse_variant(s)[0] == "static":
+            if not a.skip:
+                raise ValueError("the static strategy needs --skip a3,m7,...")
+            opts[s]["skip"] = a.skip
     records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
                                root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts)
     summary = summarize(records)

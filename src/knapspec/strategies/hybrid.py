@@ -10,10 +10,34 @@ Each round the strategy prices four drafts with the latency model at the current
 * **lookup + skip**: the lookup tokens, then ``d`` more drafted with the plan after them;
 * **none**: a plain decoding step.
 
+A lookup draft, when one exists, is always drafted up to ``min_lookup`` tokens (default 8, plain
+prompt lookup's length): verifying a few copied tokens costs little on any hardware (measured here:
+8 extra tokens cost ~25% of a step), and the estimates are too coarse to refuse them safely — early
+versions that priced every lookup token lost up to 30% to plain lookup on Spec-Bench categories with
+short, frequent matches. Beyond that floor (longer lookups up to ``max_lookup``, skip drafts after
+them) and in rounds without a match (skip draft or none), the choice is by predicted TPT.
+``min_lookup=0`` prices every lookup token.
+
 Expected tokens use acceptance estimates tracked online: for lookup, per n-gram match length and
 draft position (the probability that the token is accepted given that the ones before it were,
 Beta(1, 1) prior); for skip drafts, per token. The draft with the highest
 ``E[tokens] / (model drafting time + verification time)`` wins.
+
+Verification times come from the latency model, corrected online: for each verification width
+the strategy keeps a running ratio of measured to predicted time, so a profile that mis-states how
+a pass grows with its width (a noisy profiling run, another load on the machine) cannot make it
+refuse drafts that cost almost nothing to verify.
+
+The lookup estimates are *sampled* from their Beta posteriors when a round is decided (Thompson
+sampling), not taken at their means: an estimate only learns from the lookups that were drafted,
+so a greedy choice that once finds a kind of match unprofitable never drafts it again and never
+learns otherwise. Sampling keeps trying such matches in proportion to the remaining uncertainty.
+
+The KnapSpec planner costs a full-model pass over its window plus a dynamic program, so it starts
+late and backs off: the residual stream is collected (and captured during verification) only once
+``plan_after`` rounds in a row found no lookup match, and each "no draft pays" verdict doubles that
+number for the next activation (up to 64; a verdict with a plan resets it). On hardware where
+layer-skip drafts never pay, the hybrid then costs what prompt lookup costs.
 
 With a draft vocabulary (``draft_vocab``, see ``vocab.py``) every skip option also comes in one
 variant per subset size: the draft step is cheaper by the lm_head rows left out, and its acceptance
@@ -53,12 +77,12 @@ class Option:
 
 class HybridStrategy(Strategy):
     name = "hybrid"
-    wants_hidden = True
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
                  plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
-                 threshold: float | None = None, **planner: Any) -> None:
+                 threshold: float | None = None, seed: int = 0, min_lookup: int = 8,
+                 **planner: Any) -> None:
         self.model = model
         # the acceptance estimates carry over to the next prompts (the benchmark and the API keep
         # one instance), instead of starting every generation from the Beta(1, 1) priors
@@ -67,6 +91,10 @@ class HybridStrategy(Strategy):
         self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
         self.plan_after = plan_after
+        self.min_lookup = min_lookup
+        self._plan_after_now = plan_after          # grows while the planner's verdict is "no draft"
+        self._active = False                       # the planner runs in this prompt
+        self._rng = np.random.default_rng(seed)
         self._misses = 0
         # lookup acceptance: successes / trials per (n-gram length, position)
         self._lk_acc = np.ones((max_ngram + 1, MAX_POS))
@@ -75,6 +103,10 @@ class HybridStrategy(Strategy):
         self._sk_try = 0.0
         self._pending: tuple[Option, int] | None = None
         self._times_ctx = -1
+        # measured / predicted verification time per width (index = width - 1), running average
+        self._n_widths = max_lookup + d_max + 2
+        self._vr = np.ones(self._n_widths)
+        self._vr_n = np.zeros(self._n_widths)
         self.counts: dict[str, int] = {}
         self._lookup = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_lookup)   # token buffer
         self.vocab = draft_vocab
@@ -85,10 +117,19 @@ class HybridStrategy(Strategy):
     def latency(self) -> LatencyModel:
         return self.planner.latency
 
+    @property
+    def wants_hidden(self) -> bool:               # type: ignore[override]
+        """The verifier's residual stream is captured only while the planner runs."""
+        return self._active
+
     # ---- estimates --------------------------------------------------------------------------------
-    def lookup_accept(self, n: int) -> np.ndarray:
-        """P(position j accepted | positions < j accepted) for an n-gram match."""
-        return self._lk_acc[min(n, self.max_ngram)] / self._lk_try[min(n, self.max_ngram)]
+    def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
+        """P(position j accepted | positions < j accepted) for an n-gram match: the posterior
+        means, or with ``sample`` one draw from each Beta posterior (Thompson sampling)."""
+        acc, tried = self._lk_acc[min(n, self.max_ngram)], self._lk_try[min(n, self.max_ngram)]
+        if sample:
+            return self._rng.beta(acc, tried - acc + 1e-9)
+        return acc / tried
 
     def skip_alpha(self, vocab: int | None = None) -> float:
         c = self.planner.choice
@@ -101,29 +142,44 @@ class HybridStrategy(Strategy):
         return (acc + self.skip_prior * full * cov) / (tried + self.skip_prior)
 
     def _times(self, ctx: int) -> None:
-        if abs(ctx - self._times_ctx) < 64 and self._times_ctx >= 0:
-            return
-        lat = self.latency
-        w = self.max_lookup + self.d_max + 1
-        self._tv = [lat.predict(None, ctx, k + 1) for k in range(w + 1)]
-        self._times_ctx = ctx
-        self._td_plan = None
+        """``self._tv[k]``: the time of a verification pass over ``k + 1`` tokens at ``ctx``: the
+        latency model's prediction times the measured/predicted ratio of recent passes of that
+        width (interpolated between the widths measured so far; 1 before any)."""
+        if abs(ctx - self._times_ctx) >= 64 or self._times_ctx < 0:
+            lat = self.latency
+            self._tv_pred = np.array([lat.predict(None, ctx, k + 1) for k in range(self._n_widths)])
+            self._times_ctx = ctx
+        seen = np.flatnonzero(self._vr_n >= 3)
+        if seen.size >= 2:
+            # a weighted straight line through the measured ratios: single widths are noisy
+            wts = np.minimum(self._vr_n[seen], 50.0)
+            slope, icpt = np.polyfit(seen.astype(float), self._vr[seen], 1, w=np.sqrt(wts))
+            ratio = np.clip(icpt + slope * np.arange(self._n_widths), 0.25, 4.0)
+            self._tv = (self._tv_pred * ratio).tolist()
+        elif seen.size == 1:
+            self._tv = (self._tv_pred * self._vr[seen[0]]).tolist()
+        else:
+            self._tv = self._tv_pred.tolist()
 
-    def options(self, ctx: int, n_gram: int, lookup: list[int]) -> list[Option]:
-        """Every candidate draft of this round with its expected tokens and predicted time."""
+    def options(self, ctx: int, n_gram: int, lookup: list[int], *, explore: bool = False) -> list[Option]:
+        """Every candidate draft of this round with its expected tokens and predicted time
+        (``explore``: lookup acceptances sampled from their posteriors)."""
         self._times(ctx)
         tv = self._tv
         opts = [Option("none", 0, 0, 1.0, tv[0])]
         k = len(lookup)
         reach = [1.0]                             # P(first i lookup tokens all accepted)
         if k:
-            p = self.lookup_accept(n_gram)
+            p = self.lookup_accept(n_gram, sample=explore)
             for i in range(k):
                 reach.append(reach[-1] * float(p[min(i, MAX_POS - 1)]))
-            for kk in range(1, k + 1):
+            floor = min(k, self.min_lookup)
+            if floor:
+                opts.pop()                        # a lookup draft exists: drafting it is the floor
+            for kk in range(max(floor, 1), k + 1):
                 opts.append(Option("lookup", kk, 0, sum(reach[:kk + 1]), tv[kk]))
         c = self.planner.choice
-        if self.use_skip and c is not None and c.plan is not None:
+        if self.use_skip and self._active and c is not None and c.plan is not None:
             vocabs: list[int | None] = [None] + (list(self.vocab.sizes) if self.vocab is not None else [])
             for v in vocabs:
                 a = self.skip_alpha(v)
@@ -131,20 +187,23 @@ class HybridStrategy(Strategy):
                 td = self.latency.predict(c.plan, ctx, 1, head_scale=scale)
                 for d in range(1, self.d_max + 1):
                     e_skip = sum(a ** i for i in range(1, d + 1))
-                    opts.append(Option("skip", 0, d, 1.0 + e_skip, d * td + tv[d], v))
+                    if not (k and self.min_lookup):
+                        opts.append(Option("skip", 0, d, 1.0 + e_skip, d * td + tv[d], v))
                     if k:
                         opts.append(Option("lookup+skip", k, d, sum(reach) + reach[-1] * e_skip,
                                            d * td + tv[k + d], v))
         return opts
 
-    def choose(self, ctx: int, n_gram: int, lookup: list[int]) -> Option:
-        return max(self.options(ctx, n_gram, lookup), key=lambda o: o.tpt)
+    def choose(self, ctx: int, n_gram: int, lookup: list[int], *, explore: bool = False) -> Option:
+        return max(self.options(ctx, n_gram, lookup, explore=explore), key=lambda o: o.tpt)
 
     # ---- the protocol -------------------------------------------------------------------------------
     def start(self, state: RoundState) -> None:
         # the layer-skip planner runs lazily: only once lookups have missed ``plan_after`` rounds
-        # (where lookups keep hitting, its DP would be pure overhead)
-        self.planner.collect_prompt(state)
+        # in a row (where lookups keep hitting, its DP would be pure overhead)
+        self._active = False
+        self.planner._reset()                      # no plan, no collected states, no history yet
+        self.counts = {}
         self._misses = 0
         self._lookup.start(state)
         self._pending = None
@@ -161,9 +220,19 @@ class HybridStrategy(Strategy):
         n_gram, cont = find_continuation(self._lookup._tokens(state.tokens), max_ngram=self.max_ngram,
                                          max_len=self.max_lookup)
         self._misses = 0 if cont else self._misses + 1
-        if self.use_skip and (self.planner.choice is not None or self._misses >= self.plan_after):
+        if self.use_skip and not self._active and self._misses >= self._plan_after_now:
+            # the residual stream of the last committed tokens (their KV is in the cache), then
+            # capture during verification from now on
+            self.planner.collect(state, len(state.tokens) - 1)
+            self._active = True
+        if self._active:
+            n_plans = len(self.planner.history)
             self.planner.propose(state)            # plans now, then on the planner's own schedule
-        best = self.choose(state.context_length, n_gram, cont)
+            if len(self.planner.history) > n_plans:
+                pays = self.planner.choice is not None and self.planner.choice.plan is not None
+                self._plan_after_now = (self.plan_after if pays
+                                       else min(max(2 * self._plan_after_now, 1), 64))
+        best = self.choose(state.context_length, n_gram, cont, explore=True)
         self._pending = (best, n_gram)
         self.counts[best.kind] = self.counts.get(best.kind, 0) + 1
         if best.kind == "none":
@@ -182,6 +251,11 @@ class HybridStrategy(Strategy):
             return
         opt, n_gram = self._pending
         self._pending = None
+        w = outcome.drafted                          # verification width - 1
+        if w < self._n_widths and self._times_ctx >= 0 and outcome.verify_s > 0:
+            r = outcome.verify_s / float(self._tv_pred[w])
+            self._vr[w] = r if self._vr_n[w] == 0 else self._vr[w] + 0.1 * (r - self._vr[w])
+            self._vr_n[w] += 1
         acc, nl = outcome.accepted, outcome.n_lookup
         g = min(n_gram, self.max_ngram)
         for j in range(min(nl, acc + 1)):          # lookup positions that were decided
@@ -214,7 +288,8 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
             threshold: float | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
                                                     "every", "regrow", "min_cosine", "max_states", "resolution",
-                                                    "alpha", "persist", "skip_prior")}
+                                                    "alpha", "persist", "skip_prior", "seed",
+                                                    "min_lookup")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab, **kw)
 

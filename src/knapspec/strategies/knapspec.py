@@ -215,17 +215,21 @@ class KnapSpecStrategy(Strategy):
         self.collect_prompt(state)
         self._plan(state.context_length, state.round)
 
-    @torch.inference_mode()
     def collect_prompt(self, state: RoundState) -> None:
         """The full model's residual stream on the prompt's last ``window`` tokens, computed
         read-only against the prefilled cache (no KV is rewritten)."""
+        self.collect(state, state.n_prompt)
+
+    @torch.inference_mode()
+    def collect(self, state: RoundState, end: int) -> None:
+        """Restart collection from the full model's residual stream on the ``window`` committed
+        tokens before position ``end`` (whose KV the cache holds), computed read-only."""
         self._reset()
         self._cache = state.cache
         model = state.model
-        n_prompt = state.n_prompt
-        k = min(self.window, n_prompt)
-        p0 = n_prompt - k
-        x = model.embed_tokens(torch.tensor([state.tokens[p0:n_prompt]], device=model.device))
+        k = min(self.window, end)
+        p0 = end - k
+        x = model.embed_tokens(torch.tensor([state.tokens[p0:end]], device=model.device))
         hs = [x]
         for s in range(model.cfg.n_sublayers):
             x = model.sublayer(s, x, p0, state.cache, write=False)
