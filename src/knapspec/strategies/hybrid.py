@@ -35,8 +35,8 @@ learns otherwise. Sampling keeps trying such matches in proportion to the remain
 
 The KnapSpec planner costs a full-model pass over its window plus a dynamic program, so it starts
 late and backs off: the residual stream is collected (and captured during verification) only once
-``plan_after`` rounds in a row found no lookup match, and each "no draft pays" verdict doubles that
-number for the next activation (up to 64; a verdict with a plan resets it). On hardware where
+``plan_after`` rounds in a row found no lookup match; a "no draft pays" verdict puts it back to
+sleep and doubles that number for its next start (up to 64; a verdict with a plan resets it). On hardware where
 layer-skip drafts never pay, the hybrid then costs what prompt lookup costs.
 
 With a draft vocabulary (``draft_vocab``, see ``vocab.py``) every skip option also comes in one
@@ -232,6 +232,9 @@ class HybridStrategy(Strategy):
                 pays = self.planner.choice is not None and self.planner.choice.plan is not None
                 self._plan_after_now = (self.plan_after if pays
                                        else min(max(2 * self._plan_after_now, 1), 64))
+                if not pays:                       # sleep until that many misses in a row again
+                    self._active = False
+                    self._misses = 0
         best = self.choose(state.context_length, n_gram, cont, explore=True)
         self._pending = (best, n_gram)
         self.counts[best.kind] = self.counts.get(best.kind, 0) + 1
