@@ -54,7 +54,7 @@ def test_rejected_lookups_lower_their_estimate(tiny_root):
     s._lk_try[1, 0] += 200                  # 1-gram matches rejected at the first position
     _with_plan(s, None)
     assert s.choose(100, 1, [7, 8, 9]).kind == "none"
-    s2 = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=4)      # lookups drafted up to 4 tokens
+    s2 = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=4, max_lookup=12)   # 4 tokens at least
     s2._lk_try[1, 0] += 200
     _with_plan(s2, 0.9)
     best = s2.choose(100, 1, list(range(10, 22)))

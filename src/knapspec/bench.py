@@ -377,7 +377,12 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     if warmup:                                    # kernels, allocator, latency profile, caches
         ids = llm.encode(prompts[0].text, chat=prompts[0].chat)[-256:]
         for s in order:
-            eng.generate(ids, make(s), max_new_tokens=16, sampling=sp, stop_ids=stops)
+            w = make(s)
+            if w.warm_up_options:
+                name, extra = variants[s]
+                w = REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra,
+                                                        **w.warm_up_options})
+            eng.generate(ids, w, max_new_tokens=16, sampling=sp, stop_ids=stops)
     records: list[dict] = []
     kept: dict = {}                                # strategies that learn across prompts (SWIFT)
     bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")

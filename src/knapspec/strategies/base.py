@@ -77,6 +77,9 @@ class Strategy:
     wants_hidden: ClassVar[bool] = False
     wants_prompt_embedding: ClassVar[bool] = False
     persists_across_prompts: ClassVar[bool] = False   # learns across generations (the benchmark keeps it)
+    # options for the benchmark's warm-up instance, so that it runs the code paths (and pays the
+    # one-off first-call costs) that later prompts may take
+    warm_up_options: ClassVar[dict[str, Any]] = {}
 
     def start(self, state: RoundState) -> None:
         """A new generation begins (the prompt is prefilled)."""

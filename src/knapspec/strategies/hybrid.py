@@ -16,7 +16,8 @@ prompt lookup's length): verifying a few copied tokens costs little on any hardw
 versions that priced every lookup token lost up to 30% to plain lookup on Spec-Bench categories with
 short, frequent matches. Beyond that floor (longer lookups up to ``max_lookup``, skip drafts after
 them) and in rounds without a match (skip draft or none), the choice is by predicted TPT.
-``min_lookup=0`` prices every lookup token.
+``min_lookup=0`` prices every lookup token. ``max_lookup`` defaults to the same 8: longer lookups
+were verified but not accepted often enough to pay (float32 Spec-Bench run, docs/benchmarks.md).
 
 Expected tokens use acceptance estimates tracked online: for lookup, per n-gram match length and
 draft position (the probability that the token is accepted given that the ones before it were,
@@ -47,7 +48,7 @@ is tracked per size (prior: the full-vocabulary estimate times the subset's cove
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -77,9 +78,10 @@ class Option:
 
 class HybridStrategy(Strategy):
     name = "hybrid"
+    warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0}    # plan in the warm-up too
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
-                 max_lookup: int = 12, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
+                 max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
                  plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
                  threshold: float | None = None, seed: int = 0, min_lookup: int = 8,
                  **planner: Any) -> None:
@@ -166,6 +168,7 @@ class HybridStrategy(Strategy):
         (``explore``: lookup acceptances sampled from their posteriors)."""
         self._times(ctx)
         tv = self._tv
+        lookup = lookup[:self.max_lookup]
         opts = [Option("none", 0, 0, 1.0, tv[0])]
         k = len(lookup)
         reach = [1.0]                             # P(first i lookup tokens all accepted)
