@@ -371,17 +371,15 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     sp = SamplingParams(temperature=temperature, seed=seed)
     eng, stops = llm.engine, llm.stop_ids
 
-    def make(s: str):
+    def make(s: str, **more):
         name, extra = variants[s]
-        return REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra})
+        return REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra, **more})
     if warmup:                                    # kernels, allocator, latency profile, caches
         ids = llm.encode(prompts[0].text, chat=prompts[0].chat)[-256:]
         for s in order:
             w = make(s)
             if w.warm_up_options:
-                name, extra = variants[s]
-                w = REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra,
-                                                        **w.warm_up_options})
+                w = make(s, **w.warm_up_options)
             eng.generate(ids, w, max_new_tokens=16, sampling=sp, stop_ids=stops)
     records: list[dict] = []
     kept: dict = {}                                # strategies that learn across prompts (SWIFT)

@@ -205,7 +205,7 @@ class HybridStrategy(Strategy):
         # the layer-skip planner runs lazily: only once lookups have missed ``plan_after`` rounds
         # in a row (where lookups keep hitting, its DP would be pure overhead)
         self._active = False
-        self.planner._reset()                      # no plan, no collected states, no history yet
+        self.planner.reset()                      # no plan, no collected states, no history yet
         self.counts = {}
         self._misses = 0
         self._lookup.start(state)

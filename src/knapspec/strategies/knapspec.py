@@ -171,7 +171,7 @@ class KnapSpecStrategy(Strategy):
         self.choice: Choice | None = None
         self.history: list[Choice] = []
         self._cache: KVCache | None = None
-        self._reset()
+        self.reset()
 
     @property
     def latency(self) -> LatencyModel:
@@ -180,7 +180,8 @@ class KnapSpecStrategy(Strategy):
             self._latency = get_latency_model(self.model, quick=True)
         return self._latency
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the collected states, the plan and the plan history (a new generation)."""
         self._chunks: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()  # (start, hidden, targets)
         self._n = 0
         self._last_round = 0
@@ -224,7 +225,7 @@ class KnapSpecStrategy(Strategy):
     def collect(self, state: RoundState, end: int) -> None:
         """Restart collection from the full model's residual stream on the ``window`` committed
         tokens before position ``end`` (whose KV the cache holds), computed read-only."""
-        self._reset()
+        self.reset()
         self._cache = state.cache
         model = state.model
         k = min(self.window, end)
