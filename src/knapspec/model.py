@@ -205,6 +205,7 @@ class Model:
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
         self._inv_freq = rope_inv_freq(cfg)
+        self._sdpa_masks: dict[tuple, torch.Tensor] = {}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -251,6 +252,7 @@ class Model:
         self.final_norm = conv(self.final_norm)
         self._lm_head = conv(self._lm_head)
         self._rope_len = 0
+        self._sdpa_masks = {}
         return self
 
     @property
@@ -304,6 +306,26 @@ class Model:
             m = m & (k_pos > q_pos - window)
         return m
 
+    def _sdpa_mask(self, layer: int, start: int, t: int, s: int, g: int) -> torch.Tensor | None:
+        """The attention mask as SDPA takes it fastest: additive (0 / -inf) in the model's dtype,
+        ``[G*T, S]`` for the grouped query rows; built once and shared by every layer of a forward
+        (a boolean mask would be rebuilt and converted by SDPA in each of the 2L calls)."""
+        window = self.cfg.window(layer)
+        if t == 1 and (window is None or s <= window):
+            return None
+        key = (window, start, t, s, g)
+        m = self._sdpa_masks.get(key)
+        if m is None:
+            allowed = self._mask(layer, start, t, s)
+            if g > 1:
+                allowed = allowed.repeat(g, 1)
+            m = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            m.masked_fill_(~allowed, float("-inf"))
+            if len(self._sdpa_masks) >= 4:
+                self._sdpa_masks.clear()
+            self._sdpa_masks[key] = m
+        return m
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed)                           # [B, T, H]
 
@@ -338,9 +360,7 @@ class Model:
         if write:
             cache.write(i, start, k, v)
             keys, vals = cache.view(i, start + t)                        # [B, Hkv, S, D]
-            mask = self._mask(i, start, t, keys.shape[2])
-            if mask is not None and g > 1:
-                mask = mask.repeat(g, 1)                                 # [G*T, S]
+            mask = self._sdpa_mask(i, start, t, keys.shape[2], g)       # [G*T, S] or None
             o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
         else:
             o = self._branch_attention(i, qg, k, v, start, cache)
