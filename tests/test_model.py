@@ -87,3 +87,31 @@ def test_sublayer_without_write_matches_batched_branches():
         m.forward(prefix, 0, c2)
         ref = m.sublayer(0, x[b:b + 1], 10, c2)
         torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])   # untied / tied head; qkv bias
+def test_packed_bfloat16_kernels_match_plain_linear(kind):
+    """bfloat16 on CPU uses oneDNN's prepacked products where supported; they must compute the same
+    layer as ``F.linear`` (to bfloat16 rounding) for 1..8 rows, and a weight replaced after packing
+    must fall back to the plain product, never a stale packed copy."""
+    plain = ours_from_hf(build_tiny_hf(kind)).to(torch.bfloat16)
+    packed = ours_from_hf(build_tiny_hf(kind)).to(torch.bfloat16)
+    if not packed.pack_weights():
+        pytest.skip("this CPU's oneDNN has no bfloat16 kernels; plain F.linear is used")
+    assert not plain.packed
+    torch.manual_seed(2)
+    prompt = torch.randint(3, 128, (1, 10))
+    c_plain, c_packed = plain.new_cache(64), packed.new_cache(64)
+    pos = 0
+    for width in (10, 1, 3, 8, 1):
+        toks = prompt[:, :width]
+        a = plain.forward(toks, pos, c_plain).logits
+        b = packed.forward(toks, pos, c_packed).logits
+        assert (a - b).abs().max() <= 0.02 * a.abs().max(), f"width {width}"
+        pos += width
+    # a weight replaced after packing: the packed copy of the old one must not be used
+    packed.layers[1].w_down = packed.layers[1].w_down * 0.0
+    plain.layers[1].w_down = plain.layers[1].w_down * 0.0
+    a = plain.forward(prompt, 0, c_plain).logits
+    b = packed.forward(prompt, 0, c_packed).logits
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()

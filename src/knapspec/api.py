@@ -155,13 +155,27 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _available_memory() -> float:
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
 def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", device: str = "cpu",
-         threads: int | None = None) -> LLM:
-    """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf)."""
+         threads: int | None = None, pack: bool | None = None) -> LLM:
+    """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
+
+    ``pack``: prepack the linear weights for oneDNN's bfloat16 kernels on CPU (see
+    ``Model.pack_weights``; a second copy of those weights). None (default) = when the dtype is
+    bfloat16 on a supporting CPU and the copy takes at most a quarter of the available memory."""
     device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
     ck = resolve(model)
     m = ck.load_model(dtype=tdtype, device=device)
+    if pack is None:
+        pack = m.weight_bytes() <= _available_memory() / 4
+    m.pack_weights(pack)
     tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)

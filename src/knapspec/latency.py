@@ -59,7 +59,7 @@ def profile_key(model: Any) -> dict[str, Any]:
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     return {"model": hashlib.sha256(repr(shape).encode()).hexdigest()[:16], "device": f"{dev.type}:{dev_name}",
             "dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "packed": bool(getattr(model, "packed", False))}
 
 
 @dataclass
