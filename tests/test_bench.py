@@ -129,6 +129,45 @@ def test_swift_keeps_its_search_across_prompts(tiny_folder, prompts_file):
     assert all(r["match"] for r in recs if r["strategy"] == "swift")
 
 
+def test_repeats_report_the_median_run_and_check_every_output(tiny_folder, prompts_file, monkeypatch):
+    """--repeats K runs each strategy K times per prompt, round-robin: the record is the run of median
+    decode time, and a wrong output in any repeat (here only the second static run) is caught."""
+    import knapspec
+    from knapspec import engine
+    llm = knapspec.load(str(tiny_folder), dtype="float32")
+    opts = {"static": {"skip": "a1,m1", "max_draft": 3}}
+
+    def run():
+        return bench.run_side_by_side(llm, strategies=["static"], datasets=[str(prompts_file)], n=1,
+                                      max_new_tokens=12, progress=False, repeats=3, warmup=False,
+                                      strategy_options=opts)
+    recs = run()
+    assert [r["strategy"] for r in recs] == ["autoregressive", "static"]
+    for r in recs:
+        times = sorted(r["decode_s_runs"])
+        assert len(times) == 3 and r["decode_s"] == times[1] and r["match"] is True
+
+    state = {"generate": 0, "corrupt": False}
+    real_generate, real_accept = llm.engine.generate, engine.accept_greedy
+
+    def counting_generate(*args, **kw):
+        state["generate"] += 1
+        state["corrupt"] = state["generate"] == 4          # order: ar, static, ar, static (2nd repeat)
+        return real_generate(*args, **kw)
+
+    def accept_once_wrong(drafts, logits):
+        acc = real_accept(drafts, logits)
+        if state["corrupt"]:
+            state["corrupt"] = False
+            return type(acc)(n_accepted=acc.n_accepted, token=(acc.token + 1) % logits.shape[-1], bonus=acc.bonus)
+        return acc
+    monkeypatch.setattr(llm.engine, "generate", counting_generate)
+    monkeypatch.setattr(engine, "accept_greedy", accept_once_wrong)
+    recs = run()
+    assert state["generate"] == 6
+    assert recs[0]["match"] is True and recs[1]["match"] is False
+
+
 def test_strategy_variants_parse_and_reject_bad_options():
     assert bench.parse_variant("hybrid") == ("hybrid", {})
     assert bench.parse_variant("swift:skip_ratio=0.2;max_trials=8;seed=x") == (

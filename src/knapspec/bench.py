@@ -346,9 +346,15 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int, max_new_tokens: int,
                      root=None, temperature: float = 0.0, seed: int | None = 0, warmup: bool = True,
                      progress: bool = True, strategy_options: dict | None = None,
-                     on_record: Callable[[dict], None] | None = None) -> list[dict]:
+                     on_record: Callable[[dict], None] | None = None, repeats: int = 1) -> list[dict]:
     """Every strategy on the same prompts, interleaved per prompt, autoregressive first (the
-    reference output and the speedup's denominator). Greedy unless ``temperature > 0``."""
+    reference output and the speedup's denominator). Greedy unless ``temperature > 0``.
+
+    ``repeats`` > 1: every prompt's strategies run that many times, round-robin (A B C A B C ...),
+    and each strategy's record is its run of median decode time (all its decode times are kept
+    in ``decode_s_runs``); every repeat's output is checked against the reference."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     from tqdm import tqdm
 
     from .datasets import load_dataset
@@ -383,30 +389,38 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
             eng.generate(ids, w, max_new_tokens=16, sampling=sp, stop_ids=stops)
     records: list[dict] = []
     kept: dict = {}                                # strategies that learn across prompts (SWIFT)
-    bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
+    bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
     for p, ids in zip(prompts, encoded):
+        runs: dict[str, list] = {s: [] for s in order}
+        for _ in range(repeats):
+            for s in order:
+                bar.set_postfix_str(f"{p.dataset} {s}")
+                strat = kept.get(s) or make(s)
+                if strat.persists_across_prompts:
+                    kept[s] = strat
+                g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+                runs[s].append((g, strat.describe()))
+                bar.update()
         ref_tokens, ref_tps = None, None
         for s in order:
-            bar.set_postfix_str(f"{p.dataset} {s}")
-            strat = kept.get(s) or make(s)
-            if strat.persists_across_prompts:
-                kept[s] = strat
-            g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+            g, desc = sorted(runs[s], key=lambda r: r[0].stats.decode_s)[(len(runs[s]) - 1) // 2]
             match, mm = None, None
             if s == "autoregressive":
-                ref_tokens, ref_tps = g.tokens, g.stats.tokens_per_s
-            elif sp.greedy:
-                match = g.tokens == ref_tokens
-                if not match:
-                    mm = classify_mismatch(llm.model, ids, ref_tokens, g.tokens)
+                ref_tokens, ref_tps = runs[s][0][0].tokens, g.stats.tokens_per_s
+            if sp.greedy and (s != "autoregressive" or repeats > 1):
+                bad = next((r for r, _ in runs[s] if r.tokens != ref_tokens), None)
+                match = bad is None
+                if bad is not None:
+                    mm = classify_mismatch(llm.model, ids, ref_tokens, bad.tokens)
                     log.error("OUTPUT MISMATCH: %s on %s/%s at token %s (logit margin %s, %s)", s, p.dataset,
                               p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
-            rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=strat.describe(),
+            rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=desc,
                              ref_tps=ref_tps, match=match, mismatch=mm)
+            if repeats > 1:
+                rec["decode_s_runs"] = [r.stats.decode_s for r, _ in runs[s]]
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
-            bar.update()
     bar.close()
     return records
 

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--skip", default=None, help="static strategy: skipped sublayers, e.g. a3,a7,m12")
     rn.add_argument("--max-draft", type=_positive_int("--max-draft"), default=None,
                     help="maximum draft length, for the strategies that take one")
+    rn.add_argument("--repeats", type=_positive_int("--repeats"), default=1,
+                    help="runs per strategy and prompt, round-robin; the run of median time is reported "
+                         "(default 1)")
     rn.add_argument("--strict", action="store_true",
                     help="fail on any output difference, near-ties from reduced-precision rounding included")
     return p
@@ -329,11 +332,12 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
                 raise ValueError("the static strategy needs --skip a3,m7,...")
             opts[s]["skip"] = a.skip
     records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
-                               root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts)
+                               root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts,
+                               repeats=a.repeats)
     summary = summarize(records)
     head = headline(records)
     head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
-                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets)
+                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats)
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, text: str) -> None:
