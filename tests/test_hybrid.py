@@ -96,6 +96,26 @@ def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch
     assert not s.wants_hidden
 
 
+def test_nothing_is_priced_while_the_planner_sleeps(tiny_root):
+    """Planner asleep and lookups within the floor: the choice is fixed (the whole lookup, or a plain
+    step), so no candidate is priced; the lookup estimates still learn. With every lookup token
+    priced (``min_lookup=0``) each round with a match is priced (drafted or not)."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    calls = []
+    s = HybridStrategy(m, _lat(m.cfg.n_layers), plan_after=10**6)
+    real = s.choose
+    s.choose = lambda *a, **k: calls.append(1) or real(*a, **k)
+    out = eng.generate([5, 6, 7, 8] * 10, s, max_new_tokens=12, stop_ids=())
+    assert not calls and out.stats.drafted > 0 and s._lk_try.sum() > 0
+    assert s.counts.get("lookup", 0) > 0
+    s0 = HybridStrategy(m, _lat(m.cfg.n_layers), plan_after=10**6, min_lookup=0)
+    real0 = s0.choose
+    s0.choose = lambda *a, **k: calls.append(1) or real0(*a, **k)
+    out = eng.generate([5, 6, 7, 8] * 10, s0, max_new_tokens=12, stop_ids=())
+    assert 0 < out.stats.draft_rounds <= len(calls) <= out.stats.rounds
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_greedy_hybrid_equals_autoregressive(tiny_root, data):

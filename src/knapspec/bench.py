@@ -350,9 +350,10 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     """Every strategy on the same prompts, interleaved per prompt, autoregressive first (the
     reference output and the speedup's denominator). Greedy unless ``temperature > 0``.
 
-    ``repeats`` > 1: every prompt's strategies run that many times, round-robin (A B C A B C ...),
-    and each strategy's record is its run of median decode time (all its decode times are kept
-    in ``decode_s_runs``); every repeat's output is checked against the reference."""
+    ``repeats`` > 1: every prompt's strategies run that many times, round-robin, autoregressive
+    first and the others rotated from one repeat to the next (A B C D, A C D B, A D B C); each
+    strategy's record is its run of median decode time (all its decode times are kept in
+    ``decode_s_runs``); every repeat's output is checked against the reference."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     from tqdm import tqdm
@@ -392,8 +393,10 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
     for p, ids in zip(prompts, encoded):
         runs: dict[str, list] = {s: [] for s in order}
-        for _ in range(repeats):
-            for s in order:
+        for rep in range(repeats):
+            rest = order[1:]
+            rot = rep % len(rest) if rest else 0
+            for s in order[:1] + rest[rot:] + rest[:rot]:     # each repeat rotates who runs after whom
                 bar.set_postfix_str(f"{p.dataset} {s}")
                 strat = kept.get(s) or make(s)
                 if strat.persists_across_prompts:

@@ -143,14 +143,18 @@ class HybridStrategy(Strategy):
         acc, tried = self._vk.get(vocab, (0.0, 0.0))
         return (acc + self.skip_prior * full * cov) / (tried + self.skip_prior)
 
-    def _times(self, ctx: int) -> None:
-        """``self._tv[k]``: the time of a verification pass over ``k + 1`` tokens at ``ctx``: the
-        latency model's prediction times the measured/predicted ratio of recent passes of that
-        width (interpolated between the widths measured so far; 1 before any)."""
+    def _predict_verify(self, ctx: int) -> None:
+        """The latency model's verification times at ``ctx`` (refreshed every 64 tokens)."""
         if abs(ctx - self._times_ctx) >= 64 or self._times_ctx < 0:
             lat = self.latency
             self._tv_pred = np.array([lat.predict(None, ctx, k + 1) for k in range(self._n_widths)])
             self._times_ctx = ctx
+
+    def _times(self, ctx: int) -> None:
+        """``self._tv[k]``: the time of a verification pass over ``k + 1`` tokens at ``ctx``: the
+        latency model's prediction times the measured/predicted ratio of recent passes of that
+        width (interpolated between the widths measured so far; 1 before any)."""
+        self._predict_verify(ctx)
         seen = np.flatnonzero(self._vr_n >= 3)
         if seen.size >= 2:
             # a weighted straight line through the measured ratios: single widths are noisy
@@ -238,7 +242,14 @@ class HybridStrategy(Strategy):
                 if not pays:                       # sleep until that many misses in a row again
                     self._active = False
                     self._misses = 0
-        best = self.choose(state.context_length, n_gram, cont, explore=True)
+        k = min(len(cont), self.max_lookup)
+        if not self._active and k <= self.min_lookup:
+            # nothing to price: without the planner the only candidate is the whole lookup draft
+            # (the floor) or, with no match, a plain step; the estimates still learn in observe
+            self._predict_verify(state.context_length)
+            best = Option("lookup", k, 0, 1.0, 1.0) if k else Option("none", 0, 0, 1.0, 1.0)
+        else:
+            best = self.choose(state.context_length, n_gram, cont, explore=True)
         self._pending = (best, n_gram)
         self.counts[best.kind] = self.counts.get(best.kind, 0) + 1
         if best.kind == "none":
