@@ -115,3 +115,13 @@ def test_packed_bfloat16_kernels_match_plain_linear(kind):
     a = plain.forward(prompt, 0, c_plain).logits
     b = packed.forward(prompt, 0, c_packed).logits
     assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+def test_load_packs_bfloat16_weights_unless_told_not_to(tmp_path):
+    import knapspec
+    from conftest import save_tiny
+    folder = save_tiny("llama", tmp_path / "tiny")
+    supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert knapspec.load(str(folder), dtype="bfloat16").model.packed is supported
+    assert knapspec.load(str(folder), dtype="bfloat16", pack=False).model.packed is False
+    assert knapspec.load(str(folder), dtype="float32").model.packed is False

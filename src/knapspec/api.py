@@ -156,6 +156,15 @@ def set_threads(threads: int | None) -> None:
 
 
 def _available_memory() -> float:
+    """Bytes of memory available to new allocations (Linux: MemAvailable, which counts reclaimable
+    page cache; elsewhere the free pages; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
