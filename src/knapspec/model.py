@@ -156,14 +156,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    """Llama's RMSNorm as transformers computes it (normalised in float32, cast back, then scaled),
+    with torch's fused kernel for the float32 part: one call instead of five."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = [-x2, x1]``, written as ``[x2, x1] * [-sin, sin]`` (the same products and
+    roundings, one copy instead of four ops). ``x: [..., D]``; ``cos``, ``sin_signed`` broadcast."""
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin_signed
 
 
 @dataclass
@@ -320,7 +324,9 @@ class Model:
             freqs = torch.outer(pos, self._inv_freq)                     # [n, D/2]
             emb = torch.cat((freqs, freqs), dim=-1)                      # [n, D]
             self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
-            self._sin = emb.sin().to(device=self.device, dtype=self.dtype)
+            sin = emb.sin()
+            sin[:, :sin.shape[1] // 2].neg_()                           # signed for _rope
+            self._sin = sin.to(device=self.device, dtype=self.dtype)
             self._rope_len = n
         return self._cos[start:end], self._sin[start:end]                # [T, D]
 
@@ -373,18 +379,20 @@ class Model:
         hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
         qkv = self.linear(h, L.wqkv, L.bqkv)                                # [B, T, (Hq+2Hkv)*D]
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(b, t, hq, d)
-        k = k.view(b, t, hkv, d)
-        if L.q_norm is not None:
-            q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
+        cos, sin = self._rope(start, t)                                  # [T, D]
+        cos, sin = cos[:, None], sin[:, None]                            # [T, 1, D]
+        if L.q_norm is None:
+            # queries and keys are adjacent in qkv: one rotary pass over both
+            qk = _rope(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+        else:
+            q = rms_norm(qkv[..., :hq * d].view(b, t, hq, d), L.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(qkv[..., hq * d:(hq + hkv) * d].view(b, t, hkv, d), L.k_norm,
+                         cfg.rms_norm_eps)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         q = q.transpose(1, 2)                                            # [B, Hq, T, D]
         k = k.transpose(1, 2)                                            # [B, Hkv, T, D]
-        v = v.view(b, t, hkv, d).transpose(1, 2)                         # [B, Hkv, T, D]
-        cos, sin = self._rope(start, t)                                  # [T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
         g = hq // hkv
         # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
         qg = q.reshape(b, hkv, g * t, d)
