@@ -176,3 +176,17 @@ def test_strategy_variants_parse_and_reject_bad_options():
         bench.parse_variant("nope:x=1")
     with pytest.raises(ValueError, match="expected NAME:key=value"):
         bench.parse_variant("hybrid:draft_vocab")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_repeat_orders_are_balanced_for_who_runs_before_whom(k):
+    from collections import Counter
+
+    from knapspec.bench import balanced_orders
+    rows = balanced_orders(k)
+    assert all(sorted(r) == list(range(k)) for r in rows)
+    positions = Counter((s, i) for r in rows for i, s in enumerate(r))
+    assert len(positions) == k * k and len(set(positions.values())) == 1
+    if k > 1:
+        follows = Counter((r[i], r[i + 1]) for r in rows for i in range(k - 1))
+        assert len(follows) == k * (k - 1) and len(set(follows.values())) == 1

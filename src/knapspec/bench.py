@@ -343,6 +343,22 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, extra
 
 
+def balanced_orders(k: int) -> list[list[int]]:
+    """Orders of ``k`` strategies balanced for who runs right before whom (a Williams design):
+    over the returned cycle each strategy takes every position equally often and follows every
+    other strategy equally often. ``k`` rows for even ``k``; ``2k`` (the rows and their reverses)
+    for odd ``k``. A plain rotation (A B C, B C A, C A B) would always run B right after A."""
+    if k <= 1:
+        return [list(range(k))]
+    steps = [0]
+    for j in range(1, k):                        # 0, 1, k-1, 2, k-2, ...
+        steps.append((j + 1) // 2 if j % 2 else k - j // 2)
+    rows = [[(i + d) % k for d in steps] for i in range(k)]
+    if k % 2:
+        rows += [r[::-1] for r in rows]
+    return rows
+
+
 def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int, max_new_tokens: int,
                      root=None, temperature: float = 0.0, seed: int | None = 0, warmup: bool = True,
                      progress: bool = True, strategy_options: dict | None = None,
@@ -351,7 +367,8 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     reference output and the speedup's denominator). Greedy unless ``temperature > 0``.
 
     ``repeats`` > 1: every prompt's strategies run that many times, round-robin, autoregressive
-    first and the others rotated from one repeat to the next (A B C D, A C D B, A D B C); each
+    first and the others in the orders of :func:`balanced_orders` from one repeat to the next (so
+    that over a full cycle each strategy runs right after each other one equally often); each
     strategy's record is its run of median decode time (all its decode times are kept in
     ``decode_s_runs``); every repeat's output is checked against the reference."""
     if repeats < 1:
@@ -393,10 +410,10 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
     for p, ids in zip(prompts, encoded):
         runs: dict[str, list] = {s: [] for s in order}
+        rest = order[1:]
+        cycle = balanced_orders(len(rest))
         for rep in range(repeats):
-            rest = order[1:]
-            rot = rep % len(rest) if rest else 0
-            for s in order[:1] + rest[rot:] + rest[:rot]:     # each repeat rotates who runs after whom
+            for s in order[:1] + [rest[j] for j in cycle[rep % len(cycle)]]:
                 bar.set_postfix_str(f"{p.dataset} {s}")
                 strat = kept.get(s) or make(s)
                 if strat.persists_across_prompts:
