@@ -347,7 +347,8 @@ def balanced_orders(k: int) -> list[list[int]]:
     """Orders of ``k`` strategies balanced for who runs right before whom (a Williams design):
     over the returned cycle each strategy takes every position equally often and follows every
     other strategy equally often. ``k`` rows for even ``k``; ``2k`` (the rows and their reverses)
-    for odd ``k``. A plain rotation (A B C, B C A, C A B) would always run B right after A."""
+    for odd ``k``. A plain rotation (A B C, B C A, C A B) runs B right after A whenever A is not
+    last, and never A right after B."""
     if k <= 1:
         return [list(range(k))]
     steps = [0]
