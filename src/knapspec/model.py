@@ -161,7 +161,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the half-split layout: ``x * cos + rotate_half(x) * sin`` with
     ``rotate_half(x) = [-x2, x1]``, written as ``[x2, x1] * [-sin, sin]`` (the same products and
     roundings, one copy instead of four ops). ``x: [..., D]``; ``cos``, ``sin_signed`` broadcast."""
@@ -325,7 +325,7 @@ class Model:
             emb = torch.cat((freqs, freqs), dim=-1)                      # [n, D]
             self._cos = emb.cos().to(device=self.device, dtype=self.dtype)
             sin = emb.sin()
-            sin[:, :sin.shape[1] // 2].neg_()                           # signed for _rope
+            sin[:, :sin.shape[1] // 2].neg_()                           # signed for _apply_rope
             self._sin = sin.to(device=self.device, dtype=self.dtype)
             self._rope_len = n
         return self._cos[start:end], self._sin[start:end]                # [T, D]
@@ -383,13 +383,13 @@ class Model:
         cos, sin = cos[:, None], sin[:, None]                            # [T, 1, D]
         if L.q_norm is None:
             # queries and keys are adjacent in qkv: one rotary pass over both
-            qk = _rope(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)
+            qk = _apply_rope(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)
             q, k = qk[:, :, :hq], qk[:, :, hq:]
         else:
             q = rms_norm(qkv[..., :hq * d].view(b, t, hq, d), L.q_norm, cfg.rms_norm_eps)
             k = rms_norm(qkv[..., hq * d:(hq + hkv) * d].view(b, t, hkv, d), L.k_norm,
                          cfg.rms_norm_eps)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         q = q.transpose(1, 2)                                            # [B, Hq, T, D]
         k = k.transpose(1, 2)                                            # [B, Hkv, T, D]
         v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
