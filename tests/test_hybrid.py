@@ -87,7 +87,7 @@ def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch
     s = HybridStrategy(m, slow, plan_after=3)
     eng.generate([5, 6, 7, 8] * 10, s, max_new_tokens=3, stop_ids=())
     assert not s.planner.history and not s.wants_hidden      # lookups hit: no planning
-    monkeypatch.setattr("knapspec.strategies.hybrid.find_continuation", lambda *a, **k: (0, []))
+    monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
     out = eng.generate(list(range(3, 40)), s, max_new_tokens=8, stop_ids=())   # lookups never match
     assert len(s.planner.history) == 1 and out.stats.new_tokens == 8    # misses: the planner ran once
     assert s.planner.history[0].plan is None                 # ... found nothing worth drafting

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model
 from knapspec.engine import Engine
-from knapspec.strategies.lookup import PromptLookupStrategy, find_continuation
+from knapspec.strategies.lookup import NgramIndex, PromptLookupStrategy, find_continuation
 
 
 def test_longest_ngram_wins_and_most_recent_occurrence():
@@ -44,3 +44,19 @@ def test_greedy_lookup_equals_autoregressive(tiny_root, data):
     got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,))
     assert got.tokens == ref
     assert got.stats.drafted == 0 or strat.matches > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq=st.lists(st.integers(0, 4), min_size=1, max_size=60), steps=st.lists(st.integers(1, 5), max_size=20),
+       max_ngram=st.integers(1, 4), min_ngram=st.integers(1, 4), max_len=st.integers(1, 9))
+def test_ngram_index_answers_like_the_scan(seq, steps, max_ngram, min_ngram, max_len):
+    """The incremental index gives find_continuation's answer after every extension of the tokens
+    (small alphabet: many repeated n-grams), and starts over on a shorter sequence."""
+    min_ngram = min(min_ngram, max_ngram)
+    idx = NgramIndex(max_ngram)
+    cuts = np.cumsum([1] + steps)
+    for end in [int(c) for c in cuts if c <= len(seq)] + [len(seq), max(1, len(seq) // 2)]:
+        idx.update(seq[:end])
+        want = find_continuation(np.array(seq[:end]), max_ngram=max_ngram, min_ngram=min_ngram,
+                                 max_len=max_len)
+        assert idx.find(max_ngram=max_ngram, min_ngram=min_ngram, max_len=max_len) == want

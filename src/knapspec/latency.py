@@ -205,39 +205,56 @@ class LatencyModel:
                    over_a=[overhead] * len(widths), over_b=[0.0] * len(widths))
 
     # ---- prediction -------------------------------------------------------------------------------
+    # Interpolation over the profiled widths is done once per width and memoised (``_at``): the
+    # planners ask for the same few widths thousands of times, and a prediction is then a plain
+    # loop over the layers (bit-identical to interpolating every row on every call).
     def _interp(self, row: list[float], n: int) -> float:
         return float(np.interp(n, self.widths, row))   # clamps beyond the profiled widths
 
+    def _at(self, n: int) -> tuple[list[float], list[float], list[float], float, float, float]:
+        memo = self.__dict__.setdefault("_memo", {})
+        cols = memo.get(n)
+        if cols is None:
+            cols = ([self._interp(r, n) for r in self.attn_a], [self._interp(r, n) for r in self.attn_b],
+                    [self._interp(r, n) for r in self.mlp], self._interp(self.head, n),
+                    self._interp(self.over_a, n), self._interp(self.over_b, n))
+            memo[n] = cols
+        return cols
+
     def attn_time(self, layer: int, ctx: int, n: int = 1) -> float:
-        return max(self._interp(self.attn_a[layer], n) + self._interp(self.attn_b[layer], n) * ctx, 0.0)
+        a, b = self._at(n)[:2]
+        return max(a[layer] + b[layer] * ctx, 0.0)
 
     def mlp_time(self, layer: int, n: int = 1) -> float:
-        return self._interp(self.mlp[layer], n)
+        return self._at(n)[2][layer]
 
     def head_time(self, n: int = 1) -> float:
-        return self._interp(self.head, n)
+        return self._at(n)[3]
 
     def overhead(self, ctx: int, n: int = 1) -> float:
-        return max(self._interp(self.over_a, n) + self._interp(self.over_b, n) * ctx, 0.0)
+        oa, ob = self._at(n)[4:]
+        return max(oa + ob * ctx, 0.0)
 
     def sublayer_times(self, ctx: int, n: int = 1) -> list[float]:
         """Time of each of the 2L sublayers (the knapsack weights) at this context and width."""
+        a, b, m = self._at(n)[:3]
         out = []
         for i in range(self.n_layers):
-            out += [self.attn_time(i, ctx, n), self.mlp_time(i, n)]
+            out += [max(a[i] + b[i] * ctx, 0.0), m[i]]
         return out
 
     def predict(self, plan: Plan | None, ctx: int, n_tokens: int = 1, *, head_scale: float = 1.0) -> float:
         """Time of one forward over ``n_tokens`` at context ``ctx`` with ``plan`` (None = full).
         A draft step is ``n_tokens=1``; verification of d drafts is ``n_tokens=d+1``.
         ``head_scale`` scales the lm_head time (draft-only vocabulary truncation)."""
-        t = self.overhead(ctx, n_tokens) + head_scale * self.head_time(n_tokens)
+        a, b, m, head, oa, ob = self._at(n_tokens)
+        t = max(oa + ob * ctx, 0.0) + head_scale * head
         run = plan.run if plan is not None else None
         for i in range(self.n_layers):
             if run is None or run[2 * i]:
-                t += self.attn_time(i, ctx, n_tokens)
+                t += max(a[i] + b[i] * ctx, 0.0)
             if run is None or run[2 * i + 1]:
-                t += self.mlp_time(i, n_tokens)
+                t += m[i]
         return t
 
     # ---- persistence ------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from ..latency import LatencyModel
 from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
-from .lookup import PromptLookupStrategy, find_continuation
+from .lookup import PromptLookupStrategy
 from .vocab import DraftVocab
 
 MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
@@ -99,16 +99,21 @@ class HybridStrategy(Strategy):
         self._rng = np.random.default_rng(seed)
         self._misses = 0
         # lookup acceptance: successes / trials per (n-gram length, position)
-        self._lk_acc = np.ones((max_ngram + 1, MAX_POS))
-        self._lk_try = 2 * np.ones((max_ngram + 1, MAX_POS))
+        self._lk_acc_a = np.ones((max_ngram + 1, MAX_POS))
+        self._lk_try_a = 2 * np.ones((max_ngram + 1, MAX_POS))
         self._sk_acc = 0.0
         self._sk_try = 0.0
         self._pending: tuple[Option, int] | None = None
         self._times_ctx = -1
         # measured / predicted verification time per width (index = width - 1), running average
         self._n_widths = max_lookup + d_max + 2
-        self._vr = np.ones(self._n_widths)
-        self._vr_n = np.zeros(self._n_widths)
+        self._vr_a = np.ones(self._n_widths)
+        self._vr_n_a = np.zeros(self._n_widths)
+        # outcomes not yet folded into the arrays above: observe only appends (a round's
+        # bookkeeping right after a forward pass runs on cold caches, where numpy's per-call
+        # machinery cost ~40 us a round); they are folded in when an estimate is read
+        self._lk_log: list[tuple[int, int, int]] = []      # (n-gram, decided, accepted)
+        self._vr_log: list[tuple[int, float]] = []         # (width - 1, measured / predicted)
         self.counts: dict[str, int] = {}
         self._lookup = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_lookup)   # token buffer
         self.vocab = draft_vocab
@@ -125,6 +130,44 @@ class HybridStrategy(Strategy):
         return self._active
 
     # ---- estimates --------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self._lk_log:
+            for g, k, a in self._lk_log:
+                if k <= MAX_POS:
+                    self._lk_try_a[g, :k] += 1
+                    self._lk_acc_a[g, :a] += 1
+                else:                              # later positions share the last estimate
+                    self._lk_try_a[g, :MAX_POS - 1] += 1
+                    self._lk_try_a[g, MAX_POS - 1] += k - MAX_POS + 1
+                    self._lk_acc_a[g, :min(a, MAX_POS - 1)] += 1
+                    self._lk_acc_a[g, MAX_POS - 1] += max(a - MAX_POS + 1, 0)
+            self._lk_log.clear()
+        if self._vr_log:
+            for w, r in self._vr_log:
+                self._vr_a[w] = r if self._vr_n_a[w] == 0 else self._vr_a[w] + 0.1 * (r - self._vr_a[w])
+                self._vr_n_a[w] += 1
+            self._vr_log.clear()
+
+    @property
+    def _lk_acc(self) -> np.ndarray:
+        self._flush()
+        return self._lk_acc_a
+
+    @property
+    def _lk_try(self) -> np.ndarray:
+        self._flush()
+        return self._lk_try_a
+
+    @property
+    def _vr(self) -> np.ndarray:
+        self._flush()
+        return self._vr_a
+
+    @property
+    def _vr_n(self) -> np.ndarray:
+        self._flush()
+        return self._vr_n_a
+
     def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
         """P(position j accepted | positions < j accepted) for an n-gram match: the posterior
         means, or with ``sample`` one draw from each Beta posterior (Thompson sampling)."""
@@ -148,6 +191,7 @@ class HybridStrategy(Strategy):
         if abs(ctx - self._times_ctx) >= 64 or self._times_ctx < 0:
             lat = self.latency
             self._tv_pred = np.array([lat.predict(None, ctx, k + 1) for k in range(self._n_widths)])
+            self._tv_pred_l = self._tv_pred.tolist()
             self._times_ctx = ctx
 
     def _times(self, ctx: int) -> None:
@@ -224,8 +268,8 @@ class HybridStrategy(Strategy):
         if self.vocab is not None and len(state.tokens) > self._n_committed:
             self.vocab.commit(state.tokens[self._n_committed:])
             self._n_committed = len(state.tokens)
-        n_gram, cont = find_continuation(self._lookup._tokens(state.tokens), max_ngram=self.max_ngram,
-                                         max_len=self.max_lookup)
+        self._lookup.index.update(state.tokens)
+        n_gram, cont = self._lookup.index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
         self._misses = 0 if cont else self._misses + 1
         if self.use_skip and not self._active and self._misses >= self._plan_after_now:
             # the residual stream of the last committed tokens (their KV is in the cache), then
@@ -270,15 +314,12 @@ class HybridStrategy(Strategy):
         self._pending = None
         w = outcome.drafted                          # verification width - 1
         if w < self._n_widths and self._times_ctx >= 0 and outcome.verify_s > 0:
-            r = outcome.verify_s / float(self._tv_pred[w])
-            self._vr[w] = r if self._vr_n[w] == 0 else self._vr[w] + 0.1 * (r - self._vr[w])
-            self._vr_n[w] += 1
+            self._vr_log.append((w, outcome.verify_s / self._tv_pred_l[w]))
         acc, nl = outcome.accepted, outcome.n_lookup
         g = min(n_gram, self.max_ngram)
-        for j in range(min(nl, acc + 1)):          # lookup positions that were decided
-            pos = min(j, MAX_POS - 1)
-            self._lk_try[g, pos] += 1
-            self._lk_acc[g, pos] += j < acc
+        k = min(nl, acc + 1)                       # lookup positions 0..k-1 were decided,
+        if k:                                      # 0..min(k, acc)-1 of them accepted
+            self._lk_log.append((g, k, min(k, acc)))
         if acc >= nl:                              # the skip drafts were reached
             tried = min(outcome.drafted - nl, acc - nl + 1)
             ok = acc - nl
