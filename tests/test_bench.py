@@ -146,6 +146,10 @@ def test_repeats_report_the_median_run_and_check_every_output(tiny_folder, promp
     for r in recs:
         times = sorted(r["decode_s_runs"])
         assert len(times) == 3 and r["decode_s"] == times[1] and r["match"] is True
+        assert r["tokens_per_s_fastest"] == pytest.approx((r["new_tokens"] - 1) / times[0])
+    assert recs[0]["speedup_fastest"] == 1.0
+    assert recs[1]["speedup_fastest"] == pytest.approx(recs[1]["tokens_per_s_fastest"]
+                                                       / recs[0]["tokens_per_s_fastest"])
 
     state = {"generate": 0, "corrupt": False}
     real_generate, real_accept = llm.engine.generate, engine.accept_greedy
@@ -190,3 +194,39 @@ def test_repeat_orders_are_balanced_for_who_runs_before_whom(k):
     if k > 1:
         follows = Counter((r[i], r[i + 1]) for r in rows for i in range(k - 1))
         assert len(follows) == k * (k - 1) and len(set(follows.values())) == 1
+
+
+def test_decode_rate_excludes_the_prefill():
+    from knapspec.bench import decode_rate
+    assert decode_rate([10.0, 10.5, 11.0, 11.5]) == pytest.approx(2.0)   # 3 steps in 1.5 s
+    with pytest.raises(ValueError, match="at least 2"):
+        decode_rate([1.0])
+
+
+def test_bench_ar_measures_both_sides(tiny_folder):
+    from knapspec.bench import bench_ar
+    rows = bench_ar(str(tiny_folder), device="cpu", threads=None, contexts=[12], new_tokens=4, repeats=1,
+                    dtypes=["float32"])
+    (r,) = rows
+    assert r["context"] == 12 and r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0
+    assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["hf_tok_s"])
+    assert 0 < r["roofline_share"] == pytest.approx(r["ours_tok_s"] / r["roofline_tok_s"])
+
+
+def test_category_table_compares_the_last_strategy_with_the_best_other():
+    def rec(cat, pid, s, x):
+        return {"category": cat, "prompt_id": pid, "strategy": s, "speedup": x, "speedup_fastest": x * 1.1}
+    recs = [rec("coding", "1", "autoregressive", 1.0), rec("coding", "1", "lookup", 2.0),
+            rec("coding", "1", "knapspec", 0.5), rec("coding", "1", "hybrid", 1.9),
+            rec("coding", "2", "autoregressive", 1.0), rec("coding", "2", "lookup", 0.5),
+            rec("coding", "2", "knapspec", 1.0), rec("coding", "2", "hybrid", 0.5),
+            rec("qa", "3", "autoregressive", 1.0), rec("qa", "3", "lookup", 1.0),
+            rec("qa", "3", "knapspec", 1.2), rec("qa", "3", "hybrid", 1.5)]
+    lines = bench.category_table(recs).splitlines()
+    assert lines[0] == "| category | lookup | knapspec | hybrid | hybrid / best of the others |"
+    # coding: lookup gm(2, .5) = 1, knapspec gm(.5, 1) = .707, hybrid gm(1.9, .5) = .975
+    assert lines[2] == "| coding | 1.00x | 0.71x | 0.97x | 0.975 |"
+    assert lines[3] == "| qa | 1.00x | 1.20x | 1.50x | 1.250 |"
+    assert lines[4].startswith("| all 3 prompts |")
+    assert bench.category_table(recs, "speedup_fastest").splitlines()[2].startswith("| coding | 1.10x |")
+    assert bench.category_table([dict(r, category="") for r in recs]) is None

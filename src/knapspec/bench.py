@@ -55,9 +55,18 @@ def context_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def decode_rate(stamps: list[float]) -> float:
+    """Tokens/s of decoding alone from the times each token was ready: ``(N - 1) / (t_N - t_1)``.
+    The first token comes out of the prefill, so neither the prefill nor the set-up before it is
+    counted (a difference of two whole generations, ``t(N) - t(1)``, carries two prefills' noise)."""
+    if len(stamps) < 2:
+        raise ValueError("need at least 2 generated tokens to measure a decode rate")
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
 def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: list[int],
              new_tokens: int, repeats: int, dtypes: list[str]) -> list[dict]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from .api import load, resolve_dtype
     rows = []
@@ -72,21 +81,30 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
             ids = context_ids(llm.tokenizer, ctx)
             inp = torch.tensor([ids], device=dev)
 
-            def ours(n: int, ids=ids) -> None:
-                llm.engine.generate(ids, max_new_tokens=n)
+            def ours(n: int, ids=ids) -> float:
+                stamps = []
+                for _ in llm.engine.stream(ids, max_new_tokens=n):      # one yield per token
+                    _sync(dev)
+                    stamps.append(time.perf_counter())
+                return decode_rate(stamps)
 
-            def theirs(n: int, inp=inp) -> None:
+            def theirs(n: int, inp=inp) -> float:
+                stamps: list[float] = []
+
+                def stamp(input_ids, scores):   # called once per step, after that step's forward
+                    _sync(dev)
+                    stamps.append(time.perf_counter())
+                    return scores
                 with torch.no_grad():
-                    hf.generate(inp, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)
+                    hf.generate(inp, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                logits_processor=LogitsProcessorList([stamp]))
+                return decode_rate(stamps)
             for f in (ours, theirs):          # warm-up
                 f(2)
             res: dict[str, list[float]] = {"ours": [], "hf": []}
-            for _ in range(repeats):          # interleaved; decode rate = (N-1) / (t_N - t_1)
+            for _ in range(repeats):          # interleaved
                 for name, f in (("ours", ours), ("hf", theirs)):
-                    t1 = timed(lambda f=f: f(1), dev)
-                    tn = timed(lambda f=f: f(new_tokens), dev)
-                    res[name].append((new_tokens - 1) / max(tn - t1, 1e-9))
+                    res[name].append(f(new_tokens))
             ours_tps = statistics.median(res["ours"])
             hf_tps = statistics.median(res["hf"])
             elt = llm.model.embed.element_size()
@@ -287,6 +305,32 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def category_table(records: list[dict], key: str = "speedup") -> str | None:
+    """Category × strategy: geometric-mean ``key`` (``speedup`` of the median runs, or
+    ``speedup_fastest`` of the fastest runs with repeats) over autoregressive decoding, for the
+    datasets with categories (Spec-Bench); the last column compares the last strategy with the
+    best of the other non-reference strategies in each category. None without categories."""
+    rows = [r for r in records if r.get("category") and r.get(key)]
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != "autoregressive"]
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    if not cats or not strategies:
+        return None
+    last, others = strategies[-1], strategies[:-1]
+    head = "| category | " + " | ".join(strategies) + (f" | {last} / best of the others |" if others else " |")
+    lines = [head, "|---|" + "---|" * (len(strategies) + bool(others))]
+    for c in cats + [None]:
+        g = {s: geomean([r[key] for r in rows if r["strategy"] == s and (c is None or r["category"] == c)])
+             for s in strategies}
+        n = len({r["prompt_id"] for r in rows if c is None or r["category"] == c})
+        label = c if c is not None else f"all {n} prompts"
+        cells = [f"{g[s]:.2f}x" for s in strategies]
+        if others:
+            best = max(g[s] for s in others)
+            cells.append(f"{g[last] / best:.3f}" if best > 0 else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     from scipy.stats import pearsonr
     if len(xs) < 3 or np.std(xs) == 0 or np.std(ys) == 0:
@@ -422,7 +466,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
                 g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
                 runs[s].append((g, strat.describe()))
                 bar.update()
-        ref_tokens, ref_tps = None, None
+        ref_tokens, ref_tps, ref_fast = None, None, None
         for s in order:
             g, desc = sorted(runs[s], key=lambda r: r[0].stats.decode_s)[(len(runs[s]) - 1) // 2]
             match, mm = None, None
@@ -439,6 +483,13 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
                              ref_tps=ref_tps, match=match, mismatch=mm)
             if repeats > 1:
                 rec["decode_s_runs"] = [r.stats.decode_s for r, _ in runs[s]]
+                # the fastest run (interference on a shared machine only ever adds time): the
+                # speedup of the fastest runs of both, next to the median runs' ``speedup``
+                fast = max(r.stats.tokens_per_s for r, _ in runs[s])
+                if s == "autoregressive":
+                    ref_fast = fast
+                rec["tokens_per_s_fastest"] = fast
+                rec["speedup_fastest"] = fast / ref_fast if ref_fast else None
             records.append(rec)
             if on_record is not None:
                 on_record(rec)

@@ -310,7 +310,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     import torch
 
     from .api import load
-    from .bench import headline, markdown_table, parse_variant, run_side_by_side, summarize
+    from .bench import category_table, headline, markdown_table, parse_variant, run_side_by_side, summarize
     from .datasets import data_dir
     from .plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
     strategies = a.strategies.split(",") if a.strategies else list(BENCH_STRATEGIES)
@@ -349,10 +349,19 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     table_md = markdown_table(summary)
     write("table.md", table_md + "\n")
     write("headline.json", json.dumps(head, indent=1) + "\n")
+    cat_md = category_table(records)
+    if cat_md:
+        text = "Median runs: geometric-mean speedup over autoregressive decoding per category\n\n" + cat_md
+        fast_md = category_table(records, "speedup_fastest") if a.repeats > 1 else None
+        if fast_md:
+            text += "\n\nFastest runs (of each strategy's repeats) per category\n\n" + fast_md
+        write("categories.md", text + "\n")
     plot_speedup_vs_context(records, out / "speedup_vs_context.png")
     plot_skip_share(records, out / "skip_share.png")
     plot_tpt(records, out / "tpt.png", head.get("tpt_pearson_r"))
     print(table_md)
+    if cat_md:
+        print(text)
     print(json.dumps(head))
     reduced = llm.model.dtype in (torch.bfloat16, torch.float16)
     if head["mismatches"] > head["hard_mismatches"] and reduced and not a.strict:

@@ -209,7 +209,9 @@ class Engine:
             outcome = Outcome(draft=draft, drafted=d, accepted=n, context_length=L + 1,
                               n_lookup=min(d, len(draft.tokens)), hidden=hidden, draft_s=tc - tb,
                               verify_s=td - tc, draft_tokens=tuple(drafts),
-                              target_tokens=tuple(logits.argmax(-1).tolist()))
+                              # the verifier's choices, for strategies that learn from the hidden
+                              # states (an argmax over the vocabulary per row: not paid otherwise)
+                              target_tokens=() if hidden is None else tuple(logits.argmax(-1).tolist()))
             ta = self._now()
             strategy.observe(outcome)
             st.plan_s += self._now() - ta

@@ -67,7 +67,7 @@ class Outcome:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_tokens: tuple[int, ...] = ()
-    target_tokens: tuple[int, ...] = ()  # verifier's greedy choice at each verified position
+    target_tokens: tuple[int, ...] = ()  # verifier's greedy choice at each verified position (with hidden)
 
 
 class Strategy:
