@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -9,7 +10,8 @@ from conftest import tiny_model
 from knapspec.engine import Engine
 from knapspec.latency import LatencyModel
 from knapspec.plan import Plan
-from knapspec.strategies.hybrid import HybridStrategy
+from knapspec.strategies.base import Draft, Outcome
+from knapspec.strategies.hybrid import HybridStrategy, Option
 from knapspec.strategies.knapspec import Choice
 
 
@@ -164,3 +166,27 @@ def test_learning_strategies_are_kept_across_calls(tiny_root):
     tried = h._lk_try.sum()
     llm.generate(prompt, strategy="hybrid", latency=lat, max_new_tokens=12)
     assert h._lk_try.sum() > tried                      # the second call went on learning in h
+
+
+def test_deferred_estimate_updates_count_like_per_position_updates(tiny_root):
+    """Outcomes are logged and folded in when read (or when the log grows long): the counts equal
+    one update per decided lookup position, positions past the last tracked one sharing it."""
+    from knapspec.strategies.hybrid import MAX_POS
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers), max_lookup=MAX_POS + 6)
+    acc0, try0 = s._lk_acc.copy(), s._lk_try.copy()
+    outcomes = [(1, 3, 2), (2, 1, 0), (3, MAX_POS + 4, MAX_POS + 2), (3, MAX_POS + 4, 5), (1, 8, 8)]
+    for g, k, a in outcomes:
+        s._lk_log.append((g, k, a))
+    for g, k, a in outcomes:
+        for j in range(k):
+            pos = min(j, MAX_POS - 1)
+            try0[g, pos] += 1
+            acc0[g, pos] += j < a
+    assert np.array_equal(s._lk_try, try0) and np.array_equal(s._lk_acc, acc0) and not s._lk_log
+    draft = Draft(plan=None, max_len=3, tokens=(5, 6, 7), source="lookup")
+    for _ in range(600):                           # a long-lived instance: the log stays bounded
+        s._pending = (Option("lookup", 3, 0, 1.0, 1.0), 2)
+        s.observe(Outcome(draft=draft, drafted=3, accepted=1, context_length=10, n_lookup=3))
+    assert 0 < len(s._lk_log) < 512
+    assert s._lk_try[2, 0] == try0[2, 0] + 600 and s._lk_acc[2, 1] == acc0[2, 1]

@@ -320,6 +320,8 @@ class HybridStrategy(Strategy):
         k = min(nl, acc + 1)                       # lookup positions 0..k-1 were decided,
         if k:                                      # 0..min(k, acc)-1 of them accepted
             self._lk_log.append((g, k, min(k, acc)))
+        if len(self._lk_log) + len(self._vr_log) >= 512:    # bounded, for a long-lived instance
+            self._flush()
         if acc >= nl:                              # the skip drafts were reached
             tried = min(outcome.drafted - nl, acc - nl + 1)
             ok = acc - nl
