@@ -56,7 +56,7 @@ from ..latency import LatencyModel
 from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
-from .lookup import PromptLookupStrategy
+from .lookup import NgramIndex
 from .vocab import DraftVocab
 
 MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
@@ -115,7 +115,7 @@ class HybridStrategy(Strategy):
         self._lk_log: list[tuple[int, int, int]] = []      # (n-gram, decided, accepted)
         self._vr_log: list[tuple[int, float]] = []         # (width - 1, measured / predicted)
         self.counts: dict[str, int] = {}
-        self._lookup = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_lookup)   # token buffer
+        self._index = NgramIndex(max_ngram)          # the lookup matches
         self.vocab = draft_vocab
         self._vk: dict[int | None, list[float]] = {}     # per vocabulary size: [accepted, tried]
         self._n_committed = 0
@@ -190,8 +190,7 @@ class HybridStrategy(Strategy):
         """The latency model's verification times at ``ctx`` (refreshed every 64 tokens)."""
         if abs(ctx - self._times_ctx) >= 64 or self._times_ctx < 0:
             lat = self.latency
-            self._tv_pred = np.array([lat.predict(None, ctx, k + 1) for k in range(self._n_widths)])
-            self._tv_pred_l = self._tv_pred.tolist()
+            self._tv_pred = [lat.predict(None, ctx, k + 1) for k in range(self._n_widths)]
             self._times_ctx = ctx
 
     def _times(self, ctx: int) -> None:
@@ -205,11 +204,11 @@ class HybridStrategy(Strategy):
             wts = np.minimum(self._vr_n[seen], 50.0)
             slope, icpt = np.polyfit(seen.astype(float), self._vr[seen], 1, w=np.sqrt(wts))
             ratio = np.clip(icpt + slope * np.arange(self._n_widths), 0.25, 4.0)
-            self._tv = (self._tv_pred * ratio).tolist()
+            self._tv = (np.asarray(self._tv_pred) * ratio).tolist()
         elif seen.size == 1:
-            self._tv = (self._tv_pred * self._vr[seen[0]]).tolist()
+            self._tv = [t * float(self._vr[seen[0]]) for t in self._tv_pred]
         else:
-            self._tv = self._tv_pred.tolist()
+            self._tv = list(self._tv_pred)
 
     def options(self, ctx: int, n_gram: int, lookup: list[int], *, explore: bool = False) -> list[Option]:
         """Every candidate draft of this round with its expected tokens and predicted time
@@ -256,7 +255,7 @@ class HybridStrategy(Strategy):
         self.planner.reset()                      # no plan, no collected states, no history yet
         self.counts = {}
         self._misses = 0
-        self._lookup.start(state)
+        self._index.reset()
         self._pending = None
         self._times_ctx = -1
         self._vk = {}
@@ -268,8 +267,8 @@ class HybridStrategy(Strategy):
         if self.vocab is not None and len(state.tokens) > self._n_committed:
             self.vocab.commit(state.tokens[self._n_committed:])
             self._n_committed = len(state.tokens)
-        self._lookup.index.update(state.tokens)
-        n_gram, cont = self._lookup.index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
+        self._index.update(state.tokens)
+        n_gram, cont = self._index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
         self._misses = 0 if cont else self._misses + 1
         if self.use_skip and not self._active and self._misses >= self._plan_after_now:
             # the residual stream of the last committed tokens (their KV is in the cache), then
@@ -314,7 +313,7 @@ class HybridStrategy(Strategy):
         self._pending = None
         w = outcome.drafted                          # verification width - 1
         if w < self._n_widths and self._times_ctx >= 0 and outcome.verify_s > 0:
-            self._vr_log.append((w, outcome.verify_s / self._tv_pred_l[w]))
+            self._vr_log.append((w, outcome.verify_s / self._tv_pred[w]))
         acc, nl = outcome.accepted, outcome.n_lookup
         g = min(n_gram, self.max_ngram)
         k = min(nl, acc + 1)                       # lookup positions 0..k-1 were decided,
