@@ -140,7 +140,7 @@ def test_repeats_report_the_median_run_and_check_every_output(tiny_folder, promp
     def run():
         return bench.run_side_by_side(llm, strategies=["static"], datasets=[str(prompts_file)], n=1,
                                       max_new_tokens=12, progress=False, repeats=3, warmup=False,
-                                      strategy_options=opts)
+                                      strategy_options=opts, interleave="runs")
     recs = run()
     assert [r["strategy"] for r in recs] == ["autoregressive", "static"]
     for r in recs:
@@ -170,6 +170,69 @@ def test_repeats_report_the_median_run_and_check_every_output(tiny_folder, promp
     recs = run()
     assert state["generate"] == 6
     assert recs[0]["match"] is True and recs[1]["match"] is False
+
+
+def test_lockstep_times_each_iterator_over_its_own_steps():
+    """Turns follow the given orders, exhausted iterators drop out, and each iterator's durations
+    are its own steps only (not the time the others ran in between)."""
+    import time
+    calls = []
+
+    def worker(name, n, pause):
+        for _ in range(n):
+            calls.append(name)
+            time.sleep(pause)
+            yield None
+    t0 = time.perf_counter()
+    steps = bench.lockstep([worker("a", 2, 0.02), worker("b", 4, 0.005)], [[0, 1], [1, 0]])
+    wall = time.perf_counter() - t0
+    assert calls == ["a", "b", "b", "a", "b", "b"]        # a, b | b, a | (a done) b | b
+    assert [len(x) for x in steps] == [3, 5]               # every next, the final StopIteration too
+    assert 0.04 <= sum(steps[0]) < 0.04 + 0.02 and 0.02 <= sum(steps[1]) < 0.02 + 0.02
+    assert sum(steps[0]) + sum(steps[1]) <= wall
+
+
+def test_rounds_in_lockstep_give_the_same_outputs_and_own_times(tiny_folder, prompts_file, monkeypatch):
+    """The default interleaving runs a prompt's generations one round each in turn: the same
+    outputs as whole runs, each decode time counts that generation's rounds only, and a wrong round
+    in any repeat is still caught."""
+    import time
+
+    import knapspec
+    from knapspec import engine
+    llm = knapspec.load(str(tiny_folder), dtype="float32")
+
+    def run(interleave):
+        return bench.run_side_by_side(llm, strategies=["lookup", "static"], datasets=[str(prompts_file)],
+                                      n=2, max_new_tokens=12, progress=False, repeats=2, warmup=False,
+                                      strategy_options={"static": {"skip": "a1,m1", "max_draft": 3}},
+                                      interleave=interleave)
+    t0 = time.perf_counter()
+    rounds = run("rounds")
+    wall = time.perf_counter() - t0
+    whole = run("runs")
+    key = ["prompt_id", "strategy", "new_tokens", "rounds", "drafted", "accepted", "match"]
+    assert [[r[k] for k in key] for r in rounds] == [[r[k] for k in key] for r in whole]
+    assert all(r["match"] is True for r in rounds if r["strategy"] != "autoregressive")
+    busy = sum(sum(r["decode_s_runs"]) for r in rounds)
+    assert 0 < busy < wall                                  # no generation is charged another's rounds
+    for r in rounds:
+        assert r["decode_s"] in r["decode_s_runs"] and r["decode_s"] > 0
+        assert r["decode_s"] >= r["draft_s"] + r["verify_s"] + r["plan_s"]
+
+    real = engine.accept_greedy
+    calls = {"n": 0}
+
+    def wrong_once(drafts, logits):                      # one wrong round somewhere in the middle
+        calls["n"] += 1
+        acc = real(drafts, logits)
+        if calls["n"] == 30:
+            return type(acc)(n_accepted=acc.n_accepted, token=(acc.token + 1) % logits.shape[-1], bonus=acc.bonus)
+        return acc
+    monkeypatch.setattr(engine, "accept_greedy", wrong_once)
+    assert any(r["match"] is False for r in run("rounds"))
+    with pytest.raises(ValueError, match="interleave must be one of"):
+        run("tokens")
 
 
 def test_strategy_variants_parse_and_reject_bad_options():

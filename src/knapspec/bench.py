@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -404,23 +404,63 @@ def balanced_orders(k: int) -> list[list[int]]:
     return rows
 
 
+def lockstep(streams: list[Iterator], orders: list[list[int]], sync: Callable[[], None] = lambda: None,
+             ) -> list[list[float]]:
+    """Advance several iterators one item at a time, in turns, until every one is exhausted: turn
+    ``t`` advances them in the order ``orders[t % len(orders)]`` (exhausted ones skipped). Returns
+    each iterator's step durations: the time of every ``next`` call, the last one (which raises
+    ``StopIteration``) included, so that their sum is the time spent inside that iterator alone.
+
+    Measuring generations this way (one decoding round of each in turn) exposes them to the same
+    machine load at a granularity of one round instead of one whole generation: on a shared
+    machine, load that comes and goes over seconds then lands on all of them alike."""
+    steps: list[list[float]] = [[] for _ in streams]
+    live = set(range(len(streams)))
+    t = 0
+    while live:
+        for i in orders[t % len(orders)]:
+            if i not in live:
+                continue
+            sync()
+            a = time.perf_counter()
+            try:
+                next(streams[i])
+            except StopIteration:
+                live.discard(i)
+            sync()
+            steps[i].append(time.perf_counter() - a)
+        t += 1
+    return steps
+
+
+INTERLEAVE = ("rounds", "runs")
+
+
 def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int, max_new_tokens: int,
                      root=None, temperature: float = 0.0, seed: int | None = 0, warmup: bool = True,
                      progress: bool = True, strategy_options: dict | None = None,
-                     on_record: Callable[[dict], None] | None = None, repeats: int = 1) -> list[dict]:
+                     on_record: Callable[[dict], None] | None = None, repeats: int = 1,
+                     interleave: str = "rounds") -> list[dict]:
     """Every strategy on the same prompts, interleaved per prompt, autoregressive first (the
     reference output and the speedup's denominator). Greedy unless ``temperature > 0``.
 
-    ``repeats`` > 1: every prompt's strategies run that many times, round-robin, autoregressive
-    first and the others in the orders of :func:`balanced_orders` from one repeat to the next (so
-    that over a full cycle each strategy runs right after each other one equally often); each
-    strategy's record is its run of median decode time (all its decode times are kept in
-    ``decode_s_runs``); every repeat's output is checked against the reference."""
+    ``interleave="rounds"`` (the default): the strategies' generations of a prompt run at the same
+    time, one decoding round of each in turn (:func:`lockstep`), and each one's decode time is the
+    time spent in its own rounds. ``"runs"``: one whole generation after the other.
+
+    ``repeats`` > 1: every prompt's strategies run that many times, autoregressive first and the
+    others in the orders of :func:`balanced_orders` from one repeat to the next (so that over a
+    full cycle each strategy runs right after each other one equally often); each strategy's
+    record is its run of median decode time (all its decode times are kept in ``decode_s_runs``);
+    every repeat's output is checked against the reference."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if interleave not in INTERLEAVE:
+        raise ValueError(f"interleave must be one of {', '.join(INTERLEAVE)}, got {interleave!r}")
     from tqdm import tqdm
 
     from .datasets import load_dataset
+    from .engine import Generation
     from .sampling import SamplingParams
     from .strategies import REGISTRY
     order = ["autoregressive"] + [s for s in strategies if s != "autoregressive"]
@@ -453,19 +493,38 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     records: list[dict] = []
     kept: dict = {}                                # strategies that learn across prompts (SWIFT)
     bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
+    dev = llm.model.device
+    turns = balanced_orders(len(order))            # the order of each turn of rounds (lockstep)
     for p, ids in zip(prompts, encoded):
         runs: dict[str, list] = {s: [] for s in order}
         rest = order[1:]
         cycle = balanced_orders(len(rest))
         for rep in range(repeats):
-            for s in order[:1] + [rest[j] for j in cycle[rep % len(cycle)]]:
-                bar.set_postfix_str(f"{p.dataset} {s}")
+            names = order[:1] + [rest[j] for j in cycle[rep % len(cycle)]]
+            strats = []
+            for s in names:
                 strat = kept.get(s) or make(s)
                 if strat.persists_across_prompts:
                     kept[s] = strat
-                g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+                strats.append(strat)
+            if interleave == "runs":
+                for s, strat in zip(names, strats):
+                    bar.set_postfix_str(f"{p.dataset} {s}")
+                    g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+                    runs[s].append((g, strat.describe()))
+                    bar.update()
+                continue
+            bar.set_postfix_str(f"{p.dataset} {len(names)} in lockstep")
+            gens = [Generation(tokens=[]) for _ in names]
+            streams = [_collect(eng.stream(ids, strat, max_new_tokens=max_new_tokens, sampling=sp,
+                                           stop_ids=stops, stats=g.stats), g.tokens)
+                       for strat, g in zip(strats, gens)]
+            steps = lockstep(streams, turns, lambda: _sync(dev))
+            for s, strat, g, st in zip(names, strats, gens, steps):
+                # the first step is the set-up and prefill; the rest are this generation's rounds
+                g.stats.total_s = g.stats.prefill_s + sum(st[1:])
                 runs[s].append((g, strat.describe()))
-                bar.update()
+            bar.update(len(names))
         ref_tokens, ref_tps, ref_fast = None, None, None
         for s in order:
             g, desc = sorted(runs[s], key=lambda r: r[0].stats.decode_s)[(len(runs[s]) - 1) // 2]
@@ -495,6 +554,13 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
                 on_record(rec)
     bar.close()
     return records
+
+
+def _collect(stream: Iterator[list[int]], tokens: list[int]) -> Iterator[None]:
+    """A generation's stream that appends its tokens to ``tokens``."""
+    for chunk in stream:
+        tokens.extend(chunk)
+        yield None
 
 
 # ---- predicted TPT vs measured speed across plans (``knapspec bench tpt``) ---------------------------

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--repeats", type=_positive_int("--repeats"), default=1,
                     help="runs per strategy and prompt, round-robin; the run of median time is reported "
                          "(default 1)")
+    rn.add_argument("--interleave", default="rounds", choices=["rounds", "runs"],
+                    help="rounds (default): a prompt's generations run at the same time, one decoding round "
+                         "of each in turn, each timed over its own rounds; runs: one whole generation after "
+                         "the other")
     rn.add_argument("--strict", action="store_true",
                     help="fail on any output difference, near-ties from reduced-precision rounding included")
     return p
@@ -333,11 +337,12 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
             opts[s]["skip"] = a.skip
     records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
                                root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts,
-                               repeats=a.repeats)
+                               repeats=a.repeats, interleave=a.interleave)
     summary = summarize(records)
     head = headline(records)
     head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
-                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats)
+                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats,
+                interleave=a.interleave)
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, text: str) -> None:
