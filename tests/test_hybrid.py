@@ -98,6 +98,46 @@ def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch
     assert not s.wants_hidden
 
 
+def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkeypatch, caplog):
+    """Created by name, the hybrid remembers the planner's "no draft" verdicts in the cache folder:
+    a new instance (a new process) starts with the longer wait; ``memory=off`` does not; a verdict
+    with a plan resets it; an unreadable file is ignored with a warning."""
+    import json
+
+    from knapspec.strategies import REGISTRY
+    from knapspec.strategies.hybrid import default_memory_path
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
+    path = default_memory_path(m)
+    assert not path.exists()
+    s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
+    assert s._plan_after_now == 3
+    monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
+    eng.generate(list(range(3, 40)), s, max_new_tokens=8, stop_ids=())
+    assert len(s.planner.history) == 1 and s.planner.history[0].plan is None and s._plan_after_now == 6
+    assert json.loads(path.read_text()) == {"no_draft_streak": 1}
+    assert list(path.parent.glob("*.tmp")) == []
+    again = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
+    assert again._plan_after_now == 6 and again.describe()["plan_after_now"] == 6
+    eng.generate(list(range(3, 40)), again, max_new_tokens=6, stop_ids=())     # 5 misses < 6: asleep
+    assert not again.planner.history
+    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3, memory="off")._plan_after_now == 3
+    eng.generate(list(range(3, 40)), again, max_new_tokens=12, stop_ids=())    # 6 misses: a 2nd verdict
+    assert json.loads(path.read_text()) == {"no_draft_streak": 2}
+    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._plan_after_now == 12
+    fast = REGISTRY.create("hybrid", m, latency=_lat(m.cfg.n_layers), plan_after=3, alpha="cosine",
+                           min_cosine=0.0)
+    fast._streak, fast._plan_after_now = 2, 0                # wake at once: drafts pay with this profile
+    eng.generate(list(range(3, 40)), fast, max_new_tokens=6, stop_ids=())
+    assert fast.planner.history[0].plan is not None
+    assert json.loads(path.read_text()) == {"no_draft_streak": 0}
+    path.write_text("{not json")
+    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._plan_after_now == 3
+    assert "ignoring the hybrid planner's memory" in caplog.text
+
+
 def test_nothing_is_priced_while_the_planner_sleeps(tiny_root):
     """Planner asleep and lookups within the floor: the choice is fixed (the whole lookup, or a plain
     step), so no candidate is priced; the lookup estimates still learn. With every lookup token

@@ -40,6 +40,13 @@ late and backs off: the residual stream is collected (and captured during verifi
 sleep and doubles that number for its next start (up to 64; a verdict with a plan resets it). On hardware where
 layer-skip drafts never pay, the hybrid then costs what prompt lookup costs.
 
+That back-off is remembered across processes (``memory``: a small JSON file in the cache folder,
+keyed like the latency profile by model shape, device, dtype and threads), so that every new
+``knapspec generate`` does not pay the planner's first wake (a full-model pass over its window and
+the DP: ~0.2 s for the embedded model on a CPU) to learn again what the last one found. Created by
+name (the CLI, the API, the benchmark) the strategy uses the default file; ``memory="off"`` or
+deleting the file forgets it.
+
 With a draft vocabulary (``draft_vocab``, see ``vocab.py``) every skip option also comes in one
 variant per subset size: the draft step is cheaper by the lm_head rows left out, and its acceptance
 is tracked per size (prior: the full-vocabulary estimate times the subset's coverage).
@@ -47,17 +54,24 @@ is tracked per size (prior: the full-vocabulary estimate times the subset's cove
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..latency import LatencyModel
+from ..latency import LatencyModel, profile_key
 from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
 from .lookup import NgramIndex
 from .vocab import DraftVocab
+
+log = logging.getLogger(__name__)
 
 MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
 
@@ -78,13 +92,14 @@ class Option:
 
 class HybridStrategy(Strategy):
     name = "hybrid"
-    warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0}    # plan in the warm-up too
+    # plan in the warm-up too (its verdict on a short warm-up prompt is not remembered)
+    warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0, "memory": "off"}
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
                  plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
                  threshold: float | None = None, seed: int = 0, min_lookup: int = 8,
-                 **planner: Any) -> None:
+                 memory: str | os.PathLike[str] | None = None, **planner: Any) -> None:
         self.model = model
         # the acceptance estimates carry over to the next prompts (the benchmark and the API keep
         # one instance), instead of starting every generation from the Beta(1, 1) priors
@@ -94,7 +109,9 @@ class HybridStrategy(Strategy):
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
         self.plan_after = plan_after
         self.min_lookup = min_lookup
-        self._plan_after_now = plan_after          # grows while the planner's verdict is "no draft"
+        self.memory = None if memory is None else Path(memory)
+        self._streak = self._recall()              # "no draft" verdicts in a row (the back-off level)
+        self._plan_after_now = self._backoff(self._streak)
         self._active = False                       # the planner runs in this prompt
         self._rng = np.random.default_rng(seed)
         self._misses = 0
@@ -123,6 +140,38 @@ class HybridStrategy(Strategy):
     @property
     def latency(self) -> LatencyModel:
         return self.planner.latency
+
+    # ---- the planner's back-off, remembered ------------------------------------------------------------
+    def _backoff(self, streak: int) -> int:
+        """Lookup misses in a row that wake the planner after ``streak`` "no draft" verdicts in a
+        row: ``plan_after``, doubled per verdict, at most 64."""
+        if streak <= 0:
+            return self.plan_after
+        return min(max(self.plan_after, 1) << min(streak, 7), 64)
+
+    def _recall(self) -> int:
+        if self.memory is None or not self.memory.is_file():
+            return 0
+        try:
+            streak = json.loads(self.memory.read_text())["no_draft_streak"]
+            if not isinstance(streak, int) or streak < 0:
+                raise ValueError(f"bad streak {streak!r}")
+            return streak
+        except (OSError, ValueError, KeyError, TypeError) as e:   # unreadable: start afresh
+            log.warning("ignoring the hybrid planner's memory %s (%s)", self.memory, e)
+            return 0
+
+    def _remember(self) -> None:
+        if self.memory is None:
+            return
+        try:
+            self.memory.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.memory.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"no_draft_streak": self._streak}, f)
+            os.replace(tmp, self.memory)                  # atomic: never a half-written file
+        except OSError as e:                              # a read-only cache: keep going unremembered
+            log.debug("could not write %s: %s", self.memory, e)
 
     @property
     def wants_hidden(self) -> bool:               # type: ignore[override]
@@ -280,8 +329,11 @@ class HybridStrategy(Strategy):
             self.planner.propose(state)            # plans now, then on the planner's own schedule
             if len(self.planner.history) > n_plans:
                 pays = self.planner.choice is not None and self.planner.choice.plan is not None
-                self._plan_after_now = (self.plan_after if pays
-                                       else min(max(2 * self._plan_after_now, 1), 64))
+                streak = 0 if pays else self._streak + 1
+                if streak != self._streak:
+                    self._streak = streak
+                    self._remember()
+                self._plan_after_now = self._backoff(streak)
                 if not pays:                       # sleep until that many misses in a row again
                     self._active = False
                     self._misses = 0
@@ -335,6 +387,7 @@ class HybridStrategy(Strategy):
     def describe(self) -> dict[str, Any]:
         d = self.planner.describe()
         d["strategy"] = self.name
+        d["plan_after_now"] = self._plan_after_now
         total = sum(self.counts.values()) or 1
         d.update({f"share_{k}": v / total for k, v in self.counts.items()})
         if self.vocab is not None:
@@ -350,7 +403,21 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
                                                     "alpha", "persist", "skip_prior", "seed",
                                                     "min_lookup")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
-    return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab, **kw)
+    memory = options.get("memory", "auto")
+    if memory == "auto":
+        memory = default_memory_path(model)
+    elif memory in ("off", None):
+        memory = None
+    return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,
+                          memory=memory, **kw)
+
+
+def default_memory_path(model: Model) -> Path:
+    """Where the planner's back-off is remembered: keyed like the latency profile (model shape,
+    device, dtype, threads, torch version)."""
+    from ..latency import profile_path
+    p = profile_path(profile_key(model))
+    return p.parent.parent / "hybrid" / p.name
 
 
 def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
