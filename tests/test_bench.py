@@ -192,6 +192,19 @@ def test_lockstep_times_each_iterator_over_its_own_steps():
     assert sum(steps[0]) + sum(steps[1]) <= wall
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_turn_orders_never_run_a_generation_twice_in_a_row(k):
+    from collections import Counter
+    from itertools import pairwise
+    turns = bench.turn_orders(k, turns=3000)
+    assert all(sorted(t) == list(range(k)) for t in turns)
+    seq = [i for t in turns for i in t]
+    assert all(a != b for a, b in pairwise(seq))
+    follows = Counter(pairwise(seq))                         # every ordered pair about equally often
+    assert len(follows) == k * (k - 1)
+    assert max(follows.values()) / min(follows.values()) < 1.15
+
+
 def test_rounds_in_lockstep_give_the_same_outputs_and_own_times(tiny_folder, prompts_file, monkeypatch):
     """The default interleaving runs a prompt's generations one round each in turn: the same
     outputs as whole runs, each decode time counts that generation's rounds only, and a wrong round
