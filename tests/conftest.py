@@ -64,6 +64,14 @@ def tiny_model(kind: str, tmp_root: Path, dtype=torch.float32):
     return _TINY_CACHE[kind]
 
 
+@pytest.fixture(autouse=True)
+def _hybrid_memory(tmp_path, monkeypatch):
+    """The hybrid's remembered back-off goes to a per-test folder: no test writes to the user's
+    cache, and no test sees what an earlier one (or an earlier test session) learned."""
+    monkeypatch.setattr("knapspec.strategies.hybrid.default_memory_path",
+                        lambda model: tmp_path / "hybrid-memory.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
