@@ -136,6 +136,10 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     path.write_text("{not json")
     assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._plan_after_now == 3
     assert "ignoring the hybrid planner's memory" in caplog.text
+    (tmp_path / "a-file").write_text("")                    # a cache that cannot be written: no error
+    stuck = HybridStrategy(m, slow, plan_after=3, memory=tmp_path / "a-file" / "memory.json")
+    eng.generate(list(range(3, 40)), stuck, max_new_tokens=8, stop_ids=())
+    assert stuck._plan_after_now == 6 and not (tmp_path / "a-file").is_dir()
 
 
 def test_nothing_is_priced_while_the_planner_sleeps(tiny_root):

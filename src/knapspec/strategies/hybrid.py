@@ -164,6 +164,7 @@ class HybridStrategy(Strategy):
     def _remember(self) -> None:
         if self.memory is None:
             return
+        tmp = None
         try:
             self.memory.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.memory.parent, suffix=".tmp")
@@ -172,6 +173,8 @@ class HybridStrategy(Strategy):
             os.replace(tmp, self.memory)                  # atomic: never a half-written file
         except OSError as e:                              # a read-only cache: keep going unremembered
             log.debug("could not write %s: %s", self.memory, e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
     @property
     def wants_hidden(self) -> bool:               # type: ignore[override]
