@@ -248,6 +248,27 @@ def test_rounds_in_lockstep_give_the_same_outputs_and_own_times(tiny_folder, pro
         run("tokens")
 
 
+def test_timed_runs_keep_loaded_objects_out_of_the_collector(tiny_folder, prompts_file, monkeypatch):
+    """The harness freezes the objects alive before the timed runs (a full garbage collection over
+    them would stall whichever round it lands in) and unfreezes them afterwards."""
+    import gc
+
+    import knapspec
+    llm = knapspec.load(str(tiny_folder), dtype="float32")
+    seen = []
+    real = llm.engine.stream
+
+    def stream(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **k)
+    monkeypatch.setattr(llm.engine, "stream", stream)
+    before = gc.get_freeze_count()
+    bench.run_side_by_side(llm, strategies=["lookup"], datasets=[str(prompts_file)], n=1, max_new_tokens=6,
+                           progress=False, warmup=False)
+    assert len(seen) == 2 and all(c > before + 1000 for c in seen)
+    assert gc.get_freeze_count() == before
+
+
 def test_strategy_variants_parse_and_reject_bad_options():
     assert bench.parse_variant("hybrid") == ("hybrid", {})
     assert bench.parse_variant("swift:skip_ratio=0.2;max_trials=8;seed=x") == (
