@@ -16,6 +16,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -452,6 +453,20 @@ def turn_orders(k: int, turns: int = 4096, seed: int = 0) -> list[list[int]]:
     return out
 
 
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Everything alive on entry (model, tokenizer, libraries: ~370k objects after loading the
+    embedded model) leaves the garbage collector's view until exit: a full collection over them took
+    ~0.17 s on a 2-core CPU and stalls whichever decoding round it lands in; after ``gc.freeze`` it
+    takes under 1 ms. Objects made inside are collected as usual."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 INTERLEAVE = ("rounds", "runs")
 
 
@@ -506,86 +521,73 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
             if w.warm_up_options:
                 w = make(s, **w.warm_up_options)
             eng.generate(ids, w, max_new_tokens=16, sampling=sp, stop_ids=stops)
-    # the objects alive now (model, tokenizer, libraries: ~370k here) leave the garbage collector's
-    # view: a full collection over them took ~0.17 s on this machine and landed in whichever round
-    # happened to allocate at the time; undone at the end
-    gc.collect()
-    gc.freeze()
-    try:
-        return _timed_runs(prompts, encoded, order, make, eng, sp, stops, max_new_tokens, repeats, interleave,
-                           progress, llm, on_record)
-    finally:
-        gc.unfreeze()
-
-
-def _timed_runs(prompts, encoded, order, make, eng, sp, stops, max_new_tokens, repeats, interleave, progress,
-                llm, on_record) -> list[dict]:
     from tqdm import tqdm
 
     from .engine import Generation
-    records: list[dict] = []
-    kept: dict = {}                                # strategies that learn across prompts (SWIFT)
-    bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
-    dev = llm.model.device
-    turns = turn_orders(len(order), seed=0)        # the order of each turn of rounds (lockstep)
-    for p, ids in zip(prompts, encoded):
-        runs: dict[str, list] = {s: [] for s in order}
-        rest = order[1:]
-        cycle = balanced_orders(len(rest))
-        for rep in range(repeats):
-            names = order[:1] + [rest[j] for j in cycle[rep % len(cycle)]]
-            strats = []
-            for s in names:
-                strat = kept.get(s) or make(s)
-                if strat.persists_across_prompts:
-                    kept[s] = strat
-                strats.append(strat)
-            if interleave == "runs":
-                for s, strat in zip(names, strats):
-                    bar.set_postfix_str(f"{p.dataset} {s}")
-                    g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+    with frozen_gc():
+        records: list[dict] = []
+        kept: dict = {}                                # strategies that learn across prompts (SWIFT)
+        bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
+        dev = llm.model.device
+        turns = turn_orders(len(order), seed=0)        # the order of each turn of rounds (lockstep)
+        for p, ids in zip(prompts, encoded):
+            runs: dict[str, list] = {s: [] for s in order}
+            rest = order[1:]
+            cycle = balanced_orders(len(rest))
+            for rep in range(repeats):
+                names = order[:1] + [rest[j] for j in cycle[rep % len(cycle)]]
+                strats = []
+                for s in names:
+                    strat = kept.get(s) or make(s)
+                    if strat.persists_across_prompts:
+                        kept[s] = strat
+                    strats.append(strat)
+                if interleave == "runs":
+                    for s, strat in zip(names, strats):
+                        bar.set_postfix_str(f"{p.dataset} {s}")
+                        g = eng.generate(ids, strat, max_new_tokens=max_new_tokens, sampling=sp, stop_ids=stops)
+                        runs[s].append((g, strat.describe()))
+                        bar.update()
+                    continue
+                bar.set_postfix_str(f"{p.dataset} {len(names)} in lockstep")
+                gens = [Generation(tokens=[]) for _ in names]
+                streams = [_collect(eng.stream(ids, strat, max_new_tokens=max_new_tokens, sampling=sp,
+                                               stop_ids=stops, stats=g.stats), g.tokens)
+                           for strat, g in zip(strats, gens)]
+                steps = lockstep(streams, turns, lambda: _sync(dev))
+                for s, strat, g, st in zip(names, strats, gens, steps):
+                    # the first step is the set-up and prefill; the rest are this generation's rounds
+                    g.stats.total_s = g.stats.prefill_s + sum(st[1:])
                     runs[s].append((g, strat.describe()))
-                    bar.update()
-                continue
-            bar.set_postfix_str(f"{p.dataset} {len(names)} in lockstep")
-            gens = [Generation(tokens=[]) for _ in names]
-            streams = [_collect(eng.stream(ids, strat, max_new_tokens=max_new_tokens, sampling=sp,
-                                           stop_ids=stops, stats=g.stats), g.tokens)
-                       for strat, g in zip(strats, gens)]
-            steps = lockstep(streams, turns, lambda: _sync(dev))
-            for s, strat, g, st in zip(names, strats, gens, steps):
-                # the first step is the set-up and prefill; the rest are this generation's rounds
-                g.stats.total_s = g.stats.prefill_s + sum(st[1:])
-                runs[s].append((g, strat.describe()))
-            bar.update(len(names))
-        ref_tokens, ref_tps, ref_fast = None, None, None
-        for s in order:
-            g, desc = sorted(runs[s], key=lambda r: r[0].stats.decode_s)[(len(runs[s]) - 1) // 2]
-            match, mm = None, None
-            if s == "autoregressive":
-                ref_tokens, ref_tps = runs[s][0][0].tokens, g.stats.tokens_per_s
-            if sp.greedy and (s != "autoregressive" or repeats > 1):
-                bad = next((r for r, _ in runs[s] if r.tokens != ref_tokens), None)
-                match = bad is None
-                if bad is not None:
-                    mm = classify_mismatch(llm.model, ids, ref_tokens, bad.tokens)
-                    log.error("OUTPUT MISMATCH: %s on %s/%s at token %s (logit margin %s, %s)", s, p.dataset,
-                              p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
-            rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=desc,
-                             ref_tps=ref_tps, match=match, mismatch=mm)
-            if repeats > 1:
-                rec["decode_s_runs"] = [r.stats.decode_s for r, _ in runs[s]]
-                # the fastest run (interference on a shared machine only ever adds time): the
-                # speedup of the fastest runs of both, next to the median runs' ``speedup``
-                fast = max(r.stats.tokens_per_s for r, _ in runs[s])
+                bar.update(len(names))
+            ref_tokens, ref_tps, ref_fast = None, None, None
+            for s in order:
+                g, desc = sorted(runs[s], key=lambda r: r[0].stats.decode_s)[(len(runs[s]) - 1) // 2]
+                match, mm = None, None
                 if s == "autoregressive":
-                    ref_fast = fast
-                rec["tokens_per_s_fastest"] = fast
-                rec["speedup_fastest"] = fast / ref_fast if ref_fast else None
-            records.append(rec)
-            if on_record is not None:
-                on_record(rec)
-    bar.close()
+                    ref_tokens, ref_tps = runs[s][0][0].tokens, g.stats.tokens_per_s
+                if sp.greedy and (s != "autoregressive" or repeats > 1):
+                    bad = next((r for r, _ in runs[s] if r.tokens != ref_tokens), None)
+                    match = bad is None
+                    if bad is not None:
+                        mm = classify_mismatch(llm.model, ids, ref_tokens, bad.tokens)
+                        log.error("OUTPUT MISMATCH: %s on %s/%s at token %s (logit margin %s, %s)", s, p.dataset,
+                                  p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
+                rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=desc,
+                                 ref_tps=ref_tps, match=match, mismatch=mm)
+                if repeats > 1:
+                    rec["decode_s_runs"] = [r.stats.decode_s for r, _ in runs[s]]
+                    # the fastest run (interference on a shared machine only ever adds time): the
+                    # speedup of the fastest runs of both, next to the median runs' ``speedup``
+                    fast = max(r.stats.tokens_per_s for r, _ in runs[s])
+                    if s == "autoregressive":
+                        ref_fast = fast
+                    rec["tokens_per_s_fastest"] = fast
+                    rec["speedup_fastest"] = fast / ref_fast if ref_fast else None
+                records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+        bar.close()
     return records
 
 

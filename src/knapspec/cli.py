@@ -209,13 +209,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if a.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
-    import gc
-    gc.collect()        # what is loaded lives to the end: out of the collector's view, so that a full
-    gc.freeze()         # collection (~0.17 s over it on a 2-core CPU) cannot stall a decoding round
-    try:
+    from .bench import frozen_gc
+    with frozen_gc():    # what is loaded lives to the end: no full collection over it mid-decoding
         return _generate(a, llm)
-    finally:
-        gc.unfreeze()
 
 
 def _generate(a: argparse.Namespace, llm: Any) -> int:
