@@ -175,9 +175,9 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
          threads: int | None = None, pack: bool | None = None) -> LLM:
     """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
 
-    ``pack``: prepack the linear weights for oneDNN's bfloat16 kernels on CPU (see
-    ``Model.pack_weights``; a second copy of those weights). None (default) = when the dtype is
-    bfloat16 on a supporting CPU and the copy takes at most a quarter of the available memory."""
+    ``pack``: prepack the linear weights for oneDNN's kernels on CPU (see ``Model.pack_weights``;
+    a second copy of those weights). None (default) = when the dtype is float32, or bfloat16 on a
+    supporting CPU, and the copy takes at most a quarter of the available memory."""
     device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)

@@ -289,21 +289,25 @@ class Model:
 
     # ---- linear layers ----------------------------------------------------------------------------
     def pack_weights(self, enable: bool = True) -> bool:
-        """Use oneDNN's prepacked bfloat16 matrix products on CPU: the linear weights and the lm_head
-        are reordered once into the kernel's blocked layout (measured 1.2-2x faster than
-        ``F.linear`` at 1-16 rows on AVX-512-BF16; docs/benchmarks.md). Costs a second copy of
-        those weights. Returns whether packing is on: only for bfloat16 on a CPU whose oneDNN
-        supports it; elsewhere, and for any other weight (e.g. a truncated draft vocabulary or a
-        weight replaced after packing), plain ``F.linear``."""
+        """Use oneDNN's prepacked matrix products on CPU: the linear weights and the lm_head are
+        reordered once into the kernel's blocked layout (measured 1.2-2x faster than ``F.linear``
+        at 1-16 rows in bfloat16 on AVX-512-BF16, 1.6-2.7x in float32; docs/benchmarks.md). Costs a
+        second copy of those weights. Returns whether packing is on: for float32, and for bfloat16
+        on a CPU whose oneDNN has bfloat16 kernels; elsewhere, and for any other weight (e.g. a
+        truncated draft vocabulary or a weight replaced after packing), plain ``F.linear``."""
         self._packs = {}
-        self.packed = (enable and self.dtype == torch.bfloat16 and self.device.type == "cpu"
-                       and torch.backends.mkldnn.is_available()
+        self.packed = (enable and self.device.type == "cpu" and torch.backends.mkldnn.is_available()
                        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                       and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+                       and (self.dtype == torch.float32
+                            or (self.dtype == torch.bfloat16
+                                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))))
         if self.packed:
             ws = [w for L in self.layers for w in (L.wqkv, L.wo, L.w_gate_up, L.w_down)] + [self.lm_head]
-            for w in ws:
-                self._packs[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, None))
+            try:
+                for w in ws:
+                    self._packs[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, None))
+            except RuntimeError:             # a oneDNN build without this kernel: plain products
+                self._packs, self.packed = {}, False
         return self.packed
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
