@@ -325,5 +325,9 @@ def test_category_table_compares_the_last_strategy_with_the_best_other():
     assert lines[2] == "| coding | 1.00x | 0.71x | 0.97x | 0.975 |"
     assert lines[3] == "| qa | 1.00x | 1.20x | 1.50x | 1.250 |"
     assert lines[4].startswith("| all 3 prompts |")
+    # the same document at two lengths (two datasets) counts as two prompts
+    docs = [dict(rec("gao", "d", s, 1.0), dataset=d) for d in ("long-docs:512", "long-docs:2048")
+            for s in ("autoregressive", "lookup")]
+    assert bench.category_table(docs).splitlines()[-1].startswith("| all 2 prompts |")
     assert bench.category_table(recs, "speedup_fastest").splitlines()[2].startswith("| coding | 1.10x |")
     assert bench.category_table([dict(r, category="") for r in recs]) is None

@@ -323,7 +323,8 @@ def category_table(records: list[dict], key: str = "speedup") -> str | None:
     for c in cats + [None]:
         g = {s: geomean([r[key] for r in rows if r["strategy"] == s and (c is None or r["category"] == c)])
              for s in strategies}
-        n = len({r["prompt_id"] for r in rows if c is None or r["category"] == c})
+        # one document cut to several lengths is several prompts: count (dataset, prompt id)
+        n = len({(r.get("dataset"), r["prompt_id"]) for r in rows if c is None or r["category"] == c})
         label = c if c is not None else f"all {n} prompts"
         cells = [f"{g[s]:.2f}x" for s in strategies]
         if others:
