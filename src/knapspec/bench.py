@@ -67,13 +67,13 @@ def decode_rate(stamps: list[float]) -> float:
 
 
 def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-             new_tokens: int, repeats: int, dtypes: list[str]) -> list[dict]:
+             new_tokens: int, repeats: int, dtypes: list[str], exact: bool = False) -> list[dict]:
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from .api import load, resolve_dtype
     rows = []
     for dt in dtypes:
-        llm = load(model, dtype=dt, device=device, threads=threads)
+        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
         hf = AutoModelForCausalLM.from_pretrained(str(llm.checkpoint.folder),
                                                   dtype=resolve_dtype(dt, device)).to(device).eval()
         dev = llm.model.device
@@ -125,11 +125,11 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
 
 
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-                 widths: list[int], repeats: int, dtypes: list[str]) -> list[dict]:
+                 widths: list[int], repeats: int, dtypes: list[str], exact: bool = False) -> list[dict]:
     from .api import load
     rows = []
     for dt in dtypes:
-        llm = load(model, dtype=dt, device=device, threads=threads)
+        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
         m = llm.model
         dev = m.device
         for ctx in contexts:
@@ -158,14 +158,14 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
 
 
 def bench_latency(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-                  n_plans: int, repeats: int, quick: bool) -> list[dict]:
+                  n_plans: int, repeats: int, quick: bool, exact: bool = False) -> list[dict]:
     """Real decoding steps (random plans, 1 token; full plan, 4 and 8 tokens) vs the prediction."""
     import random
 
     from .api import load
     from .latency import get_latency_model
     from .plan import Plan
-    llm = load(model, dtype="auto", device=device, threads=threads)
+    llm = load(model, dtype="auto", device=device, threads=threads, exact=exact)
     m = llm.model
     lm = get_latency_model(m, quick=quick, progress=True)
     rng = random.Random(0)

@@ -54,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="torch CPU threads (default: torch's default, all cores)")
+    p.add_argument("--exact", action="store_true",
+                   help="compute each token the same way alone or in a verification pass, so that "
+                        "output is bit-identical to autoregressive decoding in bfloat16 too (~10%% slower)")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +211,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     _check_strategy(a.strategy)
     if a.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
     from .bench import frozen_gc
     with frozen_gc():    # what is loaded lives to the end: no full collection over it mid-decoding
         return _generate(a, llm)
@@ -242,7 +245,7 @@ def _generate(a: argparse.Namespace, llm: Any) -> int:
 def _cmd_profile(a: argparse.Namespace) -> int:
     from .api import load
     from .latency import get_latency_model, profile_path
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
     lm = get_latency_model(llm.model, quick=a.quick, force=a.force, progress=True)
     ctx = [c for c in (128, 1024, 4096, 8192) if c < llm.model.cfg.max_position]
     print(f"latency profile: {profile_path(lm.key)}")
@@ -283,7 +286,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         prompts += load_dataset(spec, root=root)[-n:]
     if a.out and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give a file name, e.g. {a.out}/calibration.json")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
     ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
     if a.strategy == "draft-verify":
         from .strategies.draft_verify import calibrate
@@ -333,7 +336,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
     common: dict[str, Any] = {} if a.max_draft is None else {"max_draft": a.max_draft}
     opts = {s: dict(common) for s in strategies}
     for s in strategies:                           # static and its variants (static:threshold=0.3)
@@ -348,7 +351,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     head = headline(records)
     head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
                 device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats,
-                interleave=a.interleave)
+                interleave=a.interleave, exact=a.exact)
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, text: str) -> None:
@@ -379,8 +382,8 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
         # a verify pass over d+1 tokens and a 1-token step round differently in bf16/fp16, and
         # a greedy choice between nearly equal logits can flip; float32 is where equality is exact
         sys.stderr.write(f"knapspec: warning: {head['mismatches'] - head['hard_mismatches']} run(s) differ from "
-                         f"the autoregressive output at a near-tie in {head['dtype']}; check exactness with "
-                         "--dtype float32, or fail on any difference with --strict\n")
+                         f"the autoregressive output at a near-tie in {head['dtype']}; run with --exact for "
+                         "bit-identical output, or fail on any difference with --strict\n")
     bad = head["mismatches"] if a.strict else head["hard_mismatches"]
     if bad:
         sys.stderr.write(f"knapspec: error: {bad} run(s) did not reproduce the autoregressive output "
@@ -394,7 +397,7 @@ def _cmd_bench_tpt(a: argparse.Namespace) -> int:
     from .bench import bench_tpt, ints, pearson, table
     from .datasets import data_dir
     root = data_dir(a.data)
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads)
+    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
     rows = bench_tpt(llm, contexts=ints(a.contexts), n=a.n, new_tokens=a.new_tokens, plans=a.plans,
                      window=a.window, root=root)
     print(table(rows, ["context", "prompt_tokens", "skipped", "d", "alpha", "predicted_tps", "predicted_post",
@@ -426,19 +429,19 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     dtypes = [d for d in getattr(a, "dtypes", "").split(",") if d]
     if a.bench_cmd == "ar":
         rows = bench_ar(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
-                        new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes)
+                        new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes, exact=a.exact)
         print(table(rows, ["dtype", "context", "ours_tok_s", "hf_tok_s", "ratio", "bandwidth_gb_s",
                             "bytes_per_token_mb", "roofline_tok_s", "roofline_share"]))
     elif a.bench_cmd == "latency":
         rows = bench_latency(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
-                             n_plans=a.plans, repeats=a.repeats, quick=a.quick)
+                             n_plans=a.plans, repeats=a.repeats, quick=a.quick, exact=a.exact)
         print(table(rows, ["context", "tokens", "skipped", "real_ms", "predicted_ms", "error"]))
         by_ctx = {c: statistics.mean(r["error"] for r in rows if r["context"] == c) for c in ints(a.contexts)}
         print("MAPE by context: " + ", ".join(f"{c}: {100 * e:.1f}%" for c, e in by_ctx.items()))
         print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
     elif a.bench_cmd == "verify":
         rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
-                            widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes)
+                            widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact)
         print(table(rows, ["dtype", "context", "width", "ms", "ratio"]))
     else:
         raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")

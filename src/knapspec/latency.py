@@ -57,9 +57,12 @@ def profile_key(model: Any) -> dict[str, Any]:
              cfg.sliding_window)
     dev = model.device
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"model": hashlib.sha256(repr(shape).encode()).hexdigest()[:16], "device": f"{dev.type}:{dev_name}",
-            "dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "packed": bool(getattr(model, "packed", False))}
+    key = {"model": hashlib.sha256(repr(shape).encode()).hexdigest()[:16], "device": f"{dev.type}:{dev_name}",
+           "dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "packed": bool(getattr(model, "packed", False))}
+    if getattr(model, "row_invariant", False):     # exact mode times differently (only when on, so
+        key["row_invariant"] = True                 # that profiles made before it stay valid)
+    return key
 
 
 @dataclass

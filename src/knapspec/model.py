@@ -177,6 +177,36 @@ class ForwardOut:
     last_hidden: torch.Tensor | None = None  # [B, T, H] final residual stream (before the norm)
 
 
+def _row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention as two matrix products and a softmax, the way transformers' eager attention does
+    it: ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
+    ``mask: [R, S]`` or None -> ``[B, Hkv, R, D]``.
+
+    The fused SDPA kernel's result for a query row depends on how many rows the pass has, so in
+    bfloat16 a verification pass over several tokens rounds differently from the one-token steps
+    of autoregressive decoding, and exact ties can resolve differently. Here each row goes through
+    the same products whatever the row count (checked for oneDNN on AVX-512: bit-identical rows
+    for 3 and 24 rows, 100-4000 keys; docs/benchmarks.md), so with row-invariant linear kernels
+    speculative output equals autoregressive output bit for bit. Scores are rounded to the model's
+    dtype before the softmax (which computes in float32), as in transformers' eager path. Used in
+    exact mode (``Model.set_row_invariant``)."""
+    r = qg.shape[2]
+    q = qg * (1.0 / math.sqrt(qg.shape[-1]))
+    if r < _MIN_ROWS:                     # fewer rows take another kernel path: pad, drop after
+        q = torch.cat([q, q.new_zeros(*q.shape[:2], _MIN_ROWS - r, q.shape[3])], dim=2)
+        mask = torch.cat([mask, mask[:1].expand(_MIN_ROWS - r, -1)])
+    scores = torch.matmul(q, keys.transpose(-1, -2)) + mask             # [B, Hkv, R, S]
+    o = torch.matmul(torch.softmax(scores, dim=-1), vals)
+    return o if r >= _MIN_ROWS else o[:, :, :r].contiguous()
+
+
+# Matrix products with fewer rows than this take a different reduction order in oneDNN / MKL on
+# this project's CPU (measured: float32 products with 1-3 rows differ from 4+ rows in the last
+# bits; 4..32 rows agree), so exact mode pads them to this many rows.
+_MIN_ROWS = 4
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor            # [H]
@@ -212,6 +242,9 @@ class Model:
         self._sdpa_masks: dict[tuple, torch.Tensor] = {}
         self.packed = False
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # exact mode (set_row_invariant): each token's row computed the same way whatever the
+        # number of tokens in the pass, so speculative output equals autoregressive output bit for bit
+        self.row_invariant = False
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -310,13 +343,33 @@ class Model:
                 self._packs, self.packed = {}, False
         return self.packed
 
+    def set_row_invariant(self, enable: bool = True) -> None:
+        """Exact mode: compute every token's row of a forward the same way whatever the number of
+        tokens in the pass, so that a verification pass over several tokens gives bit-identical
+        results to the one-token steps of autoregressive decoding, in any dtype. Attention runs as
+        two matrix products and a softmax instead of the fused kernel (whose result for a row
+        depends on the row count), over every key slot of the cache with the later ones masked (so
+        that the sums have the same length in a step and in a pass), and products with fewer than
+        4 rows are padded to 4 (oneDNN and MKL take another reduction order for 1-3 rows). Measured
+        on this project's CPU, not guaranteed by the kernels' documentation; costs ~10% per step
+        there (docs/benchmarks.md)."""
+        self.row_invariant = bool(enable)
+
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ w.T + b``, with the packed kernel when ``w`` was packed by :meth:`pack_weights`."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rows = x2.shape[0]
+        pad = self.row_invariant and rows < _MIN_ROWS
+        if pad:                                         # see set_row_invariant
+            x2 = torch.cat([x2, x2.new_zeros(_MIN_ROWS - rows, x2.shape[1])])
         e = self._packs.get(id(w)) if self.packed else None
         if e is None or e[0] is not w:
-            return F.linear(x, w, b)
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), e[1], b, "none", [], "")
+            y = F.linear(x2, w, b)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, e[1], b, "none", [], "")
+        if pad:
+            y = y[:rows]
         return y.view(*shape[:-1], y.shape[-1])
 
     # ---- pieces ----------------------------------------------------------------------------------
@@ -334,10 +387,10 @@ class Model:
             self._rope_len = n
         return self._cos[start:end], self._sin[start:end]                # [T, D]
 
-    def _mask(self, layer: int, start: int, t: int, s: int) -> torch.Tensor | None:
+    def _mask(self, layer: int, start: int, t: int, s: int, always: bool = False) -> torch.Tensor | None:
         """Boolean mask ``[T, S]`` (True = may attend) or None when every key is visible."""
         window = self.cfg.window(layer)
-        if t == 1 and (window is None or s <= window):
+        if t == 1 and (window is None or s <= window) and s == start + 1 and not always:
             return None
         q_pos = torch.arange(start, start + t, device=self.device)[:, None]   # [T, 1]
         k_pos = torch.arange(s, device=self.device)[None, :]                  # [1, S]
@@ -347,17 +400,18 @@ class Model:
             m = m & (k_pos > q_pos - window)
         return m
 
-    def _sdpa_mask(self, layer: int, start: int, t: int, s: int, g: int) -> torch.Tensor | None:
+    def _sdpa_mask(self, layer: int, start: int, t: int, s: int, g: int,
+                   always: bool = False) -> torch.Tensor | None:
         """The attention mask as SDPA takes it fastest: additive (0 / -inf) in the model's dtype,
         ``[G*T, S]`` for the grouped query rows; built once and shared by every layer of a forward
         (a boolean mask would be rebuilt and converted by SDPA in each of the 2L calls)."""
         window = self.cfg.window(layer)
-        if t == 1 and (window is None or s <= window):
+        if t == 1 and (window is None or s <= window) and s == start + 1 and not always:
             return None
         key = (window, start, t, s, g)
         m = self._sdpa_masks.get(key)
         if m is None:
-            allowed = self._mask(layer, start, t, s)
+            allowed = self._mask(layer, start, t, s, always=always)
             if g > 1:
                 allowed = allowed.repeat(g, 1)
             m = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
@@ -402,9 +456,16 @@ class Model:
         qg = q.reshape(b, hkv, g * t, d)
         if write:
             cache.write(i, start, k, v)
-            keys, vals = cache.view(i, start + t)                        # [B, Hkv, S, D]
-            mask = self._sdpa_mask(i, start, t, keys.shape[2], g)       # [G*T, S] or None
-            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
+            if self.row_invariant:
+                # every key slot of the cache, later ones masked: the shapes, and so the kernels'
+                # order of summation, are the same for a one-token step and a verification pass
+                keys, vals = cache.view(i, cache.capacity)
+                mask = self._sdpa_mask(i, start, t, cache.capacity, g, always=True)
+                o = _row_invariant_attention(qg, keys, vals, mask)
+            else:
+                keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
+                mask = self._sdpa_mask(i, start, t, keys.shape[2], g)   # [G*T, S] or None
+                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
         else:
             o = self._branch_attention(i, qg, k, v, start, cache)
         o = o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
