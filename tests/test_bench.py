@@ -331,3 +331,20 @@ def test_category_table_compares_the_last_strategy_with_the_best_other():
     assert bench.category_table(docs).splitlines()[-1].startswith("| all 2 prompts |")
     assert bench.category_table(recs, "speedup_fastest").splitlines()[2].startswith("| coding | 1.10x |")
     assert bench.category_table([dict(r, category="") for r in recs]) is None
+
+
+def test_bench_verify_times_both_modes_on_the_same_weights(tiny_folder):
+    from knapspec.bench import bench_verify
+    rows = bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1, 4],
+                        repeats=2, dtypes=["float32"], modes=["default", "exact"])
+    assert [(r["mode"], r["width"]) for r in rows] == [("default", 1), ("default", 4), ("exact", 1), ("exact", 4)]
+    assert all(r["ms"] > 0 for r in rows)
+    assert rows[0]["ratio"] == rows[2]["ratio"] == 1.0
+    assert rows[0]["vs_default"] == rows[1]["vs_default"] == 1.0
+    assert rows[3]["vs_default"] == pytest.approx(rows[3]["ms"] / rows[1]["ms"])
+    (one,) = bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1], repeats=1,
+                          dtypes=["float32"])
+    assert "mode" not in one and one["ratio"] == 1.0
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1], repeats=1,
+                     dtypes=["float32"], modes=["fast"])

@@ -125,34 +125,49 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
 
 
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-                 widths: list[int], repeats: int, dtypes: list[str], exact: bool = False) -> list[dict]:
+                 widths: list[int], repeats: int, dtypes: list[str], exact: bool = False,
+                 modes: list[str] | None = None) -> list[dict]:
+    """One full-model pass over n tokens vs a 1-token step. ``modes``: "default" and/or "exact"
+    (``Model.set_row_invariant``), timed interleaved on the same weights and cache."""
     from .api import load
+    modes = modes or (["exact"] if exact else ["default"])
+    for mode in modes:
+        if mode not in ("default", "exact"):
+            raise ValueError(f"unknown mode {mode!r}: choose default or exact")
     rows = []
     for dt in dtypes:
-        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
+        llm = load(model, dtype=dt, device=device, threads=threads)
         m = llm.model
         dev = m.device
         for ctx in contexts:
             ids = context_ids(llm.tokenizer, ctx)
             cache = m.new_cache(ctx + max(widths) + 1)
+            m.set_row_invariant(False)
             for s in range(0, ctx, 512):
                 m.forward(torch.tensor([ids[s:s + 512]], device=dev), s, cache, logits=False)
-            times: dict[int, list[float]] = {w: [] for w in widths}
+            cases = [(mode, w) for mode in modes for w in widths]
+            times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
             toks = {w: torch.tensor([ids[:w]], device=dev) for w in widths}
 
-            def step(w: int) -> None:
+            def step(mode: str, w: int) -> None:
+                m.set_row_invariant(mode == "exact")
                 cache.rollback(ctx)
                 m.forward(toks[w], ctx, cache)
-            for w in widths:
-                step(w)
-                step(w)
-            for _ in range(repeats):          # interleave widths
-                for w in widths:
-                    times[w].append(timed(lambda w=w: step(w), dev))
-            base = statistics.median(times[widths[0]])
-            for w in widths:
-                med = statistics.median(times[w])
-                rows.append(dict(dtype=dt, context=ctx, width=w, ms=1e3 * med, ratio=med / base))
+            for c in cases:
+                step(*c)
+                step(*c)
+            for _ in range(repeats):          # interleave modes and widths
+                for c in cases:
+                    times[c].append(timed(lambda c=c: step(*c), dev))
+            m.set_row_invariant(False)
+            med = {c: statistics.median(v) for c, v in times.items()}
+            for mode, w in cases:
+                row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, w],
+                           ratio=med[mode, w] / med[mode, widths[0]])
+                if len(modes) > 1:
+                    row = dict(row, mode=mode, vs_default=med[mode, w] / med["default", w]
+                               if "default" in modes else None)
+                rows.append(row)
 
     return rows
 

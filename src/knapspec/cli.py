@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--widths", default="1,4,8,16")
     vf.add_argument("--repeats", type=_positive_int("--repeats"), default=15)
     vf.add_argument("--dtypes", default="float32,bfloat16")
+    vf.add_argument("--modes", default=None,
+                    help="default and/or exact (comma-separated; interleaved on the same weights)")
     tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
     _add_model_args(tp)
     tp.add_argument("--contexts", default="512,2048,4096")
@@ -441,8 +443,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
     elif a.bench_cmd == "verify":
         rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
-                            widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact)
-        print(table(rows, ["dtype", "context", "width", "ms", "ratio"]))
+                            widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact,
+                            modes=a.modes.split(",") if a.modes else None)
+        print(table(rows, ["dtype", "context", "width", "ms", "ratio"]
+                    + (["mode", "vs_default"] if a.modes and "," in a.modes else [])))
     else:
         raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")
     print(json.dumps({"bench": a.bench_cmd, "device": str(a.device),
