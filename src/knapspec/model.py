@@ -178,19 +178,14 @@ class ForwardOut:
 
 
 def _row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                             mask: torch.Tensor | None) -> torch.Tensor:
+                             mask: torch.Tensor) -> torch.Tensor:
     """Attention as two matrix products and a softmax, the way transformers' eager attention does
-    it: ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
-    ``mask: [R, S]`` or None -> ``[B, Hkv, R, D]``.
-
-    The fused SDPA kernel's result for a query row depends on how many rows the pass has, so in
-    bfloat16 a verification pass over several tokens rounds differently from the one-token steps
-    of autoregressive decoding, and exact ties can resolve differently. Here each row goes through
-    the same products whatever the row count (checked for oneDNN on AVX-512: bit-identical rows
-    for 3 and 24 rows, 100-4000 keys; docs/benchmarks.md), so with row-invariant linear kernels
-    speculative output equals autoregressive output bit for bit. Scores are rounded to the model's
-    dtype before the softmax (which computes in float32), as in transformers' eager path. Used in
-    exact mode (``Model.set_row_invariant``)."""
+    it (scores rounded to the model's dtype, the softmax computed in float32): ``qg: [B, Hkv, R, D]``
+    (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive ``mask: [R, S]`` ->
+    ``[B, Hkv, R, D]``. Used in exact mode (``Model.set_row_invariant``): called with every key
+    slot of the cache (S = capacity) and rows padded to ``_MIN_ROWS``, each row's result is the
+    same whatever the number of rows in the call, which the fused SDPA kernel's is not (measured
+    bit for bit; docs/benchmarks.md, "Exact mode")."""
     r = qg.shape[2]
     q = qg * (1.0 / math.sqrt(qg.shape[-1]))
     if r < _MIN_ROWS:                     # fewer rows take another kernel path: pad, drop after
@@ -351,8 +346,9 @@ class Model:
         depends on the row count), over every key slot of the cache with the later ones masked (so
         that the sums have the same length in a step and in a pass), and products with fewer than
         4 rows are padded to 4 (oneDNN and MKL take another reduction order for 1-3 rows). Measured
-        on this project's CPU, not guaranteed by the kernels' documentation; costs ~10% per step
-        there (docs/benchmarks.md)."""
+        on this project's CPU, not guaranteed by the kernels' documentation. Cost there: 17-24% per
+        pass at 128 tokens of context; at 4k none for one token, and passes over several tokens
+        are faster (docs/benchmarks.md, "Exact mode")."""
         self.row_invariant = bool(enable)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
