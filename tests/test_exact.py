@@ -27,12 +27,13 @@ def _exact_tiny(kind: str, dtype: str, root):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])   # mistral: sliding window
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, tmp_path):
+@pytest.mark.parametrize("capacity", [64, 300])      # fused kernel on small caches, products on large
+def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, capacity, tmp_path):
     m = _exact_tiny(kind, dtype, tmp_path)
     assert m.row_invariant
     torch.manual_seed(1)
     toks = torch.randint(3, 128, (1, 60))
-    cache = m.new_cache(64)
+    cache = m.new_cache(capacity)
     for p in (5, 37):
         m.forward(toks[:, :p], 0, cache, logits=False)
         steps = [m.forward(toks[:, p + j:p + j + 1], p + j, cache, capture=True) for j in range(10)]

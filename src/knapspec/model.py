@@ -201,6 +201,28 @@ def _row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.T
 # bits; 4..32 rows agree), so exact mode pads them to this many rows.
 _MIN_ROWS = 4
 
+# Exact mode on a small cache: the fused kernel is row-invariant too when every call has its
+# query rows padded to whole blocks of the kernel's query split (32 rows below 192) and spans the
+# same keys, and it is cheaper there than two products and a softmax (measured: ~1.9 against
+# ~4.8 ms for 30 layers at 128 keys); on larger caches the padded rows cost more than they save.
+_FUSED_EXACT_MAX_KEYS = 256
+_FUSED_BLOCK = 32
+_FUSED_MAX_ROWS = 160
+
+
+def _fused_row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                                   mask: torch.Tensor) -> torch.Tensor:
+    """Exact mode's attention on a small cache: the fused kernel with the query rows padded to
+    whole blocks of ``_FUSED_BLOCK`` (padded rows copy the first row's mask) over every key slot.
+    Shapes as in :func:`_row_invariant_attention`."""
+    b, h, r, d = qg.shape
+    rows = _FUSED_BLOCK * -(-r // _FUSED_BLOCK)
+    if rows > r:
+        qg = torch.cat([qg, qg.new_zeros(b, h, rows - r, d)], dim=2)
+        mask = torch.cat([mask, mask[:1].expand(rows - r, -1)])
+    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    return o if rows == r else o[:, :, :r].contiguous()
+
 
 @dataclass
 class _Layer:
@@ -457,7 +479,10 @@ class Model:
                 # order of summation, are the same for a one-token step and a verification pass
                 keys, vals = cache.view(i, cache.capacity)
                 mask = self._sdpa_mask(i, start, t, cache.capacity, g, always=True)
-                o = _row_invariant_attention(qg, keys, vals, mask)
+                if cache.capacity <= _FUSED_EXACT_MAX_KEYS and g * t <= _FUSED_MAX_ROWS:
+                    o = _fused_row_invariant_attention(qg, keys, vals, mask)
+                else:
+                    o = _row_invariant_attention(qg, keys, vals, mask)
             else:
                 keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
                 mask = self._sdpa_mask(i, start, t, keys.shape[2], g)   # [G*T, S] or None
