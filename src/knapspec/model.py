@@ -368,9 +368,9 @@ class Model:
         depends on the row count), over every key slot of the cache with the later ones masked (so
         that the sums have the same length in a step and in a pass), and products with fewer than
         4 rows are padded to 4 (oneDNN and MKL take another reduction order for 1-3 rows). Measured
-        on this project's CPU, not guaranteed by the kernels' documentation. Cost there: 17-24% per
-        pass at 128 tokens of context; at 4k none for one token, and passes over several tokens
-        are faster (docs/benchmarks.md, "Exact mode")."""
+        on this project's CPU, not guaranteed by the kernels' documentation. Cost there: up to
+        ~20% per pass at 128 tokens of context; at 4k it is 10-20% faster than the fused kernel
+        (docs/benchmarks.md, "Exact mode")."""
         self.row_invariant = bool(enable)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
