@@ -181,7 +181,8 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
 
     ``exact``: compute each token the same way whether it comes alone or in a verification pass
     (``Model.set_row_invariant``), so that every strategy's greedy output is bit-identical to
-    autoregressive decoding in bfloat16 too, not only in float32; ~10% slower per step here."""
+    autoregressive decoding in bfloat16 too, not only in float32; here up to ~20% slower per
+    step at short contexts and 10-20% faster at 4k tokens (docs/benchmarks.md)."""
     device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
