@@ -177,25 +177,6 @@ class ForwardOut:
     last_hidden: torch.Tensor | None = None  # [B, T, H] final residual stream (before the norm)
 
 
-def _row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                             mask: torch.Tensor) -> torch.Tensor:
-    """Attention as two matrix products and a softmax, the way transformers' eager attention does
-    it (scores rounded to the model's dtype, the softmax computed in float32): ``qg: [B, Hkv, R, D]``
-    (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive ``mask: [R, S]`` ->
-    ``[B, Hkv, R, D]``. Used in exact mode (``Model.set_row_invariant``): called with every key
-    slot of the cache (S = capacity) and rows padded to ``_MIN_ROWS``, each row's result is the
-    same whatever the number of rows in the call, which the fused SDPA kernel's is not (measured
-    bit for bit; docs/benchmarks.md, "Exact mode")."""
-    r = qg.shape[2]
-    q = qg * (1.0 / math.sqrt(qg.shape[-1]))
-    if r < _MIN_ROWS:                     # fewer rows take another kernel path: pad, drop after
-        q = torch.cat([q, q.new_zeros(*q.shape[:2], _MIN_ROWS - r, q.shape[3])], dim=2)
-        mask = torch.cat([mask, mask[:1].expand(_MIN_ROWS - r, -1)])
-    scores = torch.matmul(q, keys.transpose(-1, -2)) + mask             # [B, Hkv, R, S]
-    o = torch.matmul(torch.softmax(scores, dim=-1), vals)
-    return o if r >= _MIN_ROWS else o[:, :, :r].contiguous()
-
-
 # Matrix products with fewer rows than this take a different reduction order in oneDNN / MKL on
 # this project's CPU (measured: float32 products with 1-3 rows differ from 4+ rows in the last
 # bits; 4..32 rows agree), so exact mode pads them to this many rows.
@@ -210,17 +191,32 @@ _FUSED_BLOCK = 32
 _FUSED_MAX_ROWS = 160
 
 
-def _fused_row_invariant_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                                   mask: torch.Tensor) -> torch.Tensor:
-    """Exact mode's attention on a small cache: the fused kernel with the query rows padded to
-    whole blocks of ``_FUSED_BLOCK`` (padded rows copy the first row's mask) over every key slot.
-    Shapes as in :func:`_row_invariant_attention`."""
+def _exact_block(capacity: int, rows: int) -> int:
+    """Exact mode's attention path for a cache of ``capacity`` slots and ``rows`` grouped query
+    rows, as the multiple the rows are padded to: ``_FUSED_BLOCK`` = the fused kernel,
+    ``_MIN_ROWS`` = two products and a softmax. Depends on the capacity (fixed for a generation)
+    for every pass up to ``_FUSED_MAX_ROWS`` rows."""
+    return _FUSED_BLOCK if capacity <= _FUSED_EXACT_MAX_KEYS and rows <= _FUSED_MAX_ROWS else _MIN_ROWS
+
+
+def _exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor,
+                     block: int) -> torch.Tensor:
+    """Exact mode's attention (``Model.set_row_invariant``): ``qg: [B, Hkv, R, D]`` (R = grouped
+    query rows), ``keys, vals: [B, Hkv, S, D]`` with S = every slot of the cache, additive ``mask``
+    with its rows already padded to a multiple of ``block`` -> ``[B, Hkv, R, D]``. The query rows
+    are padded the same way, so each row's result is the same whatever the number of rows in the
+    pass (measured bit for bit; docs/benchmarks.md, "Exact mode"). ``block == _FUSED_BLOCK``: the
+    fused kernel; otherwise two products and a softmax, as transformers' eager attention does it
+    (scores rounded to the model's dtype, the softmax computed in float32)."""
     b, h, r, d = qg.shape
-    rows = _FUSED_BLOCK * -(-r // _FUSED_BLOCK)
-    if rows > r:
+    rows = mask.shape[0]
+    if rows > r:                          # padded rows: zeros, dropped after
         qg = torch.cat([qg, qg.new_zeros(b, h, rows - r, d)], dim=2)
-        mask = torch.cat([mask, mask[:1].expand(rows - r, -1)])
-    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    if block == _FUSED_BLOCK:
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    else:
+        scores = torch.matmul(qg * (1.0 / math.sqrt(d)), keys.transpose(-1, -2)) + mask
+        o = torch.matmul(torch.softmax(scores, dim=-1), vals)
     return o if rows == r else o[:, :, :r].contiguous()
 
 
@@ -419,19 +415,24 @@ class Model:
         return m
 
     def _sdpa_mask(self, layer: int, start: int, t: int, s: int, g: int,
-                   always: bool = False) -> torch.Tensor | None:
+                   pad_rows: int = 0) -> torch.Tensor | None:
         """The attention mask as SDPA takes it fastest: additive (0 / -inf) in the model's dtype,
         ``[G*T, S]`` for the grouped query rows; built once and shared by every layer of a forward
-        (a boolean mask would be rebuilt and converted by SDPA in each of the 2L calls)."""
+        (a boolean mask would be rebuilt and converted by SDPA in each of the 2L calls).
+        ``pad_rows`` (exact mode): always a mask, its rows padded to a multiple of ``pad_rows`` by
+        copies of the first."""
         window = self.cfg.window(layer)
-        if t == 1 and (window is None or s <= window) and s == start + 1 and not always:
+        if t == 1 and (window is None or s <= window) and s == start + 1 and not pad_rows:
             return None
-        key = (window, start, t, s, g)
+        key = (window, start, t, s, g, pad_rows)
         m = self._sdpa_masks.get(key)
         if m is None:
-            allowed = self._mask(layer, start, t, s, always=always)
+            allowed = self._mask(layer, start, t, s, always=bool(pad_rows))
             if g > 1:
                 allowed = allowed.repeat(g, 1)
+            if pad_rows:
+                extra = -allowed.shape[0] % pad_rows
+                allowed = torch.cat([allowed, allowed[:1].expand(extra, -1)])
             m = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
             m.masked_fill_(~allowed, float("-inf"))
             if len(self._sdpa_masks) >= 4:
@@ -478,11 +479,9 @@ class Model:
                 # every key slot of the cache, later ones masked: the shapes, and so the kernels'
                 # order of summation, are the same for a one-token step and a verification pass
                 keys, vals = cache.view(i, cache.capacity)
-                mask = self._sdpa_mask(i, start, t, cache.capacity, g, always=True)
-                if cache.capacity <= _FUSED_EXACT_MAX_KEYS and g * t <= _FUSED_MAX_ROWS:
-                    o = _fused_row_invariant_attention(qg, keys, vals, mask)
-                else:
-                    o = _row_invariant_attention(qg, keys, vals, mask)
+                block = _exact_block(cache.capacity, g * t)
+                mask = self._sdpa_mask(i, start, t, cache.capacity, g, pad_rows=block)
+                o = _exact_attention(qg, keys, vals, mask, block)
             else:
                 keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
                 mask = self._sdpa_mask(i, start, t, keys.shape[2], g)   # [G*T, S] or None
