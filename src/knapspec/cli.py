@@ -60,6 +60,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(measured: up to ~20%% slower at short contexts, faster at 4k)")
 
 
+def _load_model(a: argparse.Namespace):
+    """Load the model that the arguments of :func:`_add_model_args` name."""
+    from .api import load
+    return load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+
+
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     from .strategies import REGISTRY
     p.add_argument("--strategy", default=None,
@@ -210,11 +216,10 @@ def _check_strategy(name: str | None) -> None:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .api import load
     _check_strategy(a.strategy)
     if a.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    llm = _load_model(a)
     from .bench import frozen_gc
     with frozen_gc():    # what is loaded lives to the end: no full collection over it mid-decoding
         return _generate(a, llm)
@@ -246,9 +251,8 @@ def _generate(a: argparse.Namespace, llm: Any) -> int:
 
 
 def _cmd_profile(a: argparse.Namespace) -> int:
-    from .api import load
     from .latency import get_latency_model, profile_path
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    llm = _load_model(a)
     lm = get_latency_model(llm.model, quick=a.quick, force=a.force, progress=True)
     ctx = [c for c in (128, 1024, 4096, 8192) if c < llm.model.cfg.max_position]
     print(f"latency profile: {profile_path(lm.key)}")
@@ -273,7 +277,6 @@ CALIBRATED = ("draft-verify", "knn-ssd", "vocab")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
-    from .api import load
     from .bench import expand_datasets
     from .datasets import data_dir, load_dataset
     if a.strategy not in CALIBRATED:
@@ -289,7 +292,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         prompts += load_dataset(spec, root=root)[-n:]
     if a.out and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give a file name, e.g. {a.out}/calibration.json")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    llm = _load_model(a)
     ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
     if a.strategy == "draft-verify":
         from .strategies.draft_verify import calibrate
@@ -325,7 +328,6 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .api import load
     from .bench import category_table, headline, markdown_table, parse_variant, run_side_by_side, summarize
     from .datasets import data_dir
     from .plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
@@ -339,7 +341,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    llm = _load_model(a)
     common: dict[str, Any] = {} if a.max_draft is None else {"max_draft": a.max_draft}
     opts = {s: dict(common) for s in strategies}
     for s in strategies:                           # static and its variants (static:threshold=0.3)
@@ -396,11 +398,10 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench_tpt(a: argparse.Namespace) -> int:
-    from .api import load
     from .bench import bench_tpt, ints, pearson, table
     from .datasets import data_dir
     root = data_dir(a.data)
-    llm = load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    llm = _load_model(a)
     rows = bench_tpt(llm, contexts=ints(a.contexts), n=a.n, new_tokens=a.new_tokens, plans=a.plans,
                      window=a.window, root=root)
     print(table(rows, ["context", "prompt_tokens", "skipped", "d", "alpha", "predicted_tps", "predicted_post",

@@ -359,11 +359,13 @@ class Model:
     def set_row_invariant(self, enable: bool = True) -> None:
         """Exact mode: compute every token's row of a forward the same way whatever the number of
         tokens in the pass, so that a verification pass over several tokens gives bit-identical
-        results to the one-token steps of autoregressive decoding, in any dtype. Attention runs as
-        two matrix products and a softmax instead of the fused kernel (whose result for a row
-        depends on the row count), over every key slot of the cache with the later ones masked (so
-        that the sums have the same length in a step and in a pass), and products with fewer than
-        4 rows are padded to 4 (oneDNN and MKL take another reduction order for 1-3 rows). Measured
+        results to the one-token steps of autoregressive decoding, in any dtype. Attention spans
+        every key slot of the cache with the later ones masked (so that the sums have the same
+        length in a step and in a pass) and pads its query rows to fixed blocks (the fused kernel's
+        result for a row depends on the row count): the fused kernel on caches up to
+        ``_FUSED_EXACT_MAX_KEYS`` slots, two matrix products and a softmax on larger ones (see
+        ``_exact_attention``). Products with fewer than 4 rows are padded to 4 (oneDNN and MKL
+        take another reduction order for 1-3 rows). Measured
         on this project's CPU, not guaranteed by the kernels' documentation. Cost there: up to
         ~20% per pass at 128 tokens of context; at 4k it is 10-20% faster than the fused kernel
         (docs/benchmarks.md, "Exact mode")."""
