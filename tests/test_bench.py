@@ -336,12 +336,12 @@ def test_category_table_compares_the_last_strategy_with_the_best_other():
 def test_bench_verify_times_both_modes_on_the_same_weights(tiny_folder):
     from knapspec.bench import bench_verify
     rows = bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1, 4],
-                        repeats=2, dtypes=["float32"], modes=["default", "exact"])
-    assert [(r["mode"], r["width"]) for r in rows] == [("default", 1), ("default", 4), ("exact", 1), ("exact", 4)]
+                        repeats=2, dtypes=["float32"], modes=["fused", "exact"])
+    assert [(r["mode"], r["width"]) for r in rows] == [("fused", 1), ("fused", 4), ("exact", 1), ("exact", 4)]
     assert all(r["ms"] > 0 for r in rows)
     assert rows[0]["ratio"] == rows[2]["ratio"] == 1.0
-    assert rows[0]["vs_default"] == rows[1]["vs_default"] == 1.0
-    assert rows[3]["vs_default"] == pytest.approx(rows[3]["ms"] / rows[1]["ms"])
+    assert rows[0]["vs_fused"] == rows[1]["vs_fused"] == 1.0
+    assert rows[3]["vs_fused"] == pytest.approx(rows[3]["ms"] / rows[1]["ms"])
     (one,) = bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1], repeats=1,
                           dtypes=["float32"])
     assert "mode" not in one and one["ratio"] == 1.0

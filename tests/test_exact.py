@@ -27,30 +27,36 @@ def _exact_tiny(kind: str, dtype: str, root):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])   # mistral: sliding window
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("capacity", [64, 300])      # fused kernel on small caches, products on large
-def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, capacity, tmp_path):
+def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, tmp_path):
+    """Steps and passes on caches of different capacities; passes that cross a 64-key span boundary
+    (58 + 10) and the switch from the fused kernel to plain products (505 + 10 crosses 512)."""
     m = _exact_tiny(kind, dtype, tmp_path)
     assert m.row_invariant
     torch.manual_seed(1)
-    toks = torch.randint(3, 128, (1, 60))
-    cache = m.new_cache(capacity)
-    for p in (5, 37):
-        m.forward(toks[:, :p], 0, cache, logits=False)
-        steps = [m.forward(toks[:, p + j:p + j + 1], p + j, cache, capture=True) for j in range(10)]
+    toks = torch.randint(3, 128, (1, 600))
+    for p, (cap_steps, cap_pass) in ((5, (40, 300)), (37, (64, 100)), (58, (70, 200)), (505, (530, 700))):
+        ca, cb = m.new_cache(cap_steps), m.new_cache(cap_pass)
+        assert ca.capacity % 64 == 0 and ca.capacity != cb.capacity
+        for cache in (ca, cb):
+            m.forward(toks[:, :p], 0, cache, logits=False)
+        steps = [m.forward(toks[:, p + j:p + j + 1], p + j, ca, capture=True) for j in range(10)]
         hidden = torch.cat([s.hidden for s in steps], dim=2)           # [2L+1, B, 10, H]
         logits = torch.cat([s.logits for s in steps], dim=1)
         for width in range(2, 11):
-            cache.rollback(p)
-            out = m.forward(toks[:, p:p + width], p, cache, capture=True)
+            out = m.forward(toks[:, p:p + width], p, cb, capture=True)
             assert torch.equal(out.hidden, hidden[:, :, :width]), f"p={p} width={width}"
             assert torch.equal(out.logits, logits[:, :width]), f"p={p} width={width}"
 
 
-def test_load_turns_exact_mode_on_only_when_asked(tmp_path):
+def test_exact_mode_is_the_default_on_a_cpu(tmp_path):
     import knapspec
+    from knapspec.cli import _load_model, build_parser
     folder = save_tiny("llama", tmp_path / "tiny")
-    assert knapspec.load(str(folder), dtype="bfloat16").model.row_invariant is False
-    assert knapspec.load(str(folder), dtype="bfloat16", exact=True).model.row_invariant is True
+    assert knapspec.load(str(folder), dtype="bfloat16").model.row_invariant is True
+    assert knapspec.load(str(folder), dtype="bfloat16", exact=False).model.row_invariant is False
+    for flag, on in (([], True), (["--no-exact"], False), (["--exact"], True)):
+        args = build_parser().parse_args(["generate", "--model", str(folder), "--prompt", "hi", *flag])
+        assert _load_model(args).model.row_invariant is on, flag
 
 
 class _Cycle(Strategy):

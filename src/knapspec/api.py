@@ -172,7 +172,7 @@ def _available_memory() -> float:
 
 
 def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", device: str = "cpu",
-         threads: int | None = None, pack: bool | None = None, exact: bool = False) -> LLM:
+         threads: int | None = None, pack: bool | None = None, exact: bool | None = None) -> LLM:
     """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
 
     ``pack``: prepack the linear weights for oneDNN's kernels on CPU (see ``Model.pack_weights``;
@@ -181,8 +181,9 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
 
     ``exact``: compute each token the same way whether it comes alone or in a verification pass
     (``Model.set_row_invariant``), so that every strategy's greedy output is bit-identical to
-    autoregressive decoding in bfloat16 too, not only in float32; here up to ~20% slower per
-    step at short contexts and 10-20% faster at 4k tokens (docs/benchmarks.md)."""
+    autoregressive decoding in any dtype (in bfloat16 the fused default could differ at near-ties).
+    None (default) = on for a CPU, where it is measured bit-identical and as fast or faster
+    (docs/benchmarks.md, "Exact mode"); off elsewhere, where it has not been measured."""
     device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
@@ -191,6 +192,6 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
     if pack is None:
         pack = m.weight_bytes() <= _available_memory() / 4
     m.pack_weights(pack)
-    m.set_row_invariant(exact)
+    m.set_row_invariant(device == "cpu" if exact is None else exact)
     tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)

@@ -67,7 +67,7 @@ def decode_rate(stamps: list[float]) -> float:
 
 
 def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-             new_tokens: int, repeats: int, dtypes: list[str], exact: bool = False) -> list[dict]:
+             new_tokens: int, repeats: int, dtypes: list[str], exact: bool | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from .api import load, resolve_dtype
@@ -125,19 +125,21 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
 
 
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-                 widths: list[int], repeats: int, dtypes: list[str], exact: bool = False,
+                 widths: list[int], repeats: int, dtypes: list[str], exact: bool | None = None,
                  modes: list[str] | None = None) -> list[dict]:
-    """One full-model pass over n tokens vs a 1-token step. ``modes``: "default" and/or "exact"
-    (``Model.set_row_invariant``), timed interleaved on the same weights and cache."""
+    """One full-model pass over n tokens vs a 1-token step. ``modes``: "exact" and/or "fused"
+    (``Model.set_row_invariant`` on / off), timed interleaved on the same weights and cache;
+    None = the mode ``exact`` gives (None: the device's default)."""
     from .api import load
-    modes = modes or (["exact"] if exact else ["default"])
-    for mode in modes:
-        if mode not in ("default", "exact"):
-            raise ValueError(f"unknown mode {mode!r}: choose default or exact")
+    for mode in modes or []:
+        if mode not in ("exact", "fused"):
+            raise ValueError(f"unknown mode {mode!r}: choose exact or fused")
     rows = []
     for dt in dtypes:
-        llm = load(model, dtype=dt, device=device, threads=threads)
+        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
         m = llm.model
+        if not modes:
+            modes = ["exact" if m.row_invariant else "fused"]
         dev = m.device
         for ctx in contexts:
             ids = context_ids(llm.tokenizer, ctx)
@@ -165,15 +167,15 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
                 row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, w],
                            ratio=med[mode, w] / med[mode, widths[0]])
                 if len(modes) > 1:
-                    row = dict(row, mode=mode, vs_default=med[mode, w] / med["default", w]
-                               if "default" in modes else None)
+                    row = dict(row, mode=mode, vs_fused=med[mode, w] / med["fused", w]
+                               if "fused" in modes else None)
                 rows.append(row)
 
     return rows
 
 
 def bench_latency(model: str | None, *, device: str, threads: int | None, contexts: list[int],
-                  n_plans: int, repeats: int, quick: bool, exact: bool = False) -> list[dict]:
+                  n_plans: int, repeats: int, quick: bool, exact: bool | None = None) -> list[dict]:
     """Real decoding steps (random plans, 1 token; full plan, 4 and 8 tokens) vs the prediction."""
     import random
 

@@ -182,42 +182,41 @@ class ForwardOut:
 # bits; 4..32 rows agree), so exact mode pads them to this many rows.
 _MIN_ROWS = 4
 
-# Exact mode on a small cache: the fused kernel is row-invariant too when every call has its
-# query rows padded to whole blocks of the kernel's query split (32 rows below 192) and spans the
-# same keys, and it is cheaper there than two products and a softmax (measured: ~1.9 against
-# ~4.8 ms for 30 layers at 128 keys); on larger caches the padded rows cost more than they save.
-_FUSED_EXACT_MAX_KEYS = 256
-_FUSED_BLOCK = 32
-_FUSED_MAX_ROWS = 160
+# Exact mode's attention spans, for the query at position p, the key slots 0 .. S-1 with
+# S = p + 1 rounded up to a multiple of _SPAN_CHUNK (later slots masked): the same S whether the
+# query comes alone or in a pass, whose rows are split where S changes. A row's result depends on S
+# (the kernels group their sums by the number of keys, and choose other kernels at some sizes,
+# e.g. 192 keys for the fused one and 1024 for the products, measured), and on the number of rows
+# only below _MIN_ROWS. Up to _FUSED_EXACT_MAX_KEYS keys the fused kernel runs, beyond two products
+# and a softmax (faster at long contexts; docs/benchmarks.md, "Exact mode").
+_SPAN_CHUNK = 64
+_FUSED_EXACT_MAX_KEYS = 512
 
 
-def _exact_block(capacity: int, rows: int) -> int:
-    """Exact mode's attention path for a cache of ``capacity`` slots and ``rows`` grouped query
-    rows, as the multiple the rows are padded to: ``_FUSED_BLOCK`` = the fused kernel,
-    ``_MIN_ROWS`` = two products and a softmax. Depends on the capacity (fixed for a generation)
-    for every pass up to ``_FUSED_MAX_ROWS`` rows."""
-    return _FUSED_BLOCK if capacity <= _FUSED_EXACT_MAX_KEYS and rows <= _FUSED_MAX_ROWS else _MIN_ROWS
+def _exact_span(pos: int, capacity: int) -> int:
+    """Exact mode: the number of key slots the query at position ``pos`` attends over."""
+    return min(capacity, (pos // _SPAN_CHUNK + 1) * _SPAN_CHUNK)
 
 
-def _exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor,
-                     block: int) -> torch.Tensor:
-    """Exact mode's attention (``Model.set_row_invariant``): ``qg: [B, Hkv, R, D]`` (R = grouped
-    query rows), ``keys, vals: [B, Hkv, S, D]`` with S = every slot of the cache, additive ``mask``
-    with its rows already padded to a multiple of ``block`` -> ``[B, Hkv, R, D]``. The query rows
-    are padded the same way, so each row's result is the same whatever the number of rows in the
-    pass (measured bit for bit; docs/benchmarks.md, "Exact mode"). ``block == _FUSED_BLOCK``: the
-    fused kernel; otherwise two products and a softmax, as transformers' eager attention does it
-    (scores rounded to the model's dtype, the softmax computed in float32)."""
+def _exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Exact mode's attention (``Model.set_row_invariant``) for rows that share one key span S:
+    ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
+    ``mask`` with its rows already padded to a multiple of ``_MIN_ROWS`` -> ``[B, Hkv, R, D]``. The
+    query rows are padded the same way, so each row's result is the same whatever the number of
+    rows in the pass (measured bit for bit; docs/benchmarks.md, "Exact mode"). The path (fused
+    kernel, or two products and a softmax as transformers' eager attention does it: scores rounded
+    to the model's dtype, the softmax computed in float32) depends on S only."""
     b, h, r, d = qg.shape
-    rows = mask.shape[0]
+    rows, s = mask.shape
     if rows > r:                          # padded rows: zeros, dropped after
         qg = torch.cat([qg, qg.new_zeros(b, h, rows - r, d)], dim=2)
-    if block == _FUSED_BLOCK:
+    if s <= _FUSED_EXACT_MAX_KEYS:
         o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
     else:
         scores = torch.matmul(qg * (1.0 / math.sqrt(d)), keys.transpose(-1, -2)) + mask
         o = torch.matmul(torch.softmax(scores, dim=-1), vals)
-    return o if rows == r else o[:, :, :r].contiguous()
+    return o if rows == r else o[:, :, :r]
 
 
 @dataclass
@@ -321,6 +320,8 @@ class Model:
         return self.embed if self._lm_head is None else self._lm_head   # [V, H]
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        if self.row_invariant:            # whole key spans (_exact_span), whatever was asked for
+            capacity = -(-capacity // _SPAN_CHUNK) * _SPAN_CHUNK
         return KVCache(n_layers=self.cfg.n_layers, n_kv_heads=self.cfg.n_kv_heads,
                        head_dim=self.cfg.head_dim, capacity=capacity, dtype=self.dtype,
                        device=self.device, batch=batch)
@@ -359,16 +360,17 @@ class Model:
     def set_row_invariant(self, enable: bool = True) -> None:
         """Exact mode: compute every token's row of a forward the same way whatever the number of
         tokens in the pass, so that a verification pass over several tokens gives bit-identical
-        results to the one-token steps of autoregressive decoding, in any dtype. Attention spans
-        every key slot of the cache with the later ones masked (so that the sums have the same
-        length in a step and in a pass) and pads its query rows to fixed blocks (the fused kernel's
-        result for a row depends on the row count): the fused kernel on caches up to
-        ``_FUSED_EXACT_MAX_KEYS`` slots, two matrix products and a softmax on larger ones (see
-        ``_exact_attention``). Products with fewer than 4 rows are padded to 4 (oneDNN and MKL
-        take another reduction order for 1-3 rows). Measured
-        on this project's CPU, not guaranteed by the kernels' documentation. Cost there: up to
-        ~20% per pass at 128 tokens of context; at 4k it is 10-20% faster than the fused kernel
-        (docs/benchmarks.md, "Exact mode")."""
+        results to the one-token steps of autoregressive decoding, in any dtype. The query at
+        position p attends over the key slots up to p + 1 rounded up to a multiple of 64, the later
+        ones masked, whether it comes alone or in a pass (a pass is split where that span changes;
+        the kernels' sums depend on the number of keys); the fused kernel up to
+        ``_FUSED_EXACT_MAX_KEYS`` keys, two matrix products and a softmax beyond (see
+        ``_exact_attention``). Products with fewer than 4 rows, attention's included, are padded to
+        4 (oneDNN and MKL take another reduction order for 1-3 float32 rows). Measured on this
+        project's CPU, not guaranteed by the kernels' documentation; there it is as fast as the
+        fused default at short contexts and faster at long ones (docs/benchmarks.md, "Exact mode").
+        Caches made by :meth:`new_cache` while it is on have a capacity rounded up to a multiple
+        of 64, so that the spans do not depend on the capacity asked for."""
         self.row_invariant = bool(enable)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -437,7 +439,8 @@ class Model:
                 allowed = torch.cat([allowed, allowed[:1].expand(extra, -1)])
             m = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
             m.masked_fill_(~allowed, float("-inf"))
-            if len(self._sdpa_masks) >= 4:
+            # a forward needs one mask (exact mode: one per key span of the pass)
+            if len(self._sdpa_masks) >= 64 or sum(x.numel() for x in self._sdpa_masks.values()) > 1 << 24:
                 self._sdpa_masks.clear()
             self._sdpa_masks[key] = m
         return m
@@ -473,25 +476,41 @@ class Model:
         k = k.transpose(1, 2)                                            # [B, Hkv, T, D]
         v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
         g = hq // hkv
-        # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
-        qg = q.reshape(b, hkv, g * t, d)
         if write:
             cache.write(i, start, k, v)
-            if self.row_invariant:
-                # every key slot of the cache, later ones masked: the shapes, and so the kernels'
-                # order of summation, are the same for a one-token step and a verification pass
-                keys, vals = cache.view(i, cache.capacity)
-                block = _exact_block(cache.capacity, g * t)
-                mask = self._sdpa_mask(i, start, t, cache.capacity, g, pad_rows=block)
-                o = _exact_attention(qg, keys, vals, mask, block)
-            else:
+        if write and self.row_invariant:
+            o = self._exact_pass_attention(i, q, start, cache)              # [B, Hq, T, D]
+        else:
+            # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
+            qg = q.reshape(b, hkv, g * t, d)
+            if write:
                 keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
                 mask = self._sdpa_mask(i, start, t, keys.shape[2], g)   # [G*T, S] or None
                 o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
-        else:
-            o = self._branch_attention(i, qg, k, v, start, cache)
-        o = o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+            else:
+                o = self._branch_attention(i, qg, k, v, start, cache)
+        o = o.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
         return x + self.linear(o, L.wo)
+
+    def _exact_pass_attention(self, i: int, q: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """Exact mode's attention of ``q: [B, Hq, T, D]`` at positions ``start..`` -> ``[B, Hq, T, D]``:
+        each query row over the key span :func:`_exact_span` gives its position, the same span as
+        in a one-token step, so a pass is split where the span changes (at most once for a pass
+        shorter than ``_SPAN_CHUNK``)."""
+        b, hq, t, d = q.shape
+        hkv = self.cfg.n_kv_heads
+        g = hq // hkv
+        outs = []
+        a = 0
+        while a < t:
+            span = _exact_span(start + a, cache.capacity)
+            e = min(t, span - start)                    # the tokens before `span` share it
+            qg = q[:, :, a:e].reshape(b, hkv, g * (e - a), d)
+            keys, vals = cache.view(i, span)
+            mask = self._sdpa_mask(i, start + a, e - a, span, g, pad_rows=_MIN_ROWS)
+            outs.append(_exact_attention(qg, keys, vals, mask).reshape(b, hq, e - a, d))
+            a = e
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _branch_attention(self, i: int, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                           cache: KVCache) -> torch.Tensor:
