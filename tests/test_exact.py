@@ -29,12 +29,12 @@ def _exact_tiny(kind: str, dtype: str, root):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, tmp_path):
     """Steps and passes on caches of different capacities; passes that cross a 64-key span boundary
-    (58 + 10) and the switch from the fused kernel to plain products (505 + 10 crosses 512)."""
+    (58 + 10) and the switch from the fused kernel to plain products (1015 + 10 crosses 1024)."""
     m = _exact_tiny(kind, dtype, tmp_path)
     assert m.row_invariant
     torch.manual_seed(1)
-    toks = torch.randint(3, 128, (1, 600))
-    for p, (cap_steps, cap_pass) in ((5, (40, 300)), (37, (64, 100)), (58, (70, 200)), (505, (530, 700))):
+    toks = torch.randint(3, 128, (1, 1100))
+    for p, (cap_steps, cap_pass) in ((5, (40, 300)), (37, (64, 100)), (58, (70, 200)), (1015, (1030, 1100))):
         ca, cb = m.new_cache(cap_steps), m.new_cache(cap_pass)
         assert ca.capacity % 64 == 0 and ca.capacity != cb.capacity
         for cache in (ca, cb):

@@ -190,7 +190,7 @@ _MIN_ROWS = 4
 # only below _MIN_ROWS. Up to _FUSED_EXACT_MAX_KEYS keys the fused kernel runs, beyond two products
 # and a softmax (faster at long contexts; docs/benchmarks.md, "Exact mode").
 _SPAN_CHUNK = 64
-_FUSED_EXACT_MAX_KEYS = 512
+_FUSED_EXACT_MAX_KEYS = 1024
 
 
 def _exact_span(pos: int, capacity: int) -> int:
