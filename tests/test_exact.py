@@ -29,7 +29,7 @@ def _exact_tiny(kind: str, dtype: str, root):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dtype, tmp_path):
     """Steps and passes on caches of different capacities; passes that cross a 64-key span boundary
-    (58 + 10) and the switch from the fused kernel to plain products (1015 + 10 crosses 1024)."""
+    (58 + 10, 1015 + 10), with the cache sliced at other lengths than its capacity."""
     m = _exact_tiny(kind, dtype, tmp_path)
     assert m.row_invariant
     torch.manual_seed(1)

@@ -184,13 +184,10 @@ _MIN_ROWS = 4
 
 # Exact mode's attention spans, for the query at position p, the key slots 0 .. S-1 with
 # S = p + 1 rounded up to a multiple of _SPAN_CHUNK (later slots masked): the same S whether the
-# query comes alone or in a pass, whose rows are split where S changes. A row's result depends on S
-# (the kernels group their sums by the number of keys, and choose other kernels at some sizes,
-# e.g. 192 keys for the fused one and 1024 for the products, measured), and on the number of rows
-# only below _MIN_ROWS. Up to _FUSED_EXACT_MAX_KEYS keys the fused kernel runs, beyond two products
-# and a softmax (faster at long contexts; docs/benchmarks.md, "Exact mode").
+# query comes alone or in a pass, whose rows are split where S changes. The fused kernel's result
+# for a row depends on S (it groups its sums by the number of keys, and picks other block sizes at
+# some key counts, e.g. 192, measured) and, in float32, on the number of rows below _MIN_ROWS.
 _SPAN_CHUNK = 64
-_FUSED_EXACT_MAX_KEYS = 1024
 
 
 def _exact_span(pos: int, capacity: int) -> int:
@@ -204,18 +201,16 @@ def _exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
     ``mask`` with its rows already padded to a multiple of ``_MIN_ROWS`` -> ``[B, Hkv, R, D]``. The
     query rows are padded the same way, so each row's result is the same whatever the number of
-    rows in the pass (measured bit for bit; docs/benchmarks.md, "Exact mode"). The path (fused
-    kernel, or two products and a softmax as transformers' eager attention does it: scores rounded
-    to the model's dtype, the softmax computed in float32) depends on S only."""
+    rows in the pass (measured bit for bit; docs/benchmarks.md, "Exact mode").
+
+    The fused kernel at every span: two products and a softmax were faster at 4k keys only on a
+    contiguous slice of keys, while the cache's slices are strided (capacity > span) and bfloat16
+    products copy them first (measured 2-3x slower; the fused kernel reads them in place)."""
     b, h, r, d = qg.shape
-    rows, s = mask.shape
+    rows = mask.shape[0]
     if rows > r:                          # padded rows: zeros, dropped after
         qg = torch.cat([qg, qg.new_zeros(b, h, rows - r, d)], dim=2)
-    if s <= _FUSED_EXACT_MAX_KEYS:
-        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
-    else:
-        scores = torch.matmul(qg * (1.0 / math.sqrt(d)), keys.transpose(-1, -2)) + mask
-        o = torch.matmul(torch.softmax(scores, dim=-1), vals)
+    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
     return o if rows == r else o[:, :, :r]
 
 
@@ -363,12 +358,12 @@ class Model:
         results to the one-token steps of autoregressive decoding, in any dtype. The query at
         position p attends over the key slots up to p + 1 rounded up to a multiple of 64, the later
         ones masked, whether it comes alone or in a pass (a pass is split where that span changes;
-        the kernels' sums depend on the number of keys); the fused kernel up to
-        ``_FUSED_EXACT_MAX_KEYS`` keys, two matrix products and a softmax beyond (see
-        ``_exact_attention``). Products with fewer than 4 rows, attention's included, are padded to
-        4 (oneDNN and MKL take another reduction order for 1-3 float32 rows). Measured on this
-        project's CPU, not guaranteed by the kernels' documentation; there it is as fast as the
-        fused default at short contexts and faster at long ones (docs/benchmarks.md, "Exact mode").
+        the fused kernel's sums depend on the number of keys; see ``_exact_attention``). Products
+        with fewer than 4 rows, attention's included, are padded to 4 (oneDNN and MKL take another
+        reduction order for 1-3 float32 rows, and the packed down projection for 1 bfloat16 row).
+        Measured on this project's CPU, not guaranteed by the kernels' documentation; there it
+        costs a few percent per step at short contexts and makes long prefills faster (each 64-key
+        span attends only to the keys before it) (docs/benchmarks.md, "Exact mode").
         Caches made by :meth:`new_cache` while it is on have a capacity rounded up to a multiple
         of 64, so that the spans do not depend on the capacity asked for."""
         self.row_invariant = bool(enable)
