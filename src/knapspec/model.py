@@ -362,8 +362,8 @@ class Model:
         with fewer than 4 rows, attention's included, are padded to 4 (oneDNN and MKL take another
         reduction order for 1-3 float32 rows, and the packed down projection for 1 bfloat16 row).
         Measured on this project's CPU, not guaranteed by the kernels' documentation; there it
-        costs a few percent per step at short contexts and makes long prefills faster (each 64-key
-        span attends only to the keys before it) (docs/benchmarks.md, "Exact mode").
+        costs up to ~8% per pass at short contexts and nothing measurable at 1k-4k tokens
+        (docs/benchmarks.md, "Exact mode").
         Caches made by :meth:`new_cache` while it is on have a capacity rounded up to a multiple
         of 64, so that the spans do not depend on the capacity asked for."""
         self.row_invariant = bool(enable)
