@@ -89,17 +89,22 @@ def test_sublayer_without_write_matches_batched_branches():
         torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["native", "onednn"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])   # untied / tied head; qkv bias
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.02), (torch.float32, 1e-5)])
-def test_packed_kernels_match_plain_linear(kind, dtype, tol):
-    """On CPU the linear layers use oneDNN's prepacked products where supported; they must compute
-    the same layer as ``F.linear`` (to the dtype's rounding) for 1..10 rows, and a weight replaced
-    after packing must fall back to the plain product, never a stale packed copy."""
+def test_packed_kernels_match_plain_linear(kind, dtype, tol, kernels):
+    """On CPU the linear layers use prepacked products where supported (knapspec's native kernels or
+    oneDNN's); they must compute the same layer as ``F.linear`` (to the dtype's rounding) for 1..10
+    rows, and a weight replaced after packing must fall back to the plain product, never a stale
+    packed copy."""
+    from knapspec import native
     plain = ours_from_hf(build_tiny_hf(kind)).to(dtype)
     packed = ours_from_hf(build_tiny_hf(kind)).to(dtype)
-    if not packed.pack_weights():
+    if kernels == "native" and native.available(dtype) is not None:
+        pytest.skip(f"native kernels unavailable here: {native.available(dtype)}")
+    if not packed.pack_weights(kernels=kernels):
         pytest.skip(f"this CPU's oneDNN has no {dtype} kernels; plain F.linear is used")
-    assert not plain.packed
+    assert not plain.packed and packed.kernels == kernels
     torch.manual_seed(2)
     prompt = torch.randint(3, 128, (1, 10))
     c_plain, c_packed = plain.new_cache(64), packed.new_cache(64)
@@ -122,9 +127,35 @@ def test_load_packs_weights_unless_told_not_to(tmp_path):
     import knapspec
     from conftest import save_tiny
     folder = save_tiny("llama", tmp_path / "tiny")
+    from knapspec import native
     onednn = torch.backends.mkldnn.is_available()
     bf16 = onednn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bf16 = bf16 or native.available(torch.bfloat16) is None
+    onednn = onednn or native.available(torch.float32) is None
     assert knapspec.load(str(folder), dtype="bfloat16").model.packed is bf16
     assert knapspec.load(str(folder), dtype="bfloat16", pack=False).model.packed is False
     assert knapspec.load(str(folder), dtype="float32").model.packed is onednn
     assert knapspec.load(str(folder), dtype="float32", pack=False).model.packed is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_products_are_row_invariant_and_match_float64(dtype):
+    """The native kernels give each row the same bits whatever the number of rows in the product (1..9,
+    i.e. across the kernel's 4-row blocks) and agree with a float64 reference to the inputs'
+    rounding; odd output widths (padded tiles) and a bias included."""
+    from knapspec import native
+    if native.available(dtype) is not None:
+        pytest.skip(f"native kernels unavailable here: {native.available(dtype)}")
+    torch.manual_seed(0)
+    w = (torch.randn(200, 96) * 0.1).to(dtype)
+    b = torch.randn(200).to(dtype)
+    p = native.Packed(w, b)
+    x = torch.randn(9, 96).to(dtype)
+    full = native.linear(x, p, torch.float32)
+    ref = x.double() @ w.double().T + b.double()
+    assert (full.double() - ref).abs().max() < 1e-4
+    for m in range(1, 10):
+        for s in range(0, 10 - m):
+            assert torch.equal(native.linear(x[s:s + m], p, torch.float32), full[s:s + m]), (m, s)
+    if dtype == torch.bfloat16:   # rounded output: the float32 sums rounded to nearest even
+        assert torch.equal(native.linear(x, p), full.to(torch.bfloat16))

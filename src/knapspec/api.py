@@ -172,12 +172,14 @@ def _available_memory() -> float:
 
 
 def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", device: str = "cpu",
-         threads: int | None = None, pack: bool | None = None, exact: bool | None = None) -> LLM:
+         threads: int | None = None, pack: bool | None = None, exact: bool | None = None,
+         kernels: str = "auto") -> LLM:
     """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
 
-    ``pack``: prepack the linear weights for oneDNN's kernels on CPU (see ``Model.pack_weights``;
-    a second copy of those weights). None (default) = when the dtype is float32, or bfloat16 on a
-    supporting CPU, and the copy takes at most a quarter of the available memory.
+    ``pack``: prepack the linear weights on CPU (see ``Model.pack_weights``; a second copy of
+    those weights). None (default) = when the copy takes at most a quarter of the available memory.
+    ``kernels``: which packed products: ``"auto"`` (knapspec's native AVX-512 kernels where the CPU
+    and a C++ compiler allow, else oneDNN's), ``"native"`` or ``"onednn"``.
 
     ``exact``: compute each token the same way whether it comes alone or in a verification pass
     (``Model.set_row_invariant``), so that every strategy's greedy output is bit-identical to
@@ -191,7 +193,7 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
     m = ck.load_model(dtype=tdtype, device=device)
     if pack is None:
         pack = m.weight_bytes() <= _available_memory() / 4
-    m.pack_weights(pack)
+    m.pack_weights(pack, kernels=kernels)
     m.set_row_invariant(device == "cpu" if exact is None else exact)
     tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)

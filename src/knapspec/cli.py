@@ -61,12 +61,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "contexts and nothing at 1k-4k tokens; off on CUDA, not measured there); "
                         "--no-exact: the fused attention kernel over the exact context length, "
                         "whose bfloat16 rounding can flip near-ties")
+    p.add_argument("--kernels", default="auto", choices=["auto", "native", "onednn", "plain"],
+                   help="CPU matrix products: native (knapspec's AVX-512 kernels, built on first use), "
+                        "onednn (oneDNN's prepacked kernels), plain (F.linear, no second copy of the "
+                        "weights); auto = native where the CPU and a C++ compiler allow, else onednn")
 
 
 def _load_model(a: argparse.Namespace):
     """Load the model that the arguments of :func:`_add_model_args` name."""
     from .api import load
-    return load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact)
+    kernels = getattr(a, "kernels", "auto")
+    return load(a.model, dtype=a.dtype, device=a.device, threads=a.threads, exact=a.exact,
+                pack=False if kernels == "plain" else None, kernels="auto" if kernels == "plain" else kernels)
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .cache import KVCache
 from .plan import Plan
 
@@ -263,7 +264,8 @@ class Model:
         self._inv_freq = rope_inv_freq(cfg)
         self._sdpa_masks: dict[tuple, torch.Tensor] = {}
         self.packed = False
-        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kernels = "plain"            # pack_weights: "native", "onednn" or "plain"
+        self._packs: dict[int, tuple[torch.Tensor, Any]] = {}
         # exact mode (set_row_invariant): each token's row computed the same way whatever the
         # number of tokens in the pass, so speculative output equals autoregressive output bit for bit
         self.row_invariant = False
@@ -314,7 +316,7 @@ class Model:
         self._lm_head = conv(self._lm_head)
         self._rope_len = 0
         self._sdpa_masks = {}
-        self.packed, self._packs = False, {}
+        self.packed, self._packs, self.kernels = False, {}, "plain"
         return self
 
     @property
@@ -345,24 +347,49 @@ class Model:
         return n
 
     # ---- linear layers ----------------------------------------------------------------------------
-    def pack_weights(self, enable: bool = True) -> bool:
-        """Use oneDNN's prepacked matrix products on CPU: the linear weights and the lm_head are
-        reordered once into the kernel's blocked layout (measured 1.2-2x faster than ``F.linear``
-        at 1-16 rows in bfloat16 on AVX-512-BF16, 1.6-2.7x in float32; docs/benchmarks.md). Costs a
-        second copy of those weights. Returns whether packing is on: for float32, and for bfloat16
-        on a CPU whose oneDNN has bfloat16 kernels; elsewhere, and for any other weight (e.g. a
-        truncated draft vocabulary or a weight replaced after packing), plain ``F.linear``."""
+    def pack_weights(self, enable: bool = True, kernels: str = "auto") -> bool:
+        """Prepack the linear weights and the lm_head on CPU for faster matrix products (a second
+        copy of those weights). ``kernels``:
+
+        - ``"native"``: knapspec's own AVX-512 kernels (``native.py``): the weights stream from
+          memory in order, ~1.7-1.9x oneDNN's speed for 1-4 rows on the embedded model, and each
+          row's result is the same whatever the number of rows (exact mode needs no padding for
+          them). float32, and bfloat16 on a CPU with AVX512_BF16; built on first use.
+        - ``"onednn"``: oneDNN's prepacked kernels, reordered once into its blocked layout
+          (``F.linear`` re-derives that layout on every call; 1.2-2.7x faster than it).
+        - ``"auto"`` (default): native where available, else oneDNN.
+
+        Returns whether packing is on. Off elsewhere (CUDA, other dtypes) and for any weight not
+        packed here (e.g. a truncated draft vocabulary or a weight replaced after packing): plain
+        ``F.linear``. Sets ``self.kernels`` to ``"native"``, ``"onednn"`` or ``"plain"``."""
+        if kernels not in ("auto", "native", "onednn"):
+            raise ValueError(f"unknown kernels {kernels!r}; accepted: auto, native, onednn")
         self._packs = {}
-        self.packed = (enable and self.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        self.packed, self.kernels = False, "plain"
+        if not enable or self.device.type != "cpu":
+            return False
+        pairs = [(w, b) for L in self.layers
+                 for w, b in ((L.wqkv, L.bqkv), (L.wo, None), (L.w_gate_up, None), (L.w_down, None))]
+        pairs.append((self.lm_head, None))
+        if kernels in ("auto", "native"):
+            why = native.available(self.dtype)
+            if why is None:
+                for w, b in pairs:
+                    self._packs[id(w)] = (w, native.Packed(w, b))
+                self.packed, self.kernels = True, "native"
+                return True
+            if kernels == "native":
+                raise ValueError(f"native kernels unavailable: {why}; use kernels 'onednn' or 'auto'")
+        self.packed = (torch.backends.mkldnn.is_available()
                        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                        and (self.dtype == torch.float32
                             or (self.dtype == torch.bfloat16
                                 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))))
         if self.packed:
-            ws = [w for L in self.layers for w in (L.wqkv, L.wo, L.w_gate_up, L.w_down)] + [self.lm_head]
             try:
-                for w in ws:
+                for w, _ in pairs:
                     self._packs[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, None))
+                self.kernels = "onednn"
             except RuntimeError:             # a oneDNN build without this kernel: plain products
                 self._packs, self.packed = {}, False
         return self.packed
@@ -383,21 +410,29 @@ class Model:
         of 64, so that the spans do not depend on the capacity asked for."""
         self.row_invariant = bool(enable)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ w.T + b``, with the packed kernel when ``w`` was packed by :meth:`pack_weights`."""
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ w.T + b`` in ``out_dtype`` (default x's), with the packed kernel when ``w`` was
+        packed by :meth:`pack_weights`."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        e = self._packs.get(id(w)) if self.packed else None
+        if e is not None and e[0] is w and isinstance(e[1], native.Packed):
+            # row-invariant by construction: no padding in exact mode
+            y = native.linear(x2, e[1], out_dtype)
+            return y.view(*shape[:-1], y.shape[-1])
         rows = x2.shape[0]
         pad = self.row_invariant and rows < _MIN_ROWS
         if pad:                                         # see set_row_invariant
             x2 = torch.cat([x2, _zeros(x2, (_MIN_ROWS - rows, x2.shape[1]))])
-        e = self._packs.get(id(w)) if self.packed else None
         if e is None or e[0] is not w:
             y = F.linear(x2, w, b)
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, e[1], b, "none", [], "")
         if pad:
             y = y[:rows]
+        if out_dtype is not None:
+            y = y.to(out_dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     # ---- pieces ----------------------------------------------------------------------------------
@@ -581,7 +616,7 @@ class Model:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
         row subset of the lm_head for draft-only vocabulary truncation)."""
         h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
-        return self.linear(h, self.lm_head if weight is None else weight).float()
+        return self.linear(h, self.lm_head if weight is None else weight, out_dtype=torch.float32)
 
     # ---- the forward ---------------------------------------------------------------------------
     @torch.inference_mode()
