@@ -265,6 +265,8 @@ class Model:
         self._sdpa_masks: dict[tuple, torch.Tensor] = {}
         self.packed = False
         self.kernels = "plain"            # pack_weights: "native", "onednn" or "plain"
+        self._native_sublayers = False    # whole sublayers in one native call (pack_weights)
+        self._ncos = self._nsin = torch.empty(0)   # float32 rotary tables [positions, D/2] for them
         self._packs: dict[int, tuple[torch.Tensor, Any]] = {}
         # exact mode (set_row_invariant): each token's row computed the same way whatever the
         # number of tokens in the pass, so speculative output equals autoregressive output bit for bit
@@ -316,7 +318,7 @@ class Model:
         self._lm_head = conv(self._lm_head)
         self._rope_len = 0
         self._sdpa_masks = {}
-        self.packed, self._packs, self.kernels = False, {}, "plain"
+        self.packed, self._packs, self.kernels, self._native_sublayers = False, {}, "plain", False
         return self
 
     @property
@@ -365,7 +367,7 @@ class Model:
         if kernels not in ("auto", "native", "onednn"):
             raise ValueError(f"unknown kernels {kernels!r}; accepted: auto, native, onednn")
         self._packs = {}
-        self.packed, self.kernels = False, "plain"
+        self.packed, self.kernels, self._native_sublayers = False, "plain", False
         if not enable or self.device.type != "cpu":
             return False
         pairs = [(w, b) for L in self.layers
@@ -377,6 +379,8 @@ class Model:
                 for w, b in pairs:
                     self._packs[id(w)] = (w, native.Packed(w, b))
                 self.packed, self.kernels = True, "native"
+                self._native_sublayers = native.supports_sublayers(
+                    self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.head_dim)
                 return True
             if kernels == "native":
                 raise ValueError(f"native kernels unavailable: {why}; use kernels 'onednn' or 'auto'")
@@ -608,9 +612,52 @@ class Model:
     def sublayer(self, s: int, x: torch.Tensor, start: int, cache: KVCache, *,
                  write: bool = True) -> torch.Tensor:
         """Run sublayer ``s`` (attention ``s//2`` if ``s`` is even, else its MLP)."""
+        if self._native_sublayers:
+            packs = self._native_layer(s // 2)
+            if packs is not None:
+                if s % 2:
+                    L = self.layers[s // 2]
+                    return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3])
+                if write and x.shape[0] == 1:
+                    return self._native_attention(s // 2, x, start, cache, packs)
         if s % 2 == 0:
             return self.attention(s // 2, x, start, cache, write=write)
         return self.mlp(s // 2, x)
+
+    def _native_layer(self, i: int) -> tuple | None:
+        """The native packs of layer ``i``'s four weights, or None when one was replaced after
+        packing (then the layer runs the torch path)."""
+        L = self.layers[i]
+        out = []
+        for w in (L.wqkv, L.wo, L.w_gate_up, L.w_down):
+            e = self._packs.get(id(w))
+            if e is None or e[0] is not w:
+                return None
+            out.append(e[1])
+        return tuple(out)
+
+    def _native_rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + t
+        if end > self._ncos.shape[0]:
+            n = max(end, 2 * self._ncos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self._inv_freq.float())   # [n, D/2]
+            self._ncos, self._nsin = freqs.cos().contiguous(), freqs.sin().contiguous()
+        return self._ncos[start:end], self._nsin[start:end]
+
+    def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple) -> torch.Tensor:
+        """Layer ``i``'s attention sublayer in one native call (one sequence, cache written); each
+        token's row is computed the same way alone or in a pass (see ``native.cpp``)."""
+        cfg, L = self.cfg, self.layers[i]
+        t = x.shape[1]
+        if start + t > cache.capacity:
+            raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
+                             f"but the capacity is {cache.capacity} positions")
+        cos, sin = self._native_rope(start, t)
+        return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
+                                q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
+                                k_cache=cache.k[i], v_cache=cache.v[i], n_heads=cfg.n_heads,
+                                n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                window=cfg.window(i), o=packs[1])
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a

@@ -18,6 +18,9 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
@@ -143,9 +146,323 @@ void linear_f32(int64_t x, int64_t M, int64_t K, int64_t w, int64_t N, int64_t b
              tile_f32<1>, tile_f32<2>, tile_f32<3>, tile_f32<4>);
 }
 
+// ---- fused sublayers ------------------------------------------------------------------------
+// Everything below computes each token's row the same way whatever the number of tokens in the
+// call: per-row element-wise work, the row-invariant products above, and attention whose sums run
+// over keys in blocks aligned to absolute positions (16-key blocks inside 256-key chunks), so a
+// key's contribution to a query is computed identically whether the query comes alone or in a
+// verification pass.
+
+KS_TARGET inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+KS_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+KS_TARGET inline void store16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+KS_TARGET inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// rounded to the storage type (nearest even) and back to float32
+KS_TARGET inline __m512 rnd(__m512 v, uint16_t) {
+  const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+KS_TARGET inline __m512 rnd(__m512 v, float) { return v; }
+
+// exp for float32 lanes: 2^n * p(r), r = x - n ln2, degree-6 polynomial (|rel. error| < 2e-7)
+KS_TARGET inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// RMSNorm as the model's torch path computes it: normalised in float32, rounded to the storage
+// type, then scaled by the weight and rounded again. n is a multiple of 16.
+template <typename T>
+KS_TARGET void rms_norm_row(const T* x, const T* w, int64_t n, float eps, T* y) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 v = load16(x + j);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+  const __m512 rv = _mm512_set1_ps(r);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 h = rnd(_mm512_mul_ps(load16(x + j), rv), T());
+    store16(y + j, _mm512_mul_ps(h, load16(w + j)));
+  }
+}
+
+template <typename T>
+void linear_t(const T* x, int64_t M, int64_t K, const T* W, int64_t N, const float* bias, T* y);
+template <>
+void linear_t<uint16_t>(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N,
+                        const float* bias, uint16_t* y) {
+  run<uint16_t>(x, M, K, W, N, bias, true, reinterpret_cast<char*>(y), tile_bf16<1>, tile_bf16<2>,
+                tile_bf16<3>, tile_bf16<4>);
+}
+template <>
+void linear_t<float>(const float* x, int64_t M, int64_t K, const float* W, int64_t N,
+                     const float* bias, float* y) {
+  run<float>(x, M, K, W, N, bias, false, reinterpret_cast<char*>(y), tile_f32<1>, tile_f32<2>,
+             tile_f32<3>, tile_f32<4>);
+}
+
+// out = x + down(silu(gate) * up), gate/up = gate_up(rms_norm(x)); rows independent.
+template <typename T>
+KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_w, float eps,
+                     const T* w_gate_up, int64_t I, const T* w_down) {
+  std::vector<T> h(rows * H), gu(rows * 2 * I), a(rows * I), d(rows * H);
+  for (int64_t t = 0; t < rows; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
+  linear_t<T>(h.data(), rows, H, w_gate_up, 2 * I, nullptr, gu.data());
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* g = gu.data() + t * 2 * I;
+    const T* u = g + I;
+    for (int64_t j = 0; j < I; j += 16) {
+      const __m512 gv = load16(g + j);
+      const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                          exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      store16(a.data() + t * I + j, _mm512_mul_ps(sig, load16(u + j)));
+    }
+  }
+  linear_t<T>(a.data(), rows, I, w_down, H, nullptr, d.data());
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < H; j += 16)
+      store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(d.data() + t * H + j)));
+}
+
+// 16 vectors -> one vector of their 16 horizontal sums (lane i: vector i), by a fixed tree of
+// lane additions.
+KS_TARGET inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+constexpr int64_t kChunk = 256;   // keys per work item of the attention
+
+// One (KV head, 256-key chunk) work item: for each of the R query rows (positions pos[r], query
+// vectors q + r*D in the storage type), the chunk's partial softmax: max m, sum l, and the
+// unnormalised output o[D] (float32), over the keys k0 <= j < k1 with lo[r] <= j <= pos[r].
+template <typename T>
+KS_TARGET void attend_chunk(const T* q, int64_t R, const int64_t* pos, const int64_t* lo,
+                            const T* K, const T* V, int64_t D, int64_t k0, int64_t k1, float scale,
+                            float* vf, float* m_out, float* l_out, float* o_out) {
+  const int64_t n = k1 - k0;
+  alignas(64) float s[kChunk];
+  for (int64_t j = 0; j < n; ++j)                // values as float32 (vf: kChunk * D), once for all rows
+    for (int64_t dd = 0; dd < D; dd += 16) _mm512_storeu_ps(vf + j * D + dd, load16(V + (k0 + j) * D + dd));
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t a = std::max(k0, lo[r]), b = std::min(k1, pos[r] + 1);
+    float* o = o_out + r * D;
+    if (a >= b) {
+      m_out[r] = -INFINITY;
+      l_out[r] = 0.0f;
+      for (int64_t dd = 0; dd < D; ++dd) o[dd] = 0.0f;
+      continue;
+    }
+    const T* qr = q + r * D;
+    // scores of whole 16-key blocks (aligned to absolute positions), masked to [a, b) after
+    const int64_t b0 = (a - k0) / 16 * 16, b1 = std::min<int64_t>(n, (b - k0 + 15) / 16 * 16);
+    for (int64_t j0 = b0; j0 < b1; j0 += 16) {
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t j = k0 + j0 + i;
+        __m512 acc = _mm512_setzero_ps();
+        if (j0 + i < n) {
+          if constexpr (std::is_same_v<T, uint16_t>) {
+            for (int64_t dd = 0; dd < D; dd += 32)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + dd),
+                                     (__m512bh)_mm512_loadu_si512(K + j * D + dd));
+          } else {
+            for (int64_t dd = 0; dd < D; dd += 16)
+              acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + dd), _mm512_loadu_ps(K + j * D + dd), acc);
+          }
+        }
+        part[i] = acc;
+      }
+      alignas(64) float h[16];
+      _mm512_store_ps(h, _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale)));
+      for (int L = 0; L < 16 && j0 + L < n; ++L) s[j0 + L] = h[L];
+    }
+    float mx = -INFINITY;
+    for (int64_t j = a - k0; j < b - k0; ++j) mx = std::max(mx, s[j]);
+    // p = exp(s - max) over [a, b): whole 16-key blocks, lanes outside masked to 0
+    float l = 0.0f;
+    __m512 lv = _mm512_setzero_ps();
+    for (int64_t j0 = b0; j0 < b1; j0 += 16) {
+      const int64_t lo_i = std::max<int64_t>(0, (a - k0) - j0), hi_i = std::min<int64_t>(16, (b - k0) - j0);
+      const __mmask16 mk = static_cast<__mmask16>(((1u << hi_i) - 1) & ~((1u << lo_i) - 1));
+      const __m512 sv = _mm512_maskz_loadu_ps(mk, s + j0);
+      const __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(s + j0, 0xFFFF, p);
+      lv = _mm512_add_ps(lv, p);
+    }
+    l = _mm512_reduce_add_ps(lv);
+    __m512 acc[8];
+    const int64_t nv = D / 16;
+    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t j = a - k0; j < b - k0; ++j) {
+      const __m512 p = _mm512_set1_ps(s[j]);
+      for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vf + j * D + v * 16), acc[v]);
+    }
+    for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + v * 16, acc[v]);
+    m_out[r] = mx;
+    l_out[r] = l;
+  }
+}
+
+// out = x + o_proj(attention(rope(q), rope(k), v)), qkv = qkv_proj(rms_norm(x)) (+ bias), with
+// the new keys and values written into the cache at positions start .. start+T-1.
+// cos/sin: float32 tables [positions][D/2], row `start` first. kc/vc: this layer's cache
+// [Hkv][cap][D]. window <= 0: no sliding window.
+template <typename T>
+KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* norm_w, float eps,
+                           const T* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
+                           const float* cosp, const float* sinp, T* kc, T* vc, int64_t cap,
+                           int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window,
+                           const T* w_o) {
+  const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
+  std::vector<T> h(Tn * H), qkv(Tn * nqkv), q(Tn * nq), o(Tn * nq), y(Tn * H);
+  for (int64_t t = 0; t < Tn; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
+  linear_t<T>(h.data(), Tn, H, w_qkv, nqkv, b_qkv, qkv.data());
+  // per token: (q/k norm), rotary embedding, keys and values into the cache
+  std::vector<T> tmp(D);
+  for (int64_t t = 0; t < Tn; ++t) {
+    const float* c = cosp + t * half;
+    const float* sn = sinp + t * half;
+    const int64_t p = start + t;
+    for (int64_t head = 0; head < hq + hkv; ++head) {
+      const T* src = qkv.data() + t * nqkv + head * D;
+      const bool is_q = head < hq;
+      const T* nw = is_q ? q_norm : k_norm;
+      if (nw != nullptr) {
+        rms_norm_row(src, nw, D, eps, tmp.data());
+        src = tmp.data();
+      }
+      T* dst = is_q ? q.data() + t * nq + head * D : kc + ((head - hq) * cap + p) * D;
+      for (int64_t i = 0; i < half; i += 16) {
+        const __m512 x1 = load16(src + i), x2 = load16(src + half + i);
+        const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(sn + i);
+        store16(dst + i, _mm512_fmsub_ps(x1, cv, _mm512_mul_ps(x2, sv)));
+        store16(dst + half + i, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
+      }
+    }
+    for (int64_t head = 0; head < hkv; ++head)
+      std::memcpy(vc + (head * cap + p) * D, qkv.data() + t * nqkv + nq + nk + head * D, D * sizeof(T));
+  }
+  // attention: rows (t, query head of the group) per KV head; work items (KV head, chunk)
+  const int64_t R = Tn * g, end = start + Tn;
+  const int64_t c_first = (window > 0 ? std::max<int64_t>(0, start - window + 1) : 0) / kChunk;
+  const int64_t c_last = (end - 1) / kChunk;
+  const int64_t nc = c_last - c_first + 1;
+  std::vector<int64_t> pos(R), lo(R);
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t i = 0; i < g; ++i) {
+      pos[t * g + i] = start + t;
+      lo[t * g + i] = window > 0 ? std::max<int64_t>(0, start + t - window + 1) : 0;
+    }
+  std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, hkv * nc, 1, [&](int64_t a, int64_t b) {
+    std::vector<T> qg(R * D);
+    std::vector<float> vf(kChunk * D);
+    int64_t cur = -1;
+    for (int64_t it = a; it < b; ++it) {
+      const int64_t kvh = it / nc, ci = it % nc;
+      if (kvh != cur) {             // this KV head's query rows, (t, i) order
+        for (int64_t t = 0; t < Tn; ++t)
+          for (int64_t i = 0; i < g; ++i)
+            std::memcpy(qg.data() + (t * g + i) * D, q.data() + t * nq + (kvh * g + i) * D, D * sizeof(T));
+        cur = kvh;
+      }
+      const int64_t k0 = (c_first + ci) * kChunk, k1 = std::min(end, k0 + kChunk);
+      attend_chunk<T>(qg.data(), R, pos.data(), lo.data(), kc + kvh * cap * D, vc + kvh * cap * D, D,
+                      k0, k1, scale, vf.data(), pm.data() + it * R, pl.data() + it * R, po.data() + it * R * D);
+    }
+  });
+  // combine the chunks of each row in order
+  for (int64_t kvh = 0; kvh < hkv; ++kvh)
+    for (int64_t r = 0; r < R; ++r) {
+      float mx = -INFINITY;
+      for (int64_t ci = 0; ci < nc; ++ci) mx = std::max(mx, pm[(kvh * nc + ci) * R + r]);
+      float l = 0.0f;
+      __m512 acc[8];
+      for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
+      for (int64_t ci = 0; ci < nc; ++ci) {
+        const int64_t idx = (kvh * nc + ci) * R + r;
+        if (pl[idx] == 0.0f) continue;
+        const float f = std::exp(pm[idx] - mx);
+        l += pl[idx] * f;
+        const __m512 fv = _mm512_set1_ps(f);
+        for (int64_t v = 0; v < D / 16; ++v)
+          acc[v] = _mm512_fmadd_ps(fv, _mm512_loadu_ps(po.data() + idx * D + v * 16), acc[v]);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / l);
+      const int64_t t = r / g, i = r % g;
+      T* dst = o.data() + t * nq + (kvh * g + i) * D;
+      for (int64_t v = 0; v < D / 16; ++v) store16(dst + v * 16, _mm512_mul_ps(acc[v], inv));
+    }
+  linear_t<T>(o.data(), Tn, nq, w_o, H, nullptr, y.data());
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t j = 0; j < H; j += 16)
+      store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(y.data() + t * H + j)));
+}
+
+template <typename T>
+const T* P(int64_t v) { return reinterpret_cast<const T*>(v); }
+
+void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t norm_w, double eps,
+         int64_t w_gate_up, int64_t I, int64_t w_down) {
+  if (bf16)
+    mlp_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), rows, H, P<uint16_t>(norm_w),
+                    static_cast<float>(eps), P<uint16_t>(w_gate_up), I, P<uint16_t>(w_down));
+  else
+    mlp_t<float>(P<float>(x), reinterpret_cast<float*>(out), rows, H, P<float>(norm_w),
+                 static_cast<float>(eps), P<float>(w_gate_up), I, P<float>(w_down));
+}
+
+void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t norm_w, double eps,
+               int64_t w_qkv, int64_t b_qkv, int64_t q_norm, int64_t k_norm, int64_t cosp,
+               int64_t sinp, int64_t kc, int64_t vc, int64_t cap, int64_t start, int64_t hq,
+               int64_t hkv, int64_t D, int64_t window, int64_t w_o) {
+  if (bf16)
+    attention_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, P<uint16_t>(norm_w),
+                          static_cast<float>(eps), P<uint16_t>(w_qkv), P<float>(b_qkv),
+                          P<uint16_t>(q_norm), P<uint16_t>(k_norm), P<float>(cosp), P<float>(sinp),
+                          reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc), cap, start,
+                          hq, hkv, D, window, P<uint16_t>(w_o));
+  else
+    attention_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, P<float>(norm_w),
+                       static_cast<float>(eps), P<float>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
+                       P<float>(k_norm), P<float>(cosp), P<float>(sinp), reinterpret_cast<float*>(kc),
+                       reinterpret_cast<float*>(vc), cap, start, hq, hkv, D, window, P<float>(w_o));
+}
+
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16);
   m.def("linear_f32", &linear_f32);
+  m.def("mlp", &mlp);
+  m.def("attention", &attention);
 }

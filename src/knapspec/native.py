@@ -129,3 +129,42 @@ def linear(x: torch.Tensor, p: Packed, out_dtype: torch.dtype | None = None) -> 
         assert out_dtype == torch.float32
         mod.linear_f32(x.data_ptr(), m, p.k, p.tiles.data_ptr(), p.n, bias, y.data_ptr())
     return y
+
+
+def supports_sublayers(hidden: int, intermediate: int, head_dim: int) -> bool:
+    """Whether :func:`attention` and :func:`mlp` serve these sizes (AVX-512 rows of 16 floats and
+    bfloat16 pairs of 32 in a head)."""
+    return hidden % 16 == 0 and intermediate % 16 == 0 and head_dim % 32 == 0 and head_dim <= 128
+
+
+def mlp(x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: Packed, down: Packed) -> torch.Tensor:
+    """``x + down(silu(gate) * up)`` with ``gate, up = gate_up(rms_norm(x))``: one call for the whole
+    MLP sublayer of ``x [..., H]`` (rows independent); a new tensor."""
+    mod = _module()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, h = x.numel() // x.shape[-1], x.shape[-1]
+    mod.mlp(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), rows, h, norm_w.data_ptr(), eps,
+            gate_up.tiles.data_ptr(), gate_up.n // 2, down.tiles.data_ptr())
+    return out
+
+
+def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, qkv: Packed,
+              q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
+              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+              n_kv_heads: int, head_dim: int, window: int | None, o: Packed) -> torch.Tensor:
+    """The whole attention sublayer of one sequence ``x [1, T, H]`` at positions ``start..``: norm,
+    qkv product, (q/k norms), rotary embedding (``cos``, ``sin``: float32 ``[T, D/2]``), the new keys
+    and values written into ``k_cache, v_cache [1, Hkv, capacity, D]``, causal attention over
+    positions ``0 .. start+T-1`` (or the sliding ``window``), output product and residual.
+    Returns a new tensor."""
+    mod = _module()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    t, h = x.shape[1], x.shape[2]
+    mod.attention(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), t, h, norm_w.data_ptr(), eps,
+                  qkv.tiles.data_ptr(), 0 if qkv.bias is None else qkv.bias.data_ptr(),
+                  0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
+                  cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
+                  start, n_heads, n_kv_heads, head_dim, window or 0, o.tiles.data_ptr())
+    return out

@@ -1,0 +1,97 @@
+"""knapspec's native CPU sublayers (``native.cpp``): whole attention and MLP sublayers in one call
+each, equal to transformers' reference, and each token's row bit-identical alone or in a pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, build_tiny_hf
+from knapspec import native
+from knapspec.model import Model, ModelConfig
+from knapspec.plan import Plan
+
+# head_dim 32: the native sublayers need head sizes in multiples of 32 (the tiny defaults use 16)
+_NATIVE = dict(head_dim=32, max_position_embeddings=700)
+
+
+def _need(dtype: torch.dtype) -> None:
+    why = native.available(dtype)
+    if why is not None:
+        pytest.skip(f"native kernels unavailable here: {why}")
+
+
+def _ours(hf, dtype=torch.float32) -> Model:
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    m = Model.from_hf_tensors(cfg, {k: v.detach().clone() for k, v in hf.state_dict().items()}).to(dtype)
+    assert m.pack_weights(kernels="native") and m.kernels == "native" and m._native_sublayers
+    return m
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_native_sublayers_match_transformers(kind, monkeypatch):
+    """float32, prefill of 300 tokens (two 256-key chunks; Mistral's window of 8) then 20 steps."""
+    _need(torch.float32)
+    hf = build_tiny_hf(kind, **_NATIVE)
+    ours = _ours(hf)
+    torch.manual_seed(1)
+    prompt = torch.randint(3, 128, (1, 300))
+    cache = ours.new_cache(400)
+    calls = []                     # (tokens, start) of each native attention call
+    mod = native._module()
+    orig = mod.attention
+    monkeypatch.setattr(mod, "attention", lambda *a: (calls.append((a[3], a[16])), orig(*a))[1])
+    with torch.no_grad():
+        ref = hf(prompt, use_cache=True)
+        out = ours.forward(prompt, 0, cache)
+        assert (ref.logits - out.logits).abs().max() <= 1e-4
+        past = ref.past_key_values
+        tok = ref.logits[:, -1:].argmax(-1)
+        for step in range(20):
+            ref = hf(tok, past_key_values=past, use_cache=True)
+            past = ref.past_key_values
+            out = ours.forward(tok, 300 + step, cache)
+            assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
+            tok = ref.logits[:, -1:].argmax(-1)
+    # the native path ran, in every layer
+    assert calls == [(300, 0)] * 3 + [(1, 300 + s) for s in range(20) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_pass_equals_one_token_steps_bit_for_bit(kind, dtype):
+    """Passes of 2..10 tokens against one-token steps, across a 256-key chunk boundary and a 16-key
+    block boundary, on caches of different capacities, with a plan that skips sublayers."""
+    _need(dtype)
+    m = _ours(build_tiny_hf(kind, **_NATIVE), dtype)
+    torch.manual_seed(3)
+    toks = torch.randint(3, 128, (1, 600))
+    for p in (5, 250, 507):
+        for plan in (None, Plan((True, False, True, True, False, True))):
+            ca, cb = m.new_cache(p + 16), m.new_cache(640)
+            for cache in (ca, cb):
+                m.forward(toks[:, :p], 0, cache, logits=False)
+            steps = [m.forward(toks[:, p + j:p + j + 1], p + j, ca, plan, capture=True) for j in range(10)]
+            hidden = torch.cat([s.hidden for s in steps], dim=2)
+            logits = torch.cat([s.logits for s in steps], dim=1)
+            for width in range(2, 11):
+                out = m.forward(toks[:, p:p + width], p, cb, plan, capture=True)
+                assert torch.equal(out.hidden, hidden[:, :, :width]), (p, width, plan)
+                assert torch.equal(out.logits, logits[:, :width]), (p, width, plan)
+
+
+def test_native_sublayers_step_aside_for_a_replaced_weight_and_a_full_cache():
+    _need(torch.float32)
+    hf = build_tiny_hf("llama", **_NATIVE)
+    m, ref = _ours(hf), Model.from_hf_tensors(ModelConfig.from_hf(hf.config.to_dict()),
+                                              {k: v.detach().clone() for k, v in hf.state_dict().items()})
+    m.layers[1].w_down = m.layers[1].w_down * 0.5
+    ref.layers[1].w_down = ref.layers[1].w_down * 0.5
+    assert m._native_layer(1) is None and m._native_layer(0) is not None
+    prompt = torch.randint(3, 128, (1, 20))
+    a = m.forward(prompt, 0, m.new_cache(32)).logits
+    b = ref.forward(prompt, 0, ref.new_cache(32)).logits
+    assert (a - b).abs().max() <= 1e-4
+    cache = m.new_cache(20)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        m.forward(torch.randint(3, 128, (1, 21)), 0, cache)
