@@ -268,8 +268,24 @@ KS_TARGET void attend_chunk(const T* q, int64_t R, const int64_t* pos, const int
                             float* vf, float* m_out, float* l_out, float* o_out) {
   const int64_t n = k1 - k0;
   alignas(64) float s[kChunk];
-  for (int64_t j = 0; j < n; ++j)                // values as float32 (vf: kChunk * D), once for all rows
-    for (int64_t dd = 0; dd < D; dd += 16) _mm512_storeu_ps(vf + j * D + dd, load16(V + (k0 + j) * D + dd));
+  alignas(64) uint16_t pb[kChunk];
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  // bfloat16: the values as key pairs interleaved per dimension ([pair][D][2], vf's memory), for
+  // dot-product instructions over two keys at once; a missing last partner is zero. float32:
+  // read in place.
+  uint16_t* vp = reinterpret_cast<uint16_t*>(vf);
+  if constexpr (bf16) {
+    for (int64_t j = 0; j < n; j += 2) {
+      const uint16_t* v0 = V + (k0 + j) * D;
+      const uint16_t* v1 = j + 1 < n ? v0 + D : nullptr;
+      for (int64_t dd = 0; dd < D; dd += 16) {
+        const __m512i a0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + dd)));
+        const __m512i a1 = v1 == nullptr ? _mm512_setzero_si512()
+            : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + dd)));
+        _mm512_storeu_si512(vp + (j / 2 * D + dd) * 2, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
+      }
+    }
+  }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t a = std::max(k0, lo[r]), b = std::min(k1, pos[r] + 1);
     float* o = o_out + r * D;
@@ -305,24 +321,43 @@ KS_TARGET void attend_chunk(const T* q, int64_t R, const int64_t* pos, const int
     }
     float mx = -INFINITY;
     for (int64_t j = a - k0; j < b - k0; ++j) mx = std::max(mx, s[j]);
-    // p = exp(s - max) over [a, b): whole 16-key blocks, lanes outside masked to 0
+    // p = exp(s - max) over [a, b): whole 16-key blocks, lanes outside masked to 0. bfloat16: p is
+    // rounded to bfloat16 for the products with the values, and the sum l is over the rounded p.
     float l = 0.0f;
     __m512 lv = _mm512_setzero_ps();
     for (int64_t j0 = b0; j0 < b1; j0 += 16) {
       const int64_t lo_i = std::max<int64_t>(0, (a - k0) - j0), hi_i = std::min<int64_t>(16, (b - k0) - j0);
       const __mmask16 mk = static_cast<__mmask16>(((1u << hi_i) - 1) & ~((1u << lo_i) - 1));
       const __m512 sv = _mm512_maskz_loadu_ps(mk, s + j0);
-      const __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
-      _mm512_mask_storeu_ps(s + j0, 0xFFFF, p);
+      __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+      if constexpr (bf16) {
+        const __m256i pr = (__m256i)_mm512_cvtneps_pbh(p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j0), pr);
+        p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pr), 16));
+      } else {
+        _mm512_storeu_ps(s + j0, p);
+      }
       lv = _mm512_add_ps(lv, p);
     }
     l = _mm512_reduce_add_ps(lv);
     __m512 acc[8];
     const int64_t nv = D / 16;
     for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t j = a - k0; j < b - k0; ++j) {
-      const __m512 p = _mm512_set1_ps(s[j]);
-      for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vf + j * D + v * 16), acc[v]);
+    if constexpr (bf16) {           // key pairs aligned to even positions: a key's pair is fixed
+      for (int64_t j = (a - k0) / 2 * 2; j < b - k0; j += 2) {
+        int32_t pair;
+        std::memcpy(&pair, pb + j, 4);
+        const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);
+        const uint16_t* w = vp + j * D;
+        for (int64_t v = 0; v < nv; ++v)
+          acc[v] = _mm512_dpbf16_ps(acc[v], pv, (__m512bh)_mm512_loadu_si512(w + v * 32));
+      }
+    } else {
+      for (int64_t j = a - k0; j < b - k0; ++j) {
+        const __m512 p = _mm512_set1_ps(s[j]);
+        for (int64_t v = 0; v < nv; ++v)
+          acc[v] = _mm512_fmadd_ps(p, load16(V + (k0 + j) * D + v * 16), acc[v]);
+      }
     }
     for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + v * 16, acc[v]);
     m_out[r] = mx;
