@@ -30,12 +30,13 @@ def _ours(hf, dtype=torch.float32) -> Model:
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_native_sublayers_match_transformers(kind, monkeypatch):
-    """float32, prefill of 300 tokens (two 256-key chunks; Mistral's window of 8) then 20 steps."""
+    """float32, prefill of 250 tokens then 20 steps, across the 256-key chunk boundary (Mistral: its
+    window of 8); then a 300-token prefill, which takes torch's attention."""
     _need(torch.float32)
     hf = build_tiny_hf(kind, **_NATIVE)
     ours = _ours(hf)
     torch.manual_seed(1)
-    prompt = torch.randint(3, 128, (1, 300))
+    prompt = torch.randint(3, 128, (1, 250))
     cache = ours.new_cache(400)
     calls = []                     # (tokens, start) of each native attention call
     mod = native._module()
@@ -50,11 +51,15 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
         for step in range(20):
             ref = hf(tok, past_key_values=past, use_cache=True)
             past = ref.past_key_values
-            out = ours.forward(tok, 300 + step, cache)
+            out = ours.forward(tok, 250 + step, cache)
             assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
             tok = ref.logits[:, -1:].argmax(-1)
-    # the native path ran, in every layer
-    assert calls == [(300, 0)] * 3 + [(1, 300 + s) for s in range(20) for _ in range(3)]
+        # the native path ran, in every layer
+        assert calls == [(250, 0)] * 3 + [(1, 250 + s) for s in range(20) for _ in range(3)]
+        long = torch.randint(3, 128, (1, 300))
+        out = ours.forward(long, 0, ours.new_cache(320))
+        assert (hf(long).logits - out.logits).abs().max() <= 1e-4
+        assert len(calls) == 63
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])

@@ -62,6 +62,9 @@ def profile_key(model: Any) -> dict[str, Any]:
            "torch": torch.__version__, "packed": bool(getattr(model, "packed", False))}
     if getattr(model, "row_invariant", False):     # exact mode times differently (only when on, so
         key["row_invariant"] = True                 # that profiles made before it stay valid)
+    kernels = getattr(model, "kernels", "plain")
+    if kernels == "native":                         # another kernel family, another profile
+        key["kernels"] = kernels
     return key
 
 

@@ -191,6 +191,13 @@ _MIN_ROWS = 4
 _SPAN_CHUNK = 64
 
 
+# Passes longer than this (prefills) take torch's fused attention even with the native kernels: the
+# native attention computes every query row on its own, which a long prefill makes compute-bound
+# (measured on the embedded model, bfloat16: 2.8 s against 2.65 s at 2k tokens, 42 s against 29 s
+# at 8k; equal up to 512). Decoding passes are far shorter, so speculative and autoregressive
+# decoding still run the same native rows; the prefill is the same for both.
+_NATIVE_ATTENTION_MAX_TOKENS = 256
+
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
@@ -411,7 +418,13 @@ class Model:
         costs up to ~8% per pass at short contexts and nothing measurable at 1k-4k tokens
         (docs/benchmarks.md, "Exact mode").
         Caches made by :meth:`new_cache` while it is on have a capacity rounded up to a multiple
-        of 64, so that the spans do not depend on the capacity asked for."""
+        of 64, so that the spans do not depend on the capacity asked for.
+
+        With the native kernels (``pack_weights(kernels="native")``, the CPU default where
+        available) every forward of one sequence is row-invariant by construction, on or off:
+        their products and attention never depend on the number of rows (``native.cpp``). This
+        setting then only governs what still runs on the torch path (weights replaced after
+        packing, a truncated draft vocabulary, shared-prefix branch drafts)."""
         self.row_invariant = bool(enable)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
@@ -618,7 +631,7 @@ class Model:
                 if s % 2:
                     L = self.layers[s // 2]
                     return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3])
-                if write and x.shape[0] == 1:
+                if write and x.shape[0] == 1 and x.shape[1] <= _NATIVE_ATTENTION_MAX_TOKENS:
                     return self._native_attention(s // 2, x, start, cache, packs)
         if s % 2 == 0:
             return self.attention(s // 2, x, start, cache, write=write)
