@@ -326,7 +326,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:min_lookup=0")
+BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:min_lookup=8")
 BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8000")
 QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
 

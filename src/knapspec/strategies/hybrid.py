@@ -10,13 +10,17 @@ Each round the strategy prices four drafts with the latency model at the current
 * **lookup + skip**: the lookup tokens, then ``d`` more drafted with the plan after them;
 * **none**: a plain decoding step.
 
-A lookup draft, when one exists, is always drafted up to ``min_lookup`` tokens (default 8, plain
-prompt lookup's length): verifying a few copied tokens costs little on any hardware (measured here:
-8 extra tokens cost ~25% of a step), and the estimates are too coarse to refuse them safely — early
-versions that priced every lookup token lost up to 30% to plain lookup on Spec-Bench categories with
-short, frequent matches. Beyond that floor (longer lookups up to ``max_lookup``, skip drafts after
-them) and in rounds without a match (skip draft or none), the choice is by predicted TPT.
-``min_lookup=0`` prices every lookup token. ``max_lookup`` defaults to the same 8: longer lookups
+A lookup draft, when one exists, is drafted at least up to ``min_lookup`` tokens. With the
+native CPU kernels the default is 0: every lookup token is priced like any other draft, because
+their one-token steps are ~2-3x faster while a pass over several tokens is compute-bound (8 tokens
+cost 1.26x a step at 128 tokens of context, 2.3x at 4k), and pricing won on all 13 Spec-Bench
+categories (1.34x against plain lookup's 1.16x over 52 prompts, rounds in lockstep). On the other
+kernels (oneDNN, CUDA) the default is 8, plain prompt lookup's length: there verifying a few copied
+tokens cost little (8 extra tokens ~25% of a step), and versions that priced every lookup token
+lost up to 30% to plain lookup on categories with short, frequent matches. Beyond that floor
+(longer lookups up to ``max_lookup``, skip drafts after them) and in rounds without a match (skip
+draft or none), the choice is by predicted TPT.
+``max_lookup`` defaults to 8: longer lookups
 were verified but not accepted often enough to pay (float32 Spec-Bench run, docs/benchmarks.md).
 
 Expected tokens use acceptance estimates tracked online: for lookup, per n-gram match length and
@@ -98,7 +102,7 @@ class HybridStrategy(Strategy):
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
                  plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
-                 threshold: float | None = None, seed: int = 0, min_lookup: int = 8,
+                 threshold: float | None = None, seed: int = 0, min_lookup: int | None = None,
                  memory: str | os.PathLike[str] | None = None, **planner: Any) -> None:
         self.model = model
         # the acceptance estimates carry over to the next prompts (the benchmark and the API keep
@@ -108,6 +112,11 @@ class HybridStrategy(Strategy):
         self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
         self.plan_after = plan_after
+        # the floor of a lookup draft: 0 (price every token) with the native kernels, whose one-token
+        # steps are fast enough that verifying copied tokens no longer costs little; 8 otherwise
+        # (see the module docstring and docs/benchmarks.md, "Native CPU kernels")
+        if min_lookup is None:
+            min_lookup = 0 if getattr(model, "kernels", "") == "native" else 8
         self.min_lookup = min_lookup
         self.memory = None if memory is None else Path(memory)
         self._streak = self._recall()              # "no draft" verdicts in a row (the back-off level)
