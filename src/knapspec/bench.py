@@ -37,12 +37,14 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of several full reductions over a large buffer."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5,
+                      buffer: torch.Tensor | None = None) -> float:
+    """Read bandwidth in bytes/s: the best of several full reductions over a large buffer
+    (``buffer``: one made earlier, to measure again without allocating)."""
+    x = buffer if buffer is not None else torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     x.sum()
     best = min(timed(x.sum, device) for _ in range(repeats))
-    return nbytes / best
+    return x.numel() * x.element_size() / best
 
 
 def context_ids(tokenizer, n: int) -> list[int]:
@@ -77,7 +79,10 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
         hf = AutoModelForCausalLM.from_pretrained(str(llm.checkpoint.folder),
                                                   dtype=resolve_dtype(dt, device)).to(device).eval()
         dev = llm.model.device
-        bw = measure_bandwidth(dev)
+        # the bandwidth is measured again right before each of our timed runs: on a shared machine
+        # it moves by up to ~2x between minutes (neighbours' load), so each run is paired with the
+        # bandwidth of its moment
+        buf = torch.ones((1 << 30) // 4, dtype=torch.float32, device=dev)
         cfg = llm.model.cfg
         for ctx in contexts:
             ids = context_ids(llm.tokenizer, ctx)
@@ -104,7 +109,9 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
             for f in (ours, theirs):          # warm-up
                 f(2)
             res: dict[str, list[float]] = {"ours": [], "hf": []}
+            bws: list[float] = []
             for _ in range(repeats):          # interleaved
+                bws.append(measure_bandwidth(dev, repeats=3, buffer=buf))
                 for name, f in (("ours", ours), ("hf", theirs)):
                     res[name].append(f(new_tokens))
             ours_tps = statistics.median(res["ours"])
@@ -114,11 +121,16 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
             per_token = llm.model.weight_bytes() - cfg.vocab_size * cfg.hidden_size * elt * (
                 0 if cfg.tie_embeddings else 1)   # the input embedding is a row lookup, not a read
             per_token += kv_bytes
+            bw = statistics.median(bws)
             roof = bw / per_token
+            # share: median over the runs of (run's tok/s) / (roofline at that run's bandwidth); and,
+            # the strictest reading, the median tok/s against the highest bandwidth seen
+            share = statistics.median(t * per_token / b for t, b in zip(res["ours"], bws))
             rows.append(dict(dtype=dt, context=ctx, ours_tok_s=ours_tps, hf_tok_s=hf_tps,
                              ratio=ours_tps / hf_tps, bandwidth_gb_s=bw / 1e9,
                              bytes_per_token_mb=per_token / 1e6, roofline_tok_s=roof,
-                             roofline_share=ours_tps / roof))
+                             roofline_share=share,
+                             share_of_best_bw=ours_tps * per_token / max(bws)))
             log.info("%s", rows[-1])
 
     return rows

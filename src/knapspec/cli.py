@@ -448,7 +448,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         rows = bench_ar(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
                         new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes, exact=a.exact)
         print(table(rows, ["dtype", "context", "ours_tok_s", "hf_tok_s", "ratio", "bandwidth_gb_s",
-                            "bytes_per_token_mb", "roofline_tok_s", "roofline_share"]))
+                            "bytes_per_token_mb", "roofline_tok_s", "roofline_share", "share_of_best_bw"]))
     elif a.bench_cmd == "latency":
         rows = bench_latency(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
                              n_plans=a.plans, repeats=a.repeats, quick=a.quick, exact=a.exact)
