@@ -1,7 +1,8 @@
-// knapspec's native CPU matrix products (AVX-512; bfloat16 needs AVX512_BF16).
+// knapspec's native CPU kernels (AVX-512; bfloat16 needs AVX512_BF16): matrix products, and whole
+// attention and MLP sublayers built on them (below, "fused sublayers").
 //
-// y[m, :] = x[m, :] @ W.T (+ bias) for a weight W [N, K] packed once into tiles of 64 output
-// columns (see knapspec/native.py, `pack`):
+// Products: y[m, :] = x[m, :] @ W.T (+ bias) for a weight W [N, K] packed once into tiles of 64
+// output columns (see knapspec/native.py, `Packed`):
 //   bfloat16: [N/64][K/2][64][2]  - each 64-byte row of a tile holds 16 outputs x one pair of inputs
 //   float32:  [N/64][K][64]       - each 64-byte row of a tile holds 16 outputs x one input
 // A tile is read front to back exactly once per 4 rows of x, so the weights stream from memory
