@@ -5,8 +5,9 @@
 // output columns (see knapspec/native.py, `Packed`):
 //   bfloat16: [N/64][K/2][64][2]  - each 64-byte row of a tile holds 16 outputs x one pair of inputs
 //   float32:  [N/64][K][64]       - each 64-byte row of a tile holds 16 outputs x one input
-// A tile is read front to back exactly once per 4 rows of x, so the weights stream from memory
-// in order (the hardware prefetchers' best case), and every output is accumulated in one SIMD
+// A tile is read front to back from memory once for all the rows of x (4 rows at a time over
+// 16 KB blocks that stay in L1), so the weights stream in order (the hardware prefetchers' best
+// case) and more rows cost arithmetic, not bandwidth. Every output is accumulated in one SIMD
 // lane over k in order: there are no horizontal reductions, and a row's result does not depend
 // on how many rows come with it or on how the tiles are split across threads. That row
 // invariance is what exact mode needs (a verification pass gives the one-token step's bits).
@@ -32,51 +33,86 @@ namespace {
 constexpr int64_t kTile = 64;   // output columns per tile
 constexpr int kRows = 4;        // rows of x per pass over a tile
 
+// One pass of C rows (C <= 4) over the input steps [p0, p1) of a tile (a step: one pair of inputs
+// in bfloat16, one input in float32). The C x 64 sums live in named registers during the pass (an
+// array of vectors made GCC store every sum to the stack at every step) and in `accm` between
+// passes (zero-initialised when `first`): rows are taken 4 at a time over a block of the tile small
+// enough to stay in L1, so the tile streams from memory once for all the rows, and each sum still
+// runs over k in order in its own lane. `pf`: the next block, prefetched during this pass.
+#define KS_ROWS(X) X(0) X(1) X(2) X(3)
+#define KS_DECL(c) __m512 a##c##0, a##c##1, a##c##2, a##c##3;
+#define KS_INIT(c)                                                                     \
+  if constexpr (C > c) {                                                               \
+    a##c##0 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile);         \
+    a##c##1 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 16);    \
+    a##c##2 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 32);    \
+    a##c##3 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 48);    \
+  }
+#define KS_STORE(c)                                                                    \
+  if constexpr (C > c) {                                                               \
+    _mm512_storeu_ps(accm + c * kTile, a##c##0);                                       \
+    _mm512_storeu_ps(accm + c * kTile + 16, a##c##1);                                  \
+    _mm512_storeu_ps(accm + c * kTile + 32, a##c##2);                                  \
+    _mm512_storeu_ps(accm + c * kTile + 48, a##c##3);                                  \
+  }
+#define KS_PREFETCH                                                                    \
+  if (pf != nullptr) {                                                                 \
+    for (int l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64)                        \
+      _mm_prefetch(pf, _MM_HINT_T0);                                                   \
+  }
+
 template <int C>
-KS_TARGET inline void tile_bf16(const uint16_t* W, int64_t K, const uint16_t* x, float* out) {
-  __m512 acc[C][4];
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < 4; ++r) acc[c][r] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
+KS_TARGET inline void tile_bf16(const uint16_t* W, int64_t K, const uint16_t* x, float* accm,
+                                int64_t p0, int64_t p1, bool first, const char* pf,
+                                const char* pf_end, int pf_lines) {
+  KS_ROWS(KS_DECL)
+  KS_ROWS(KS_INIT)
+  for (int64_t p = p0; p < p1; ++p) {
+    KS_PREFETCH
     const uint16_t* w = W + p * 2 * kTile;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32);
     const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64);
     const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
-    for (int c = 0; c < C; ++c) {
-      int32_t pair;
-      std::memcpy(&pair, x + c * K + 2 * p, 4);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      acc[c][0] = _mm512_dpbf16_ps(acc[c][0], w0, xb);
-      acc[c][1] = _mm512_dpbf16_ps(acc[c][1], w1, xb);
-      acc[c][2] = _mm512_dpbf16_ps(acc[c][2], w2, xb);
-      acc[c][3] = _mm512_dpbf16_ps(acc[c][3], w3, xb);
+#define KS_STEP(c)                                                                     \
+    if constexpr (C > c) {                                                             \
+      int32_t pair;                                                                    \
+      std::memcpy(&pair, x + c * K + 2 * p, 4);                                        \
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);                           \
+      a##c##0 = _mm512_dpbf16_ps(a##c##0, w0, xb);                                     \
+      a##c##1 = _mm512_dpbf16_ps(a##c##1, w1, xb);                                     \
+      a##c##2 = _mm512_dpbf16_ps(a##c##2, w2, xb);                                     \
+      a##c##3 = _mm512_dpbf16_ps(a##c##3, w3, xb);                                     \
     }
+    KS_ROWS(KS_STEP)
+#undef KS_STEP
   }
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + c * kTile + r * 16, acc[c][r]);
+  KS_ROWS(KS_STORE)
 }
 
 template <int C>
-KS_TARGET inline void tile_f32(const float* W, int64_t K, const float* x, float* out) {
-  __m512 acc[C][4];
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < 4; ++r) acc[c][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* w = W + k * kTile;
+KS_TARGET inline void tile_f32(const float* W, int64_t K, const float* x, float* accm, int64_t p0,
+                               int64_t p1, bool first, const char* pf, const char* pf_end,
+                               int pf_lines) {
+  KS_ROWS(KS_DECL)
+  KS_ROWS(KS_INIT)
+  for (int64_t p = p0; p < p1; ++p) {
+    KS_PREFETCH
+    const float* w = W + p * kTile;
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
     const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
-    for (int c = 0; c < C; ++c) {
-      const __m512 xb = _mm512_set1_ps(x[c * K + k]);
-      acc[c][0] = _mm512_fmadd_ps(w0, xb, acc[c][0]);
-      acc[c][1] = _mm512_fmadd_ps(w1, xb, acc[c][1]);
-      acc[c][2] = _mm512_fmadd_ps(w2, xb, acc[c][2]);
-      acc[c][3] = _mm512_fmadd_ps(w3, xb, acc[c][3]);
+#define KS_STEP(c)                                                                     \
+    if constexpr (C > c) {                                                             \
+      const __m512 xb = _mm512_set1_ps(x[c * K + p]);                                  \
+      a##c##0 = _mm512_fmadd_ps(w0, xb, a##c##0);                                      \
+      a##c##1 = _mm512_fmadd_ps(w1, xb, a##c##1);                                      \
+      a##c##2 = _mm512_fmadd_ps(w2, xb, a##c##2);                                      \
+      a##c##3 = _mm512_fmadd_ps(w3, xb, a##c##3);                                      \
     }
+    KS_ROWS(KS_STEP)
+#undef KS_STEP
   }
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + c * kTile + r * 16, acc[c][r]);
+  KS_ROWS(KS_STORE)
 }
 
 // out_bf16: round the float32 sums (plus bias) to bfloat16, to nearest even; else store float32.
@@ -105,29 +141,56 @@ KS_TARGET void store(const float* acc, int64_t n, const float* bias, bool out_bf
   }
 }
 
+// Blocks of 16 steps of a tile (4 KB in bfloat16, 4 KB in float32) stay in L1 while every group of
+// 4 rows passes over them. With 3 groups or more, each group's pass also prefetches its share of
+// the next block, so the memory works while the block is computed on. Measured on the embedded
+// model's layer weights (docs/benchmarks.md): other block sizes (8-128 steps), prefetching in
+// the last group only, or with 2 groups, were no better.
+constexpr int64_t kBlockSteps = 16;
+
 template <typename T, typename Tile1, typename Tile2, typename Tile3, typename Tile4>
 void run(const T* x, int64_t M, int64_t K, const T* W, int64_t N, const float* bias, bool out_bf16,
          char* y, Tile1 t1, Tile2 t2, Tile3 t3, Tile4 t4) {
   const int64_t tiles = (N + kTile - 1) / kTile;
   const int64_t ysize = out_bf16 ? 2 : 4;
+  constexpr int64_t per_step = std::is_same_v<T, uint16_t> ? 2 : 1;   // inputs per tile row
+  const int64_t steps = K / per_step;
+  const int64_t groups = (M + kRows - 1) / kRows;
   at::parallel_for(0, tiles, 1, [&](int64_t a, int64_t b) {
-    alignas(64) float buf[kRows * kTile];
+    std::vector<float> accs(groups * kRows * kTile);
     for (int64_t t = a; t < b; ++t) {
       const T* Wt = W + t * kTile * K;
       const int64_t n0 = t * kTile, n = std::min<int64_t>(kTile, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t c = std::min<int64_t>(kRows, M - m0);
-        const T* xm = x + m0 * K;
-        switch (c) {
-          case 1: t1(Wt, K, xm, buf); break;
-          case 2: t2(Wt, K, xm, buf); break;
-          case 3: t3(Wt, K, xm, buf); break;
-          default: t4(Wt, K, xm, buf); break;
+      const int64_t block = groups == 1 ? steps : kBlockSteps;
+      for (int64_t p0 = 0; p0 < steps; p0 += block) {
+        const int64_t p1 = std::min(steps, p0 + block);
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          const int64_t m0 = gi * kRows, c = std::min<int64_t>(kRows, M - m0);
+          const T* xm = x + m0 * K;
+          float* acc = accs.data() + gi * kRows * kTile;
+          // the last group's pass prefetches the next block (while the block is computed on
+          // from L1, the memory works ahead); with one group the hardware prefetchers suffice
+          const char* nb = reinterpret_cast<const char*>(Wt + p1 * per_step * kTile);
+          const int64_t nbytes = (std::min(steps, p1 + block) - p1) * per_step * kTile * sizeof(T);
+          const char* pf = nullptr;
+          const char* pf_end = nullptr;
+          int pf_lines = 0;
+          if (groups > 2) {
+            const int64_t share = (nbytes / 64 + groups - 1) / groups * 64;
+            pf = nb + gi * share; pf_end = std::min(nb + nbytes, pf + share);
+            pf_lines = static_cast<int>((share / 64 + (p1 - p0) - 1) / (p1 - p0));
+          }
+          switch (c) {
+            case 1: t1(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
+            case 2: t2(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
+            case 3: t3(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
+            default: t4(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
+          }
         }
-        for (int64_t i = 0; i < c; ++i)
-          store(buf + i * kTile, n, bias == nullptr ? nullptr : bias + n0, out_bf16,
-                y + ((m0 + i) * N + n0) * ysize);
       }
+      for (int64_t m = 0; m < M; ++m)
+        store(accs.data() + m * kTile, n, bias == nullptr ? nullptr : bias + n0, out_bf16,
+              y + (m * N + n0) * ysize);
     }
   });
 }
