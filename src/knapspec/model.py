@@ -666,9 +666,11 @@ class Model:
             raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
                              f"but the capacity is {cache.capacity} positions")
         cos, sin = self._native_rope(start, t)
+        cache.native_layout()
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
-                                k_cache=cache.k[i], v_cache=cache.v[i], n_heads=cfg.n_heads,
+                                k_cache=cache.k[i], v_cache=cache.v[i], k_blocks=cache.kt[i],
+                                v_pairs=None if cache.vt is None else cache.vt[i], n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1])
 

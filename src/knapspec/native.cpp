@@ -305,141 +305,251 @@ KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_
       store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(d.data() + t * H + j)));
 }
 
-// 16 vectors -> one vector of their 16 horizontal sums (lane i: vector i), by a fixed tree of
-// lane additions.
-KS_TARGET inline __m512 hsum16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
 constexpr int64_t kChunk = 256;   // keys per work item of the attention
+constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 
-// One (KV head, 256-key chunk) work item: for each of the R query rows (positions pos[r], query
-// vectors q + r*D in the storage type), the chunk's partial softmax: max m, sum l, and the
-// unnormalised output o[D] (float32), over the keys k0 <= j < k1 with lo[r] <= j <= pos[r].
-template <typename T>
-KS_TARGET void attend_chunk(const T* q, int64_t R, const int64_t* pos, const int64_t* lo,
-                            const T* K, const T* V, int64_t D, int64_t k0, int64_t k1, float scale,
-                            float* vf, float* m_out, float* l_out, float* o_out) {
-  const int64_t n = k1 - k0;
-  alignas(64) float s[kChunk];
-  alignas(64) uint16_t pb[kChunk];
-  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  // bfloat16: the values as key pairs interleaved per dimension ([pair][D][2], vf's memory), for
-  // dot-product instructions over two keys at once; a missing last partner is zero. float32:
-  // read in place.
-  uint16_t* vp = reinterpret_cast<uint16_t*>(vf);
-  if constexpr (bf16) {
-    for (int64_t j = 0; j < n; j += 2) {
-      const uint16_t* v0 = V + (k0 + j) * D;
-      const uint16_t* v1 = j + 1 < n ? v0 + D : nullptr;
-      for (int64_t dd = 0; dd < D; dd += 16) {
-        const __m512i a0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + dd)));
-        const __m512i a1 = v1 == nullptr ? _mm512_setzero_si512()
-            : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + dd)));
-        _mm512_storeu_si512(vp + (j / 2 * D + dd) * 2, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
+// The attention reads its own copies of the cache, laid out for products with one key (scores) or
+// one output dimension (values) per SIMD lane, so that no sum runs across lanes:
+//   keys, bfloat16:   [Hkv][capacity/16][D/2][16][2] - 16 keys x one pair of dimensions per 64 bytes
+//   keys, float32:    [Hkv][capacity/16][D][16]
+//   values, bfloat16: [Hkv][capacity/2][D][2]        - 16 dimensions x a pair of keys per 64 bytes
+//   values, float32:  the cache itself, [Hkv][capacity][D]
+// (knapspec/cache.py keeps them; the torch path writes them through KVCache.write.)
+
+// Scores of G query rows (one token's heads: q, rows D apart) against NB 16-key blocks (kb: the
+// first block), times `scale`, into s (rows kChunk apart). Lane j of a block sums its key's products
+// over the dimensions in order, whatever the number of rows or blocks in the call.
+template <typename T, int G, int NB>
+KS_TARGET inline void scores(const T* q, int64_t D, const T* kb, float scale, float* s) {
+  __m512 acc[G][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    const int64_t bstride = D * kBlk;                 // uint16 per block
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      __m512bh kv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b)
+        kv[b] = (__m512bh)_mm512_loadu_si512(kb + b * bstride + dp * 2 * kBlk);
+#pragma GCC unroll 4
+      for (int r = 0; r < G; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, q + r * D + 2 * dp, 4);
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], kv[b], qb);
+      }
+    }
+  } else {
+    const int64_t bstride = D * kBlk;
+    for (int64_t d = 0; d < D; ++d) {
+      __m512 kv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) kv[b] = _mm512_loadu_ps(kb + b * bstride + d * kBlk);
+#pragma GCC unroll 4
+      for (int r = 0; r < G; ++r) {
+        const __m512 qb = _mm512_set1_ps(q[r * D + d]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(kv[b], qb, acc[r][b]);
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t a = std::max(k0, lo[r]), b = std::min(k1, pos[r] + 1);
-    float* o = o_out + r * D;
-    if (a >= b) {
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + r * kChunk + b * kBlk, _mm512_mul_ps(acc[r][b], sc));
+}
+
+template <typename T, int G>
+KS_TARGET inline void scores_nb(const T* q, int64_t D, const T* kb, float scale, float* s, int64_t nb) {
+  switch (nb) {
+    case 1: scores<T, G, 1>(q, D, kb, scale, s); break;
+    case 2: scores<T, G, 2>(q, D, kb, scale, s); break;
+    case 3: scores<T, G, 3>(q, D, kb, scale, s); break;
+    default: scores<T, G, 4>(q, D, kb, scale, s); break;
+  }
+}
+
+// Probabilities times values for G rows (one token's heads) over the keys [j0, j1) of the chunk
+// (j0 even in bfloat16): o[r] (float32, D) = sum_j p[r][j] v[j], one output dimension per lane, the
+// keys in order (bfloat16: two at a time, probabilities already rounded to bfloat16 in pb).
+// NV = D / 16.
+template <int G, int NV>
+KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_t j0, int64_t j1, float* o) {
+  __m512 acc[G][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; j += 2) {
+    const uint16_t* w = vt + j * NV * 16;            // pair j/2: [D][2]
+    __m512bh vv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(w + v * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, pb + r * kChunk + j, 4);
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pv, vv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * NV * 16 + v * 16, acc[r][v]);
+}
+
+template <int G, int NV>
+KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, int64_t j1, float* o) {
+  __m512 acc[G][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 vv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(V + j * NV * 16 + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r) {
+      const __m512 pv = _mm512_set1_ps(pf[r * kChunk + j]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pv, vv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * NV * 16 + v * 16, acc[r][v]);
+}
+
+// rows of G at most 16 / NV (accumulators in registers)
+template <typename T, int NV>
+KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1, float* o, int64_t g) {
+  constexpr int GM = NV <= 4 ? 4 : 2;
+  for (int64_t r0 = 0; r0 < g; r0 += GM) {
+    const int64_t n = std::min<int64_t>(GM, g - r0);
+    float* orow = o + r0 * NV * 16;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      const uint16_t* pb = static_cast<const uint16_t*>(p) + r0 * kChunk;
+      switch (n) {
+        case 1: values_bf16<1, NV>(pb, vsrc, j0, j1, orow); break;
+        case 2: values_bf16<2, NV>(pb, vsrc, j0, j1, orow); break;
+        case 3: if constexpr (GM >= 3) values_bf16<3, NV>(pb, vsrc, j0, j1, orow); break;
+        default: if constexpr (GM >= 4) values_bf16<GM, NV>(pb, vsrc, j0, j1, orow); break;
+      }
+    } else {
+      const float* pf = static_cast<const float*>(p) + r0 * kChunk;
+      switch (n) {
+        case 1: values_f32<1, NV>(pf, vsrc, j0, j1, orow); break;
+        case 2: values_f32<2, NV>(pf, vsrc, j0, j1, orow); break;
+        case 3: if constexpr (GM >= 3) values_f32<3, NV>(pf, vsrc, j0, j1, orow); break;
+        default: if constexpr (GM >= 4) values_f32<GM, NV>(pf, vsrc, j0, j1, orow); break;
+      }
+    }
+  }
+}
+
+// lanes of 16-key block bi inside [a, b) (chunk-relative)
+inline __mmask16 block_mask(int64_t bi, int64_t a, int64_t b) {
+  const int64_t j0 = bi * kBlk;
+  const int64_t lo_i = std::max<int64_t>(0, a - j0), hi_i = std::min<int64_t>(16, b - j0);
+  return static_cast<__mmask16>(((1u << hi_i) - 1) & ~((1u << lo_i) - 1));
+}
+
+// One (KV head, 256-key chunk) work item for the g query heads of one token at position `pos`,
+// over the keys k0 <= j < k1 with lo <= j <= pos: each row's partial softmax, max m, sum l and
+// unnormalised output o[D] (float32). q: the token's g query rows (storage type, D apart). kt: this
+// KV head's blocked keys; vsrc: its values (bfloat16: the pair layout; float32: [cap][D]).
+// Computed the same way for a token alone or in a pass: the rows of one token share their key
+// range, and nothing here depends on the other tokens.
+template <typename T>
+KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, const T* kt, const T* vsrc,
+                            int64_t D, int64_t k0, int64_t k1, float scale, float* s, void* pbuf,
+                            float* m_out, float* l_out, float* o_out) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  const int64_t a = std::max(k0, lo), b = std::min(k1, pos + 1);
+  if (a >= b) {
+    for (int64_t r = 0; r < g; ++r) {
       m_out[r] = -INFINITY;
       l_out[r] = 0.0f;
-      for (int64_t dd = 0; dd < D; ++dd) o[dd] = 0.0f;
-      continue;
+      for (int64_t dd = 0; dd < D; ++dd) o_out[r * D + dd] = 0.0f;
     }
-    const T* qr = q + r * D;
-    // scores of whole 16-key blocks (aligned to absolute positions), masked to [a, b) after
-    const int64_t b0 = (a - k0) / 16 * 16, b1 = std::min<int64_t>(n, (b - k0 + 15) / 16 * 16);
-    for (int64_t j0 = b0; j0 < b1; j0 += 16) {
-      __m512 part[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t j = k0 + j0 + i;
-        __m512 acc = _mm512_setzero_ps();
-        if (j0 + i < n) {
-          if constexpr (std::is_same_v<T, uint16_t>) {
-            for (int64_t dd = 0; dd < D; dd += 32)
-              acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + dd),
-                                     (__m512bh)_mm512_loadu_si512(K + j * D + dd));
-          } else {
-            for (int64_t dd = 0; dd < D; dd += 16)
-              acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + dd), _mm512_loadu_ps(K + j * D + dd), acc);
-          }
-        }
-        part[i] = acc;
+    return;
+  }
+  // scores of the whole 16-key blocks that meet [a, b) (blocks aligned to absolute positions;
+  // lanes outside are masked below), 4 heads x 4 blocks at a time
+  const int64_t blk0 = (a - k0) / kBlk, blk1 = (b - k0 + kBlk - 1) / kBlk;
+  for (int64_t r0 = 0; r0 < g; r0 += 4) {
+    const int64_t n = std::min<int64_t>(4, g - r0);
+    for (int64_t bi = blk0; bi < blk1; bi += 4) {
+      const int64_t nb = std::min<int64_t>(4, blk1 - bi);
+      const T* kb = kt + (k0 / kBlk + bi) * D * kBlk;
+      float* srow = s + r0 * kChunk + bi * kBlk;
+      const T* qr = q + r0 * D;
+      switch (n) {
+        case 1: scores_nb<T, 1>(qr, D, kb, scale, srow, nb); break;
+        case 2: scores_nb<T, 2>(qr, D, kb, scale, srow, nb); break;
+        case 3: scores_nb<T, 3>(qr, D, kb, scale, srow, nb); break;
+        default: scores_nb<T, 4>(qr, D, kb, scale, srow, nb); break;
       }
-      alignas(64) float h[16];
-      _mm512_store_ps(h, _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale)));
-      for (int L = 0; L < 16 && j0 + L < n; ++L) s[j0 + L] = h[L];
     }
-    float mx = -INFINITY;
-    for (int64_t j = a - k0; j < b - k0; ++j) mx = std::max(mx, s[j]);
-    // p = exp(s - max) over [a, b): whole 16-key blocks, lanes outside masked to 0. bfloat16: p is
-    // rounded to bfloat16 for the products with the values, and the sum l is over the rounded p.
-    float l = 0.0f;
+  }
+  // p = exp(s - max) over [a, b), lanes outside masked to 0. bfloat16: p rounded to bfloat16 for
+  // the products with the values, and the sum l over the rounded p.
+  for (int64_t r = 0; r < g; ++r) {
+    const float* sr = s + r * kChunk;
+    __m512 mxv = _mm512_set1_ps(-INFINITY);
+    for (int64_t bi = blk0; bi < blk1; ++bi)
+      mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a - k0, b - k0), mxv, _mm512_loadu_ps(sr + bi * kBlk));
+    const float mx = _mm512_reduce_max_ps(mxv);
     __m512 lv = _mm512_setzero_ps();
-    for (int64_t j0 = b0; j0 < b1; j0 += 16) {
-      const int64_t lo_i = std::max<int64_t>(0, (a - k0) - j0), hi_i = std::min<int64_t>(16, (b - k0) - j0);
-      const __mmask16 mk = static_cast<__mmask16>(((1u << hi_i) - 1) & ~((1u << lo_i) - 1));
-      const __m512 sv = _mm512_maskz_loadu_ps(mk, s + j0);
-      __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+    for (int64_t bi = blk0; bi < blk1; ++bi) {
+      const int64_t j0 = bi * kBlk;
+      const __mmask16 mk = block_mask(bi, a - k0, b - k0);
+      __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j0), _mm512_set1_ps(mx))));
       if constexpr (bf16) {
         const __m256i pr = (__m256i)_mm512_cvtneps_pbh(p);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j0), pr);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(pbuf) + r * kChunk + j0), pr);
         p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pr), 16));
       } else {
-        _mm512_storeu_ps(s + j0, p);
+        _mm512_storeu_ps(static_cast<float*>(pbuf) + r * kChunk + j0, p);
       }
       lv = _mm512_add_ps(lv, p);
     }
-    l = _mm512_reduce_add_ps(lv);
-    __m512 acc[8];
-    const int64_t nv = D / 16;
-    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
-    if constexpr (bf16) {           // key pairs aligned to even positions: a key's pair is fixed
-      for (int64_t j = (a - k0) / 2 * 2; j < b - k0; j += 2) {
-        int32_t pair;
-        std::memcpy(&pair, pb + j, 4);
-        const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);
-        const uint16_t* w = vp + j * D;
-        for (int64_t v = 0; v < nv; ++v)
-          acc[v] = _mm512_dpbf16_ps(acc[v], pv, (__m512bh)_mm512_loadu_si512(w + v * 32));
-      }
-    } else {
-      for (int64_t j = a - k0; j < b - k0; ++j) {
-        const __m512 p = _mm512_set1_ps(s[j]);
-        for (int64_t v = 0; v < nv; ++v)
-          acc[v] = _mm512_fmadd_ps(p, load16(V + (k0 + j) * D + v * 16), acc[v]);
-      }
-    }
-    for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + v * 16, acc[v]);
     m_out[r] = mx;
-    l_out[r] = l;
+    l_out[r] = _mm512_reduce_add_ps(lv);
+  }
+  // bfloat16: key pairs aligned to even positions (a key's partner is fixed; outside [a, b) its
+  // probability is 0)
+  const int64_t j0 = bf16 ? (a - k0) / 2 * 2 : a - k0, j1 = b - k0;
+  const T* vs = bf16 ? vsrc + k0 * D : vsrc + k0 * D;   // pair k0/2 starts at k0*D in both layouts
+  switch (D / 16) {
+    case 2: values_rows<T, 2>(pbuf, vs, j0, j1, o_out, g); break;
+    case 4: values_rows<T, 4>(pbuf, vs, j0, j1, o_out, g); break;
+    case 6: values_rows<T, 6>(pbuf, vs, j0, j1, o_out, g); break;
+    default: values_rows<T, 8>(pbuf, vs, j0, j1, o_out, g); break;
   }
 }
 
 // out = x + o_proj(attention(rope(q), rope(k), v)), qkv = qkv_proj(rms_norm(x)) (+ bias), with
-// the new keys and values written into the cache at positions start .. start+T-1.
-// cos/sin: float32 tables [positions][D/2], row `start` first. kc/vc: this layer's cache
-// [Hkv][cap][D]. window <= 0: no sliding window.
+// the new keys and values written into the cache at positions start .. start+T-1: kc/vc, this
+// layer's cache [Hkv][cap][D], and kt/vt, the attention's own layouts (above).
+// cos/sin: float32 tables [positions][D/2], row `start` first. window <= 0: no sliding window.
 template <typename T>
 KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* norm_w, float eps,
                            const T* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
-                           const float* cosp, const float* sinp, T* kc, T* vc, int64_t cap,
-                           int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window,
-                           const T* w_o) {
+                           const float* cosp, const float* sinp, T* kc, T* vc, T* kt, T* vt,
+                           int64_t cap, int64_t start, int64_t hq, int64_t hkv, int64_t D,
+                           int64_t window, const T* w_o) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
+  const int64_t nblk = (cap + kBlk - 1) / kBlk, npair = (cap + 1) / 2;
   std::vector<T> h(Tn * H), qkv(Tn * nqkv), q(Tn * nq), o(Tn * nq), y(Tn * H);
   for (int64_t t = 0; t < Tn; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
   linear_t<T>(h.data(), Tn, H, w_qkv, nqkv, b_qkv, qkv.data());
@@ -464,38 +574,47 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
         store16(dst + i, _mm512_fmsub_ps(x1, cv, _mm512_mul_ps(x2, sv)));
         store16(dst + half + i, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
       }
+      if (!is_q) {                  // the key into its 16-key block: lane p % 16
+        const int64_t kvh = head - hq;
+        T* blk = kt + (kvh * nblk + p / kBlk) * D * kBlk;
+        if constexpr (bf16) {
+          for (int64_t dp = 0; dp < half; ++dp)
+            std::memcpy(blk + (dp * kBlk + p % kBlk) * 2, dst + 2 * dp, 4);
+        } else {
+          for (int64_t d = 0; d < D; ++d) blk[d * kBlk + p % kBlk] = dst[d];
+        }
+      }
     }
-    for (int64_t head = 0; head < hkv; ++head)
-      std::memcpy(vc + (head * cap + p) * D, qkv.data() + t * nqkv + nq + nk + head * D, D * sizeof(T));
+    for (int64_t head = 0; head < hkv; ++head) {
+      const T* vsrc = qkv.data() + t * nqkv + nq + nk + head * D;
+      std::memcpy(vc + (head * cap + p) * D, vsrc, D * sizeof(T));
+      if constexpr (bf16) {         // the value into its key pair: slot p % 2
+        T* pr = vt + ((head * npair + p / 2) * D) * 2 + p % 2;
+        for (int64_t d = 0; d < D; ++d) pr[2 * d] = vsrc[d];
+      }
+    }
   }
-  // attention: rows (t, query head of the group) per KV head; work items (KV head, chunk)
+  // attention: work items (KV head, 256-key chunk), each over every token of the call
   const int64_t R = Tn * g, end = start + Tn;
   const int64_t c_first = (window > 0 ? std::max<int64_t>(0, start - window + 1) : 0) / kChunk;
   const int64_t c_last = (end - 1) / kChunk;
   const int64_t nc = c_last - c_first + 1;
-  std::vector<int64_t> pos(R), lo(R);
-  for (int64_t t = 0; t < Tn; ++t)
-    for (int64_t i = 0; i < g; ++i) {
-      pos[t * g + i] = start + t;
-      lo[t * g + i] = window > 0 ? std::max<int64_t>(0, start + t - window + 1) : 0;
-    }
   std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, hkv * nc, 1, [&](int64_t a, int64_t b) {
-    std::vector<T> qg(R * D);
-    std::vector<float> vf(kChunk * D);
-    int64_t cur = -1;
-    for (int64_t it = a; it < b; ++it) {
+  at::parallel_for(0, hkv * nc, 1, [&](int64_t ia, int64_t ib) {
+    std::vector<float> sbuf(g * kChunk), pbuf(g * kChunk);
+    for (int64_t it = ia; it < ib; ++it) {
       const int64_t kvh = it / nc, ci = it % nc;
-      if (kvh != cur) {             // this KV head's query rows, (t, i) order
-        for (int64_t t = 0; t < Tn; ++t)
-          for (int64_t i = 0; i < g; ++i)
-            std::memcpy(qg.data() + (t * g + i) * D, q.data() + t * nq + (kvh * g + i) * D, D * sizeof(T));
-        cur = kvh;
-      }
       const int64_t k0 = (c_first + ci) * kChunk, k1 = std::min(end, k0 + kChunk);
-      attend_chunk<T>(qg.data(), R, pos.data(), lo.data(), kc + kvh * cap * D, vc + kvh * cap * D, D,
-                      k0, k1, scale, vf.data(), pm.data() + it * R, pl.data() + it * R, po.data() + it * R * D);
+      const T* ktk = kt + kvh * nblk * D * kBlk;
+      const T* vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t p = start + t;
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        const int64_t r = it * R + t * g;
+        attend_token<T>(q.data() + t * nq + kvh * g * D, g, p, lo, ktk, vsk, D, k0, k1, scale,
+                        sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
+      }
     }
   });
   // combine the chunks of each row in order
@@ -541,19 +660,21 @@ void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t nor
 
 void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t norm_w, double eps,
                int64_t w_qkv, int64_t b_qkv, int64_t q_norm, int64_t k_norm, int64_t cosp,
-               int64_t sinp, int64_t kc, int64_t vc, int64_t cap, int64_t start, int64_t hq,
-               int64_t hkv, int64_t D, int64_t window, int64_t w_o) {
+               int64_t sinp, int64_t kc, int64_t vc, int64_t kt, int64_t vt, int64_t cap,
+               int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window, int64_t w_o) {
   if (bf16)
     attention_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, P<uint16_t>(norm_w),
                           static_cast<float>(eps), P<uint16_t>(w_qkv), P<float>(b_qkv),
                           P<uint16_t>(q_norm), P<uint16_t>(k_norm), P<float>(cosp), P<float>(sinp),
-                          reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc), cap, start,
+                          reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc),
+                          reinterpret_cast<uint16_t*>(kt), reinterpret_cast<uint16_t*>(vt), cap, start,
                           hq, hkv, D, window, P<uint16_t>(w_o));
   else
     attention_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, P<float>(norm_w),
                        static_cast<float>(eps), P<float>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
                        P<float>(k_norm), P<float>(cosp), P<float>(sinp), reinterpret_cast<float*>(kc),
-                       reinterpret_cast<float*>(vc), cap, start, hq, hkv, D, window, P<float>(w_o));
+                       reinterpret_cast<float*>(vc), reinterpret_cast<float*>(kt), nullptr, cap, start,
+                       hq, hkv, D, window, P<float>(w_o));
 }
 
 

@@ -151,11 +151,13 @@ def mlp(x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: Packed, down
 
 def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, qkv: Packed,
               q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
-              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_blocks: torch.Tensor,
+              v_pairs: torch.Tensor | None, n_heads: int,
               n_kv_heads: int, head_dim: int, window: int | None, o: Packed) -> torch.Tensor:
     """The whole attention sublayer of one sequence ``x [1, T, H]`` at positions ``start..``: norm,
     qkv product, (q/k norms), rotary embedding (``cos``, ``sin``: float32 ``[T, D/2]``), the new keys
-    and values written into ``k_cache, v_cache [1, Hkv, capacity, D]``, causal attention over
+    and values written into ``k_cache, v_cache [1, Hkv, capacity, D]`` and into the attention's own
+    layouts ``k_blocks`` and ``v_pairs`` (bfloat16 only; see ``cache.py``), causal attention over
     positions ``0 .. start+T-1`` (or the sliding ``window``), output product and residual.
     Returns a new tensor."""
     mod = _module()
@@ -165,6 +167,7 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
     mod.attention(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), t, h, norm_w.data_ptr(), eps,
                   qkv.tiles.data_ptr(), 0 if qkv.bias is None else qkv.bias.data_ptr(),
                   0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
-                  cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
+                  cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_blocks.data_ptr(),
+                  0 if v_pairs is None else v_pairs.data_ptr(), k_cache.shape[2],
                   start, n_heads, n_kv_heads, head_dim, window or 0, o.tiles.data_ptr())
     return out
