@@ -31,7 +31,7 @@ def _ours(hf, dtype=torch.float32) -> Model:
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_native_sublayers_match_transformers(kind, monkeypatch):
     """float32, prefill of 250 tokens then 20 steps, across the 256-key chunk boundary (Mistral: its
-    window of 8); then a 300-token prefill, which takes torch's attention."""
+    window of 8); then a 600-token prefill, over the native limit, which takes torch's attention."""
     _need(torch.float32)
     hf = build_tiny_hf(kind, **_NATIVE)
     ours = _ours(hf)
@@ -56,8 +56,8 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
             tok = ref.logits[:, -1:].argmax(-1)
         # the native path ran, in every layer
         assert calls == [(250, 0)] * 3 + [(1, 250 + s) for s in range(20) for _ in range(3)]
-        long = torch.randint(3, 128, (1, 300))
-        out = ours.forward(long, 0, ours.new_cache(320))
+        long = torch.randint(3, 128, (1, 600))
+        out = ours.forward(long, 0, ours.new_cache(620))
         assert (hf(long).logits - out.logits).abs().max() <= 1e-4
         assert len(calls) == 63
 
@@ -128,18 +128,18 @@ def test_native_bfloat16_is_as_close_to_the_float32_reference_as_the_torch_path(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_attention_layouts_follow_every_write(kind, dtype):
     """The native attention's own key/value layouts (cache.py) stay equal to the cache whoever
-    writes it: native steps, then a 300-token chunk through torch's attention (KVCache.write),
+    writes it: native steps, then a 520-token chunk through torch's attention (KVCache.write),
     then native steps again, which must also match transformers in float32."""
     _need(dtype)
     hf = build_tiny_hf(kind, **_NATIVE)
     m = _ours(hf, dtype)
     torch.manual_seed(5)
-    toks = torch.randint(3, 128, (1, 316))
-    cache = m.new_cache(317)                   # neither a multiple of 16 nor of 2
+    toks = torch.randint(3, 128, (1, 536))
+    cache = m.new_cache(537)                   # neither a multiple of 16 nor of 2
     m.forward(toks[:, :10], 0, cache)          # native: creates the layouts
     assert cache.kt is not None and (cache.vt is not None) == (dtype == torch.bfloat16)
-    m.forward(toks[:, 10:310], 10, cache)      # torch's attention, through KVCache.write
-    for p in range(310, 316):
+    m.forward(toks[:, 10:530], 10, cache)      # torch's attention, through KVCache.write
+    for p in range(530, 536):
         out = m.forward(toks[:, p:p + 1], p, cache)
     fresh = type(cache)(n_layers=len(cache.k), n_kv_heads=cache.k[0].shape[1],
                         head_dim=cache.k[0].shape[3], capacity=cache.capacity, dtype=dtype)

@@ -319,48 +319,62 @@ constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 // Scores of G query rows (one token's heads: q, rows D apart) against NB 16-key blocks (kb: the
 // first block), times `scale`, into s (rows kChunk apart). Lane j of a block sums its key's products
 // over the dimensions in order, whatever the number of rows or blocks in the call.
+// (Named registers, not arrays: with arrays GCC reloaded every key vector for every row.)
+#define KS_4(X) X(0) X(1) X(2) X(3)
 template <typename T, int G, int NB>
 KS_TARGET inline void scores(const T* q, int64_t D, const T* kb, float scale, float* s) {
-  __m512 acc[G][NB];
-#pragma GCC unroll 4
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    const int64_t bstride = D * kBlk;                 // uint16 per block
-    for (int64_t dp = 0; dp < D / 2; ++dp) {
-      __m512bh kv[NB];
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b)
-        kv[b] = (__m512bh)_mm512_loadu_si512(kb + b * bstride + dp * 2 * kBlk);
-#pragma GCC unroll 4
-      for (int r = 0; r < G; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, q + r * D + 2 * dp, 4);
-        const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], kv[b], qb);
-      }
+#define KS_SDECL(r) __m512 s##r##0 = _mm512_setzero_ps(), s##r##1 = s##r##0, s##r##2 = s##r##0, s##r##3 = s##r##0;
+  KS_4(KS_SDECL)
+#undef KS_SDECL
+  const int64_t bstride = D * kBlk;                 // elements per block
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  using KV = std::conditional_t<bf16, __m512bh, __m512>;
+  const int64_t steps = bf16 ? D / 2 : D;
+  for (int64_t dp = 0; dp < steps; ++dp) {
+    const T* kp = kb + dp * (bf16 ? 2 : 1) * kBlk;
+    KV k0, k1, k2, k3;
+    if constexpr (bf16) {
+      k0 = (__m512bh)_mm512_loadu_si512(kp);
+      if constexpr (NB > 1) k1 = (__m512bh)_mm512_loadu_si512(kp + bstride);
+      if constexpr (NB > 2) k2 = (__m512bh)_mm512_loadu_si512(kp + 2 * bstride);
+      if constexpr (NB > 3) k3 = (__m512bh)_mm512_loadu_si512(kp + 3 * bstride);
+    } else {
+      k0 = _mm512_loadu_ps(kp);
+      if constexpr (NB > 1) k1 = _mm512_loadu_ps(kp + bstride);
+      if constexpr (NB > 2) k2 = _mm512_loadu_ps(kp + 2 * bstride);
+      if constexpr (NB > 3) k3 = _mm512_loadu_ps(kp + 3 * bstride);
     }
-  } else {
-    const int64_t bstride = D * kBlk;
-    for (int64_t d = 0; d < D; ++d) {
-      __m512 kv[NB];
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) kv[b] = _mm512_loadu_ps(kb + b * bstride + d * kBlk);
-#pragma GCC unroll 4
-      for (int r = 0; r < G; ++r) {
-        const __m512 qb = _mm512_set1_ps(q[r * D + d]);
-#pragma GCC unroll 4
-        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(kv[b], qb, acc[r][b]);
-      }
+#define KS_SROW(r)                                                                     \
+    if constexpr (G > r) {                                                             \
+      if constexpr (bf16) {                                                            \
+        int32_t pair;                                                                  \
+        std::memcpy(&pair, q + r * D + 2 * dp, 4);                                     \
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);                         \
+        s##r##0 = _mm512_dpbf16_ps(s##r##0, k0, qb);                                   \
+        if constexpr (NB > 1) s##r##1 = _mm512_dpbf16_ps(s##r##1, k1, qb);             \
+        if constexpr (NB > 2) s##r##2 = _mm512_dpbf16_ps(s##r##2, k2, qb);             \
+        if constexpr (NB > 3) s##r##3 = _mm512_dpbf16_ps(s##r##3, k3, qb);             \
+      } else {                                                                         \
+        const __m512 qb = _mm512_set1_ps(q[r * D + dp]);                               \
+        s##r##0 = _mm512_fmadd_ps(k0, qb, s##r##0);                                    \
+        if constexpr (NB > 1) s##r##1 = _mm512_fmadd_ps(k1, qb, s##r##1);              \
+        if constexpr (NB > 2) s##r##2 = _mm512_fmadd_ps(k2, qb, s##r##2);              \
+        if constexpr (NB > 3) s##r##3 = _mm512_fmadd_ps(k3, qb, s##r##3);              \
+      }                                                                                \
     }
+    KS_4(KS_SROW)
+#undef KS_SROW
   }
   const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 4
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s + r * kChunk + b * kBlk, _mm512_mul_ps(acc[r][b], sc));
+#define KS_SSTORE(r)                                                                               \
+  if constexpr (G > r) {                                                                           \
+    _mm512_storeu_ps(s + r * kChunk, _mm512_mul_ps(s##r##0, sc));                                  \
+    if constexpr (NB > 1) _mm512_storeu_ps(s + r * kChunk + kBlk, _mm512_mul_ps(s##r##1, sc));     \
+    if constexpr (NB > 2) _mm512_storeu_ps(s + r * kChunk + 2 * kBlk, _mm512_mul_ps(s##r##2, sc)); \
+    if constexpr (NB > 3) _mm512_storeu_ps(s + r * kChunk + 3 * kBlk, _mm512_mul_ps(s##r##3, sc)); \
+  }
+  KS_4(KS_SSTORE)
+#undef KS_SSTORE
 }
 
 template <typename T, int G>
@@ -379,29 +393,38 @@ KS_TARGET inline void scores_nb(const T* q, int64_t D, const T* kb, float scale,
 // NV = D / 16.
 template <int G, int NV>
 KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_t j0, int64_t j1, float* o) {
-  __m512 acc[G][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+#define KS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define KS_VDECL(r) __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0, o##r##2 = o##r##0, o##r##3 = o##r##0, \
+                           o##r##4 = o##r##0, o##r##5 = o##r##0, o##r##6 = o##r##0, o##r##7 = o##r##0;
+  KS_4(KS_VDECL)
+#undef KS_VDECL
   for (int64_t j = j0; j < j1; j += 2) {
     const uint16_t* w = vt + j * NV * 16;            // pair j/2: [D][2]
-    __m512bh vv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(w + v * 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < G; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, pb + r * kChunk + j, 4);
-      const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pv, vv[v]);
+#define KS_VLOAD(i) __m512bh x##i; if constexpr (NV > i) x##i = (__m512bh)_mm512_loadu_si512(w + i * 32);
+    KS_8(KS_VLOAD)
+#undef KS_VLOAD
+#define KS_VACC(r, i) if constexpr (NV > i) o##r##i = _mm512_dpbf16_ps(o##r##i, pv, x##i);
+#define KS_VROW(r)                                                                     \
+    if constexpr (G > r) {                                                             \
+      int32_t pair;                                                                    \
+      std::memcpy(&pair, pb + r * kChunk + j, 4);                                      \
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);                           \
+      KS_VACC(r, 0) KS_VACC(r, 1) KS_VACC(r, 2) KS_VACC(r, 3)                          \
+      KS_VACC(r, 4) KS_VACC(r, 5) KS_VACC(r, 6) KS_VACC(r, 7)                          \
     }
+    KS_4(KS_VROW)
+#undef KS_VROW
+#undef KS_VACC
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * NV * 16 + v * 16, acc[r][v]);
+#define KS_VST(r, i) if constexpr (NV > i) _mm512_storeu_ps(o + r * NV * 16 + i * 16, o##r##i);
+#define KS_VSTORE(r)                                                                   \
+  if constexpr (G > r) {                                                               \
+    KS_VST(r, 0) KS_VST(r, 1) KS_VST(r, 2) KS_VST(r, 3)                                \
+    KS_VST(r, 4) KS_VST(r, 5) KS_VST(r, 6) KS_VST(r, 7)                                \
+  }
+  KS_4(KS_VSTORE)
+#undef KS_VSTORE
+#undef KS_VST
 }
 
 template <int G, int NV>
