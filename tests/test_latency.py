@@ -120,6 +120,14 @@ def test_cache_key_changes_with_dtype_and_threads(monkeypatch):
         torch.set_num_threads(old)
     assert k1 != k2 and k2 != k3
     assert latency.profile_path(k1) != latency.profile_path(k2) != latency.profile_path(k3)
+    # the native kernels: their own profiles, and new ones whenever their source changes
+    from knapspec import native
+    monkeypatch.setattr(FakeModel, "kernels", "native", raising=False)
+    k4 = latency.profile_key(m)
+    monkeypatch.setattr(native, "version", lambda: "another-build")
+    k5 = latency.profile_key(m)
+    assert k4["kernels"] == "native" and k4 != k2 and k4 != k5
+    assert latency.profile_path(k4) != latency.profile_path(k5)
 
 
 def test_corrupt_json_is_reported_and_reprofiled(tmp_path, monkeypatch, caplog):

@@ -63,8 +63,10 @@ def profile_key(model: Any) -> dict[str, Any]:
     if getattr(model, "row_invariant", False):     # exact mode times differently (only when on, so
         key["row_invariant"] = True                 # that profiles made before it stay valid)
     kernels = getattr(model, "kernels", "plain")
-    if kernels == "native":                         # another kernel family, another profile
+    if kernels == "native":                         # another kernel family, another profile,
+        from . import native                        # and another for every change to them
         key["kernels"] = kernels
+        key["native"] = native.version()
     return key
 
 

@@ -6,7 +6,7 @@
 //   bfloat16: [N/64][K/2][64][2]  - each 64-byte row of a tile holds 16 outputs x one pair of inputs
 //   float32:  [N/64][K][64]       - each 64-byte row of a tile holds 16 outputs x one input
 // A tile is read front to back from memory once for all the rows of x (4 rows at a time over
-// 16 KB blocks that stay in L1), so the weights stream in order (the hardware prefetchers' best
+// 8 KB blocks that stay in L1), so the weights stream in order (the hardware prefetchers' best
 // case) and more rows cost arithmetic, not bandwidth. Every output is accumulated in one SIMD
 // lane over k in order: there are no horizontal reductions, and a row's result does not depend
 // on how many rows come with it or on how the tiles are split across threads. That row
@@ -45,7 +45,8 @@ constexpr int64_t kPrefetchAhead = 8192;
 // array of vectors made GCC store every sum to the stack at every step) and in `accm` between
 // passes (zero-initialised when `first`): rows are taken 4 at a time over a block of the tile small
 // enough to stay in L1, so the tile streams from memory once for all the rows, and each sum still
-// runs over k in order in its own lane. `pf`: the next block, prefetched during this pass.
+// runs over k in order in its own lane. [pf, pf_end): lines to prefetch into L2 during this
+// pass, pf_lines per step.
 #define KS_ROWS(X) X(0) X(1) X(2) X(3)
 #define KS_DECL(c) __m512 a##c##0, a##c##1, a##c##2, a##c##3;
 #define KS_INIT(c)                                                                     \

@@ -51,6 +51,13 @@ _ERROR: str | None = None
 
 
 @lru_cache(maxsize=1)
+def version() -> str:
+    """The kernels' build tag: a hash of ``native.cpp`` and torch's version. Latency profiles are
+    keyed by it, since any change to the kernels changes their timings."""
+    return hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
 def _module() -> ModuleType | None:
     """Build (first time) and import the extension; None, with the reason in ``_ERROR``, if not."""
     global _ERROR
@@ -61,8 +68,7 @@ def _module() -> ModuleType | None:
         _ERROR = f"needs an x86-64 CPU with AVX-512 (this one is {platform.machine()})"
         return None
     from .checkpoint import cache_dir
-    src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
+    tag = version()
     build = cache_dir() / "native" / tag
     try:
         build.mkdir(parents=True, exist_ok=True)
