@@ -38,10 +38,10 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
     torch.manual_seed(1)
     prompt = torch.randint(3, 128, (1, 250))
     cache = ours.new_cache(400)
-    calls = []                     # (tokens, start) of each native attention call
+    calls = []                     # (tokens, start) of each native call of the whole stack
     mod = native._module()
-    orig = mod.attention
-    monkeypatch.setattr(mod, "attention", lambda *a: (calls.append((a[3], a[18])), orig(*a))[1])
+    orig = mod.stack
+    monkeypatch.setattr(mod, "stack", lambda *a: (calls.append((a[3], a[5])), orig(*a))[1])
     with torch.no_grad():
         ref = hf(prompt, use_cache=True)
         out = ours.forward(prompt, 0, cache)
@@ -54,12 +54,12 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
             out = ours.forward(tok, 250 + step, cache)
             assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
             tok = ref.logits[:, -1:].argmax(-1)
-        # the native path ran, in every layer
-        assert calls == [(250, 0)] * 3 + [(1, 250 + s) for s in range(20) for _ in range(3)]
+        # the native path ran, every sublayer in one call
+        assert calls == [(250, 0)] + [(1, 250 + s) for s in range(20)]
         long = torch.randint(3, 128, (1, 600))
         out = ours.forward(long, 0, ours.new_cache(620))
         assert (hf(long).logits - out.logits).abs().max() <= 1e-4
-        assert len(calls) == 63
+        assert len(calls) == 21
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
@@ -153,3 +153,34 @@ def test_native_attention_layouts_follow_every_write(kind, dtype):
         with torch.no_grad():
             ref = hf(toks).logits[:, -1]
         assert (out.logits[:, -1] - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_stack_equals_the_sublayers_one_by_one(dtype):
+    """The whole stack in one native call gives the bits of the sublayers called one by one (the
+    path a forward that captures hidden states takes), with and without a plan; its pointer table
+    follows a replaced weight and a new packing."""
+    _need(dtype)
+    hf = build_tiny_hf("qwen3", **_NATIVE)
+    m = _ours(hf, dtype)
+    torch.manual_seed(7)
+    toks = torch.randint(3, 128, (1, 40))
+    for plan in (None, Plan((True, False, True, True, False, True))):
+        a, b = m.new_cache(48), m.new_cache(48)
+        for s, e in ((0, 30), (30, 31), (31, 36)):
+            x = m.forward(toks[:, s:e], s, a, plan)
+            y = m.forward(toks[:, s:e], s, b, plan, capture=True)
+            assert torch.equal(x.logits, y.logits)
+            for i in range(len(a.k)):
+                assert torch.equal(a.k[i][:, :, :e], b.k[i][:, :, :e])
+                assert torch.equal(a.kt[i], b.kt[i])
+    cache = m.new_cache(48)
+    first = m.forward(toks[:, :30], 0, cache).logits
+    m.layers[1].mlp_norm = m.layers[1].mlp_norm * 2          # a replaced tensor: a new table
+    cache.rollback(0)
+    second = m.forward(toks[:, :30], 0, cache).logits
+    assert not torch.equal(first, second)
+    m.layers[1].mlp_norm = m.layers[1].mlp_norm / 2
+    m.pack_weights(True, kernels="native")                   # new packs: a new table
+    cache.rollback(0)
+    assert torch.equal(m.forward(toks[:, :30], 0, cache).logits, first)

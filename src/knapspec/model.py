@@ -274,6 +274,8 @@ class Model:
         self.kernels = "plain"            # pack_weights: "native", "onednn" or "plain"
         self._native_sublayers = False    # whole sublayers in one native call (pack_weights)
         self._ncos = self._nsin = torch.empty(0)   # float32 rotary tables [positions, D/2] for them
+        self._run_all = torch.ones(2 * cfg.n_layers, dtype=torch.uint8)   # native.stack's full plan
+        self._pack_gen = 0                # counts pack_weights calls (native.stack's tables)
         self._packs: dict[int, tuple[torch.Tensor, Any]] = {}
         # exact mode (set_row_invariant): each token's row computed the same way whatever the
         # number of tokens in the pass, so speculative output equals autoregressive output bit for bit
@@ -374,6 +376,7 @@ class Model:
         if kernels not in ("auto", "native", "onednn"):
             raise ValueError(f"unknown kernels {kernels!r}; accepted: auto, native, onednn")
         self._packs = {}
+        self._pack_gen += 1
         self.packed, self.kernels, self._native_sublayers = False, "plain", False
         if not enable or self.device.type != "cpu":
             return False
@@ -649,6 +652,36 @@ class Model:
             out.append(e[1])
         return tuple(out)
 
+    def _native_stack_table(self, cache: KVCache) -> torch.Tensor | None:
+        """The table of pointers :func:`native.stack` reads (weights, norms, packs, this cache's
+        tensors, windows), built once per (weights, cache) and rebuilt when a layer's tensor was
+        replaced; None when a layer does not run natively (then the sublayers go one by one)."""
+        refs = tuple(t for L in self.layers for t in (L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm,
+                                                       L.wo, L.mlp_norm, L.w_gate_up, L.w_down))
+        held = getattr(cache, "_native_stack", None)
+        if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
+                and all(a is b for a, b in zip(held[1], refs))):
+            return held[2]
+        rows = []
+        cache.native_layout()
+        for i, L in enumerate(self.layers):
+            packs = self._native_layer(i)
+            if packs is None:
+                return None
+            qkv, o, gate_up, down = packs
+            ptr = (lambda v: 0 if v is None else v.data_ptr())
+            rows.append([L.attn_norm.data_ptr(), qkv.tiles.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
+                         ptr(L.k_norm), o.tiles.data_ptr(), L.mlp_norm.data_ptr(), gate_up.tiles.data_ptr(),
+                         down.tiles.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
+                         cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
+                         self.cfg.window(i) or 0])
+        table = torch.tensor(rows, dtype=torch.int64)
+        assert table.shape[1] == len(native.STACK_FIELDS)
+        # the refs keep the tensors behind the pointers alive; the packs live in self._packs until
+        # the next pack_weights, which moves _pack_gen on
+        cache._native_stack = ((id(self), self._pack_gen), refs, table)
+        return table
+
     def _native_rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + t
         if end > self._ncos.shape[0]:
@@ -693,11 +726,24 @@ class Model:
         run = None if plan is None or plan.is_full else plan.run
         x = self.embed_tokens(tokens)
         states = [x] if capture else None
-        for s in range(2 * self.cfg.n_layers):
-            if run is None or run[s]:
-                x = self.sublayer(s, x, start, cache)
-            if states is not None:
-                states.append(x)
+        table = (self._native_stack_table(cache) if self._native_sublayers and not capture and b == 1
+                 and t <= _NATIVE_ATTENTION_MAX_TOKENS else None)
+        if table is not None:             # every sublayer in one native call
+            if start + t > cache.capacity:
+                raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
+                                 f"but the capacity is {cache.capacity} positions")
+            cfg = self.cfg
+            cos, sin = self._native_rope(start, t)
+            mask = self._run_all if run is None else torch.tensor(run, dtype=torch.uint8)
+            x = native.stack(x, start, mask, table, eps=cfg.rms_norm_eps, cos=cos, sin=sin,
+                             capacity=cache.capacity, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size)
+        else:
+            for s in range(2 * self.cfg.n_layers):
+                if run is None or run[s]:
+                    x = self.sublayer(s, x, start, cache)
+                if states is not None:
+                    states.append(x)
         cache.set_length(start + t)
         out = ForwardOut(logits=None, last_hidden=x)
         if states is not None:

@@ -708,9 +708,49 @@ void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t
 }
 
 
+// The stack of 2L sublayers in one call (what a forward runs between the embedding and the head),
+// without a trip through Python per sublayer. run: 2L flags (sublayer 2i: layer i's attention,
+// 2i+1: its MLP), 0 = skipped. layers: int64 [L][kFields] of pointers (and the window):
+enum Field { kAttnNorm, kQkv, kBqkv, kQNorm, kKNorm, kO, kMlpNorm, kGateUp, kDown, kKc, kVc, kKt, kVt,
+             kWindow, kFields };
+
+template <typename T>
+void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uint8_t* run, int64_t L,
+             const int64_t* layers, float eps, const float* cosp, const float* sinp, int64_t cap,
+             int64_t hq, int64_t hkv, int64_t D, int64_t I) {
+  std::vector<T> a(x, x + Tn * H), b(Tn * H);
+  for (int64_t s = 0; s < 2 * L; ++s) {
+    if (!run[s]) continue;
+    const int64_t* f = layers + (s / 2) * kFields;
+    if (s % 2 == 0)
+      attention_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kAttnNorm]), eps, P<T>(f[kQkv]), P<float>(f[kBqkv]),
+                     P<T>(f[kQNorm]), P<T>(f[kKNorm]), cosp, sinp, reinterpret_cast<T*>(f[kKc]),
+                     reinterpret_cast<T*>(f[kVc]), reinterpret_cast<T*>(f[kKt]), reinterpret_cast<T*>(f[kVt]),
+                     cap, start, hq, hkv, D, f[kWindow], P<T>(f[kO]));
+    else
+      mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<T>(f[kGateUp]), I, P<T>(f[kDown]));
+    a.swap(b);
+  }
+  std::memcpy(out, a.data(), Tn * H * sizeof(T));
+}
+
+void stack(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t start, int64_t run,
+           int64_t L, int64_t layers, double eps, int64_t cosp, int64_t sinp, int64_t cap, int64_t hq,
+           int64_t hkv, int64_t D, int64_t I) {
+  if (bf16)
+    stack_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, start, P<uint8_t>(run), L,
+                      P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap,
+                      hq, hkv, D, I);
+  else
+    stack_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, start, P<uint8_t>(run), L,
+                   P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap, hq,
+                   hkv, D, I);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stack", &stack);
   m.def("linear_bf16", &linear_bf16);
   m.def("linear_f32", &linear_f32);
   m.def("mlp", &mlp);

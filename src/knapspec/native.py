@@ -177,3 +177,23 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
                   0 if v_pairs is None else v_pairs.data_ptr(), k_cache.shape[2],
                   start, n_heads, n_kv_heads, head_dim, window or 0, o.tiles.data_ptr())
     return out
+
+
+# native.cpp's Field order: the columns of the table `stack` takes
+STACK_FIELDS = ("attn_norm", "qkv", "bqkv", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down",
+                "k_cache", "v_cache", "k_blocks", "v_pairs", "window")
+
+
+def stack(x: torch.Tensor, start: int, run: torch.Tensor, table: torch.Tensor, *, eps: float,
+          cos: torch.Tensor, sin: torch.Tensor, capacity: int, n_heads: int, n_kv_heads: int,
+          head_dim: int, intermediate: int) -> torch.Tensor:
+    """Every sublayer of the model over one sequence ``x [1, T, H]`` in one call: ``run`` (uint8,
+    2L) says which run, ``table`` (int64 ``[L, len(STACK_FIELDS)]``) where each layer's weights
+    and cache are. The same arithmetic as :func:`attention` and :func:`mlp` one by one."""
+    mod = _module()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    mod.stack(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], start,
+              run.data_ptr(), table.shape[0], table.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+              capacity, n_heads, n_kv_heads, head_dim, intermediate)
+    return out
