@@ -662,6 +662,8 @@ class Model:
         if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
                 and all(a is b for a, b in zip(held[1], refs))):
             return held[2]
+        def ptr(v: torch.Tensor | None) -> int:
+            return 0 if v is None else v.data_ptr()
         rows = []
         cache.native_layout()
         for i, L in enumerate(self.layers):
@@ -669,7 +671,6 @@ class Model:
             if packs is None:
                 return None
             qkv, o, gate_up, down = packs
-            ptr = (lambda v: 0 if v is None else v.data_ptr())
             rows.append([L.attn_norm.data_ptr(), qkv.tiles.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
                          ptr(L.k_norm), o.tiles.data_ptr(), L.mlp_norm.data_ptr(), gate_up.tiles.data_ptr(),
                          down.tiles.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),

@@ -13,7 +13,7 @@ Each round the strategy prices four drafts with the latency model at the current
 A lookup draft, when one exists, is drafted at least up to ``min_lookup`` tokens. With the
 native CPU kernels the default is 0: every lookup token is priced like any other draft, because
 their one-token steps are ~2-3x faster while passes over several tokens grow with the attention's
-arithmetic (8 tokens cost 1.1-1.4x a step at 128 tokens of context, 1.6-1.9x at 4k), and pricing
+arithmetic (8 tokens cost 1.1-1.5x a step at 128 tokens of context, 1.7-2.0x at 4k), and pricing
 won on all 13 Spec-Bench categories (1.34x against plain lookup's 1.16x over 52 prompts, rounds in
 lockstep) and overall in `make bench` since. On the other
 kernels (oneDNN, CUDA) the default is 8, plain prompt lookup's length: there verifying a few copied
