@@ -458,7 +458,8 @@ KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, in
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * NV * 16 + v * 16, acc[r][v]);
 }
 
-// rows of G at most 16 / NV (accumulators in registers)
+// the rows in groups of up to 4 (heads of up to 64 dimensions) or 2 (larger heads), so that the
+// sums stay in registers
 template <typename T, int NV>
 KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1, float* o, int64_t g) {
   constexpr int GM = NV <= 4 ? 4 : 2;
@@ -558,7 +559,7 @@ KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, cons
   // bfloat16: key pairs aligned to even positions (a key's partner is fixed; outside [a, b) its
   // probability is 0)
   const int64_t j0 = bf16 ? (a - k0) / 2 * 2 : a - k0, j1 = b - k0;
-  const T* vs = bf16 ? vsrc + k0 * D : vsrc + k0 * D;   // pair k0/2 starts at k0*D in both layouts
+  const T* vs = vsrc + k0 * D;      // key k0 (bfloat16: pair k0/2) starts at k0*D in both layouts
   switch (D / 16) {
     case 2: values_rows<T, 2>(pbuf, vs, j0, j1, o_out, g); break;
     case 4: values_rows<T, 4>(pbuf, vs, j0, j1, o_out, g); break;
