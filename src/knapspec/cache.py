@@ -64,12 +64,16 @@ class KVCache:
     def length(self) -> int:
         return self._length
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v: [B, Hkv, T, D]`` at positions ``start .. start+T-1`` of ``layer``."""
-        t = k.shape[2]
+    def check_room(self, start: int, t: int) -> None:
+        """Raise if positions ``start .. start+t-1`` do not fit (every writer checks here)."""
         if start + t > self.capacity:
             raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
                              f"but the capacity is {self.capacity} positions")
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v: [B, Hkv, T, D]`` at positions ``start .. start+T-1`` of ``layer``."""
+        t = k.shape[2]
+        self.check_room(start, t)
         self.k[layer][:, :, start:start + t] = k
         self.v[layer][:, :, start:start + t] = v
         if self.kt is not None:

@@ -696,9 +696,7 @@ class Model:
         token's row is computed the same way alone or in a pass (see ``native.cpp``)."""
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
-        if start + t > cache.capacity:
-            raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
-                             f"but the capacity is {cache.capacity} positions")
+        cache.check_room(start, t)
         cos, sin = self._native_rope(start, t)
         cache.native_layout()
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
@@ -730,9 +728,7 @@ class Model:
         table = (self._native_stack_table(cache) if self._native_sublayers and not capture and b == 1
                  and t <= _NATIVE_ATTENTION_MAX_TOKENS else None)
         if table is not None:             # every sublayer in one native call
-            if start + t > cache.capacity:
-                raise ValueError(f"KV cache is full: writing positions {start}..{start + t - 1} "
-                                 f"but the capacity is {cache.capacity} positions")
+            cache.check_room(start, t)
             cfg = self.cfg
             cos, sin = self._native_rope(start, t)
             mask = self._run_all if run is None else torch.tensor(run, dtype=torch.uint8)
