@@ -3,8 +3,11 @@ saved as a Hugging Face folder, no download) and the embedded model with Spec-Be
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,15 +15,26 @@ import torch
 
 torch.set_num_threads(2)
 
+# Everything knapspec writes (converted checkpoints, native builds, latency profiles, calibrations)
+# goes to a folder made for this test session and removed after it: no test writes to the user's
+# ~/.cache, and no test sees what an earlier session left there. Tests that need an empty cache
+# still point KNAPSPEC_CACHE at their own tmp_path.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="knapspec-test-cache-")
+os.environ["KNAPSPEC_CACHE"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+
 # Property tests explore fresh examples on every local run; CI (.ci/run sets the profile) replays a
 # fixed, derandomised set so that a run on main is reproducible.
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", derandomize=True, print_blob=True)
-settings.register_profile("dev", print_blob=True)
+# database=None: no example database written into the working tree
+settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+settings.register_profile("dev", print_blob=True, database=None)
 settings.load_profile(os.environ.get("KNAPSPEC_HYPOTHESIS_PROFILE", "dev"))
 
-DATA = Path(os.environ.get("KNAPSPEC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from knapspec.datasets import data_dir  # noqa: E402
+
+DATA = data_dir()     # the package's own copy unless $KNAPSPEC_DATA names another
 
 _BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
              intermediate_size=96, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-ratio", type=_float_in("--skip-ratio", 0, 1, True, "in (0, 1)"), default=0.45,
                    help="knn-ssd: share of sublayers skipped")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA or ../shared/data)")
+    c.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)")
 
     b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=_Parser)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--n", type=_positive_int("--n"), default=None, help="prompts per dataset (default 2)")
     rn.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=None,
                     help="default 128")
-    rn.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA or ../shared/data)")
+    rn.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)")
     rn.add_argument("--out", default="bench-out", help="folder for runs.jsonl, table.md and plots")
     rn.add_argument("--temperature", type=_float_in("--temperature", 0, float("inf"), False,
                     ">= 0 (0 = greedy)"), default=0.0)

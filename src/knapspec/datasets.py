@@ -1,7 +1,7 @@
 """Evaluation prompts from the data folder (read in place, never copied).
 
-Data folder: ``--data DIR``, else ``$KNAPSPEC_DATA``, else ``shared/data`` or ``../shared/data``
-from the working directory. Datasets by name:
+Data folder: ``--data DIR``, else ``$KNAPSPEC_DATA``, else the copy shipped inside the package
+(``knapspec/data``, with its README: each file's origin, commit and licence). Datasets by name:
 
 * ``spec-bench`` (optionally ``spec-bench:CATEGORY``): the first turn of each question, chat.
 * ``long-docs:N`` (N = 512, 2k, 4k, 8k ...): long documents (GAO, CRS, QMSum, Gutenberg) cut at a
@@ -36,18 +36,22 @@ class Prompt:
     target_tokens: int = 0       # intended prompt length (long documents), 0 = natural
 
 
+PACKAGED_DATA = Path(__file__).resolve().with_name("data")
+
+
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    cands = [Path(explicit)] if explicit else []
-    if not explicit and os.environ.get("KNAPSPEC_DATA"):
-        cands.append(Path(os.environ["KNAPSPEC_DATA"]))
-    if not cands:
-        cands = [Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                 Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for c in cands:
-        if (c / "spec_bench").is_dir() or (c / "long_docs").is_dir():
-            return c
-    raise FileNotFoundError(f"data folder not found (looked in {', '.join(map(str, cands))}): "
-                            "pass --data DIR or set KNAPSPEC_DATA to a folder holding spec_bench/, long_docs/ ...")
+    """The data folder: ``explicit``, else ``$KNAPSPEC_DATA``, else the package's own copy."""
+    if explicit:
+        c, source = Path(explicit).expanduser(), "--data"
+    elif os.environ.get("KNAPSPEC_DATA"):
+        c, source = Path(os.environ["KNAPSPEC_DATA"]).expanduser(), "KNAPSPEC_DATA"
+    else:
+        c, source = PACKAGED_DATA, "the package's data"
+    if (c / "spec_bench").is_dir() or (c / "long_docs").is_dir():
+        return c
+    raise FileNotFoundError(f"data folder {c} (from {source}) holds neither spec_bench/ nor long_docs/: "
+                            "pass --data DIR or set KNAPSPEC_DATA to a folder of that layout "
+                            "(or unset it to use the copy shipped with knapspec)")
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
