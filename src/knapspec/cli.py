@@ -98,6 +98,9 @@ def _strategy_options(a: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+_DATA_HELP = "data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="knapspec", description="Lossless self-speculative decoding.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-ratio", type=_float_in("--skip-ratio", 0, 1, True, "in (0, 1)"), default=0.45,
                    help="knn-ssd: share of sublayers skipped")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)")
+    c.add_argument("--data", default=None, help=_DATA_HELP)
 
     b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=_Parser)
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--n", type=_positive_int("--n"), default=None, help="prompts per dataset (default 2)")
     rn.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=None,
                     help="default 128")
-    rn.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)")
+    rn.add_argument("--data", default=None, help=_DATA_HELP)
     rn.add_argument("--out", default="bench-out", help="folder for runs.jsonl, table.md and plots")
     rn.add_argument("--temperature", type=_float_in("--temperature", 0, float("inf"), False,
                     ">= 0 (0 = greedy)"), default=0.0)
@@ -332,8 +335,6 @@ QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
 
 
 def _cmd_bench_run(a: argparse.Namespace) -> int:
-    import os
-    import tempfile
     from pathlib import Path
 
     import torch
@@ -341,6 +342,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     from .bench import category_table, headline, markdown_table, parse_variant, run_side_by_side, summarize
     from .datasets import data_dir
     from .plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
+    from .storage import write_text_atomic
     strategies = a.strategies.split(",") if a.strategies else list(BENCH_STRATEGIES)
     for s in strategies:
         parse_variant(s)
@@ -370,10 +372,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
     write("runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     table_md = markdown_table(summary)
     write("table.md", table_md + "\n")

@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import cache_dir
 from .plan import Plan
+from .storage import cache_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ def profile_key(model: Any) -> dict[str, Any]:
         key["row_invariant"] = True                 # that profiles made before it stay valid)
     kernels = getattr(model, "kernels", "plain")
     if kernels == "native":                         # another kernel family, another profile,
-        from . import native                        # and another for every change to them
+        from . import native  # and another for every change to them
         key["kernels"] = kernels
         key["native"] = native.version()
     return key
@@ -311,11 +309,7 @@ def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, p
     prof = measure(model, contexts=ctxs, widths=QUICK_WIDTHS if quick else FULL_WIDTHS,
                    repeats=repeats or (3 if quick else 7), progress=progress)
     lm = LatencyModel.fit(prof)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(lm.to_json())
-    os.replace(tmp, path)
+    write_text_atomic(path, lm.to_json())
     _MEMO[str(path)] = lm
     log.info("latency profile written to %s (%.1fs; fit error %s)", path, prof.seconds, lm.fit_error)
     return lm

@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from .storage import cache_dir
+
 TILE = 64          # output columns per tile (native.cpp's kTile)
 _SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -67,7 +69,6 @@ def _module() -> ModuleType | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _ERROR = f"needs an x86-64 CPU with AVX-512 (this one is {platform.machine()})"
         return None
-    from .checkpoint import cache_dir
     tag = version()
     build = cache_dir() / "native" / tag
     try:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +70,7 @@ import numpy as np
 
 from ..latency import LatencyModel, profile_key
 from ..model import Model
+from ..storage import write_json_atomic
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
 from .lookup import NgramIndex
@@ -174,17 +174,10 @@ class HybridStrategy(Strategy):
     def _remember(self) -> None:
         if self.memory is None:
             return
-        tmp = None
         try:
-            self.memory.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.memory.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"no_draft_streak": self._streak}, f)
-            os.replace(tmp, self.memory)                  # atomic: never a half-written file
+            write_json_atomic(self.memory, {"no_draft_streak": self._streak}, indent=None)
         except OSError as e:                              # a read-only cache: keep going unremembered
             log.debug("could not write %s: %s", self.memory, e)
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
 
     @property
     def wants_hidden(self) -> bool:               # type: ignore[override]

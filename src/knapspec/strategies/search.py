@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from ..model import Model
 from ..plan import Plan
+from ..storage import cache_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,6 @@ def model_signature(model: Model) -> dict[str, Any]:
 
 
 def default_calibration_path(method: str, model: Model) -> Path:
-    from ..checkpoint import cache_dir
     sig = model_signature(model)
     tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{sig['name'] or 'model'}-{sig['n_layers']}L")
     return cache_dir() / "calibration" / f"{method}-{tag}.json"
@@ -187,18 +186,8 @@ def default_calibration_path(method: str, model: Model) -> Path:
 
 def save_calibration(path: str | os.PathLike[str], method: str, model: Model, data: dict[str, Any]) -> Path:
     """Write atomically: an interrupted run leaves the previous file (or none)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     doc = {"method": method, "model": model_signature(model), **data}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_json_atomic(path, doc)
 
 
 def load_calibration(path: str | os.PathLike[str] | None, method: str, model: Model) -> tuple[dict[str, Any], Path]:

@@ -1,0 +1,64 @@
+"""Rotary position embeddings: one table of angles, in the two layouts the forward needs.
+
+* :meth:`RotaryTable.torch` -> ``cos, sin_signed: [T, D]`` in the model's dtype, for
+  :func:`apply_rope` (the torch path; half-split layout as in transformers' Llama).
+* :meth:`RotaryTable.native` -> ``cos, sin: [T, D/2]`` float32, for the native kernels.
+
+Both come from the same float32 angles ``position * inv_freq``, grown on demand (doubling) so
+that decoding never recomputes them per step. This module knows nothing of caches or layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = [-x2, x1]``, written as ``[x2, x1] * [-sin, sin]`` (the same products and
+    roundings, one copy instead of four ops). ``x: [..., D]``; ``cos``, ``sin_signed`` broadcast."""
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin_signed
+
+
+class RotaryTable:
+    """Angles for positions ``0 .. n-1`` (``n`` grows as asked), cached per layout."""
+
+    def __init__(self, inv_freq: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.inv_freq = inv_freq.float()             # [D/2]
+        self.dtype, self.device = dtype, torch.device(device)
+        self._n = 0
+        self._torch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._native: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _grow(self, end: int) -> None:
+        if end <= self._n:
+            return
+        self._n = max(end, 2 * self._n, 256)
+        self._torch = self._native = None
+
+    def _angles(self) -> torch.Tensor:
+        return torch.outer(torch.arange(self._n, dtype=torch.float32), self.inv_freq)   # [n, D/2]
+
+    def torch(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin_signed: [t, D]`` (model dtype, model device) for positions ``start..``."""
+        self._grow(start + t)
+        if self._torch is None:
+            freqs = self._angles()
+            emb = torch.cat((freqs, freqs), dim=-1)                      # [n, D]
+            sin = emb.sin()
+            sin[:, :sin.shape[1] // 2].neg_()                            # signed for apply_rope
+            self._torch = (emb.cos().to(device=self.device, dtype=self.dtype),
+                           sin.to(device=self.device, dtype=self.dtype))
+        cos, sin = self._torch
+        return cos[start:start + t], sin[start:start + t]
+
+    def native(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [t, D/2]`` float32 on the CPU for positions ``start..``."""
+        self._grow(start + t)
+        if self._native is None:
+            freqs = self._angles()
+            self._native = (freqs.cos().contiguous(), freqs.sin().contiguous())
+        cos, sin = self._native
+        return cos[start:start + t], sin[start:start + t]
