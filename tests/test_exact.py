@@ -50,7 +50,8 @@ def test_a_pass_over_several_tokens_equals_one_token_steps_bit_for_bit(kind, dty
 
 def test_exact_mode_is_the_default_on_a_cpu(tmp_path):
     import knapspec
-    from knapspec.cli import _load_model, build_parser
+    from knapspec.cli import build_parser
+    from knapspec.cli.options import load_model as _load_model
     folder = save_tiny("llama", tmp_path / "tiny")
     assert knapspec.load(str(folder), dtype="bfloat16").model.row_invariant is True
     assert knapspec.load(str(folder), dtype="bfloat16", exact=False).model.row_invariant is False

@@ -114,13 +114,6 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         return self.sliding_window[layer] if self.sliding_window else None
 
-    def n_params(self) -> int:
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = 3 * h * i
-        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (attn + mlp + 2 * h) + emb + h
-
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies ``[D/2]`` in float32, with llama3 / linear scaling applied."""

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .cache import KVCache
-from .model import Model, rms_norm
+from .model import ForwardOut, Model, rms_norm
 from .sampling import SamplingParams, accept, accept_greedy, probs, sample
 from .strategies.base import Draft, Outcome, RoundState, Strategy
 
@@ -34,6 +34,28 @@ log = logging.getLogger(__name__)
 # Chosen by a measured sweep (docs/benchmarks.md, "Draft confidence threshold"): on the embedded
 # model on CPU, 0.9 was the fastest of 0, 0.3, 0.45, 0.6, 0.75 and 0.9 for a fixed layer-skip plan.
 DEFAULT_THRESHOLD = 0.9
+
+
+# Prompts run through the model in chunks of this many tokens: bounded attention memory for long
+# prompts, and every chunk within the native attention's limit (model.py).
+PREFILL_CHUNK = 512
+
+
+def prefill(model: Model, ids: list[int], cache: KVCache, *, chunk: int = PREFILL_CHUNK, logits: bool = True,
+            on_chunk: Callable[[ForwardOut], None] | None = None) -> ForwardOut:
+    """Run ``ids`` through the full model from position 0 in chunks of ``chunk`` tokens, writing
+    the cache; ``on_chunk`` sees each chunk's output. Returns the last chunk's output, with the
+    logits of its last token only (``logits=False``: none)."""
+    if not ids:
+        raise ValueError("nothing to prefill: give at least one token")
+    out = None
+    for s in range(0, len(ids), chunk):
+        x = torch.tensor([ids[s:s + chunk]], device=model.device)
+        out = model.forward(x, s, cache, last_only=True, logits=logits)
+        if on_chunk is not None:
+            on_chunk(out)
+    assert out is not None
+    return out
 
 
 @dataclass
@@ -96,7 +118,7 @@ class Generation:
 class Engine:
     """Runs generations of one model. Not thread-safe (one cache per generation)."""
 
-    def __init__(self, model: Model, *, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: Model, *, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk
         self._cuda = model.device.type == "cuda"
@@ -142,13 +164,13 @@ class Engine:
         t0 = self._now()
 
         # ---- prefill (chunked: bounded attention memory for long prompts) ----
-        embed_sum = None
-        for s in range(0, len(prompt), self.prefill_chunk):
-            chunk = torch.tensor([prompt[s:s + self.prefill_chunk]], device=dev)
-            out = model.forward(chunk, s, cache, last_only=True)
-            if strategy.wants_prompt_embedding:          # KNN-SSD: mean last hidden state
-                part = rms_norm(out.last_hidden[0], model.final_norm, cfg.rms_norm_eps).float().sum(0)
-                embed_sum = part if embed_sum is None else embed_sum + part
+        sums: list[torch.Tensor] = []
+
+        def embed(o: ForwardOut) -> None:                # KNN-SSD: mean last hidden state
+            sums.append(rms_norm(o.last_hidden[0], model.final_norm, cfg.rms_norm_eps).float().sum(0))
+        out = prefill(model, prompt, cache, chunk=self.prefill_chunk,
+                      on_chunk=embed if strategy.wants_prompt_embedding else None)
+        embed_sum = torch.stack(sums).sum(0) if sums else None
         first = sample(probs(out.logits[0, -1], sampling), gen)
         tokens = list(prompt) + [first]
         st.new_tokens = 1

@@ -103,12 +103,6 @@ class Plan:
     def n_sublayers(self) -> int:
         return len(self.run)
 
-    def runs_attn(self, layer: int) -> bool:
-        return self.run[2 * layer]
-
-    def runs_mlp(self, layer: int) -> bool:
-        return self.run[2 * layer + 1]
-
     @property
     def attn_skipped(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.n_layers) if not self.run[2 * i])

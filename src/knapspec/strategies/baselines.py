@@ -17,7 +17,8 @@ from ..latency import LatencyModel
 from ..model import Model
 from ..plan import Plan
 from .base import REGISTRY, Draft, Outcome, RoundState, Strategy
-from .knapspec import Choice, KnapSpecStrategy, knapsack_dp, tpt
+from .knapspec import Choice, KnapSpecStrategy, knapsack_dp
+from .pricing import best_length, verify_times
 
 
 def exit_plan(n_layers: int, k: int) -> Plan:
@@ -136,20 +137,24 @@ class DELStrategy(Strategy):
             self._lat = self._get(self.model, quick=True)
         return self._lat
 
+    def prepare(self, *, progress: bool = False) -> bool:
+        if self._lat is None:
+            self._lat = self._get(self.model, quick=True, progress=progress)
+        return False
+
     def start(self, state: RoundState) -> None:
         self.rounds = 0
         self.alpha = dict.fromkeys(self.layers, 0.5)
 
     def _choose(self, ctx: int) -> tuple[int, int] | None:
         lat = self.latency
-        best, best_v = None, 1.0 / lat.predict(None, ctx, 1)
-        tv = [lat.predict(None, ctx, d + 1) for d in range(self.d_max + 1)]
+        tv = verify_times(lat, ctx, self.d_max + 1)
+        best, best_v = None, 1.0 / tv[0]
         for k in self.layers:
-            td = lat.predict(exit_plan(self.model.cfg.n_layers, k), ctx, 1)
-            for d in range(1, self.d_max + 1):
-                v = tpt(self.alpha[k], d, td, tv[d])
-                if v > best_v:
-                    best, best_v = (k, d), v
+            d, v = best_length(self.alpha[k], lat.predict(exit_plan(self.model.cfg.n_layers, k), ctx, 1), tv,
+                               self.d_max)
+            if v > best_v:
+                best, best_v = (k, d), v
         return best
 
     def propose(self, state: RoundState) -> Draft:

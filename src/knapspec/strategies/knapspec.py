@@ -40,29 +40,9 @@ from ..latency import LatencyModel, get_latency_model
 from ..model import Model
 from ..plan import Plan
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
+from .pricing import best_plan
 
 log = logging.getLogger(__name__)
-
-
-# ---- expected tokens and tokens-per-time -----------------------------------------------------------
-def expected_tokens(alpha: float, d: int) -> float:
-    """Expected tokens committed by a round of ``d`` drafts with i.i.d. acceptance ``alpha``:
-    ``(1 - α^(d+1)) / (1 - α)`` = 1 + α + ... + α^d (bonus token included; d+1 at α = 1)."""
-    if d < 0:
-        raise ValueError(f"draft length must be >= 0, got {d}")
-    a = min(max(float(alpha), 0.0), 1.0)
-    if a >= 1.0:
-        return float(d + 1)
-    return (1.0 - a ** (d + 1)) / (1.0 - a)
-
-
-def tpt(alpha: float, d: int, t_draft: float, t_verify: float) -> float:
-    """Tokens per second of a round: ``E(α, d) / (d·t_draft + t_verify)``, where ``t_verify`` is
-    the time of the verification pass over ``d + 1`` tokens."""
-    t = d * t_draft + t_verify
-    if t <= 0:
-        raise ValueError("round time must be positive")
-    return expected_tokens(alpha, d) / t
 
 
 # ---- the DP -------------------------------------------------------------------------------------
@@ -180,6 +160,11 @@ class KnapSpecStrategy(Strategy):
             self._latency = get_latency_model(self.model, quick=True)
         return self._latency
 
+    def prepare(self, *, progress: bool = False) -> bool:
+        if self._latency is None:
+            self._latency = get_latency_model(self.model, quick=True, progress=progress)
+        return False
+
     def reset(self) -> None:
         """Forget the collected states, the plan and the plan history (a new generation)."""
         self._chunks: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()  # (start, hidden, targets)
@@ -294,16 +279,9 @@ class KnapSpecStrategy(Strategy):
             for st, a in zip(finals, agree):
                 alpha = a if self.alpha_mode == "top1" else max(0.0, min(1.0, st.value))
                 cands.append((Plan(run=st.run), alpha, st.value))
-        t1 = lat.predict(None, ctx, 1)
-        best = Choice(plan=None, d=0, alpha=0.0, tpt=1.0 / t1, tpt_ar=1.0 / t1, context=ctx)
-        tv = [lat.predict(None, ctx, d + 1) for d in range(self.d_max + 1)]
-        for plan, alpha, _ in cands:
-            td = lat.predict(plan, ctx, 1)
-            for d in range(1, self.d_max + 1):
-                v = tpt(alpha, d, td, tv[d])
-                if v > best.tpt:
-                    best = Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=1.0 / t1, context=ctx)
-        return cands, best
+        plan, d, v, v_ar = best_plan([(p, a) for p, a, _ in cands], lat, ctx, self.d_max)
+        alpha = next((a for p, a, _ in cands if p is plan), 0.0)
+        return cands, Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=v_ar, context=ctx)
 
     def _plan(self, ctx: int, rnd: int) -> None:
         _, c = self.optimise(ctx)

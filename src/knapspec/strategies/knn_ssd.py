@@ -33,15 +33,15 @@ from .search import SkipSearch, load_calibration, prompt_scorer, skippable
 
 def prompt_embedding(model: Model, ids: list[int], chunk: int = 512) -> np.ndarray:
     """Mean final-norm hidden state over the prompt (what the engine computes during prefill)."""
+    from ..engine import prefill
     cache = model.new_cache(len(ids) + 1)
-    total = None
+    parts: list[torch.Tensor] = []
+
+    def add(out) -> None:
+        parts.append(rms_norm(out.last_hidden[0], model.final_norm, model.cfg.rms_norm_eps).float().sum(0))
     with torch.inference_mode():
-        for s in range(0, len(ids), chunk):
-            out = model.forward(torch.tensor([ids[s:s + chunk]], device=model.device), s, cache, logits=False)
-            part = rms_norm(out.last_hidden[0], model.final_norm, model.cfg.rms_norm_eps).float().sum(0)
-            total = part if total is None else total + part
-    assert total is not None
-    return (total / len(ids)).cpu().numpy()
+        prefill(model, ids, cache, chunk=chunk, logits=False, on_chunk=add)
+    return (torch.stack(parts).sum(0) / len(ids)).cpu().numpy()
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

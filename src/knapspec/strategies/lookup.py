@@ -115,3 +115,61 @@ class PromptLookupStrategy(Strategy):
 def _lookup(model: Model, *, max_draft: int | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "min_ngram")}
     return PromptLookupStrategy(max_draft=max_draft or 8, **kw)
+
+
+MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
+
+
+class LookupAcceptance:
+    """How often lookup drafts are accepted, per n-gram match length and draft position: the
+    probability that position j is accepted given that the ones before it were, as Beta posteriors
+    (prior Beta(1, 1)); positions from ``MAX_POS - 1`` on share one estimate.
+
+    :meth:`record` only appends (a round's bookkeeping right after a forward pass runs on cold
+    caches, where numpy's per-call machinery cost ~40 us a round); the log is folded into the
+    counts when they are read, or when it grows long."""
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+        self._acc = np.ones((max_ngram + 1, MAX_POS))
+        self._tried = 2 * np.ones((max_ngram + 1, MAX_POS))
+        self.log: list[tuple[int, int, int]] = []      # (n-gram, positions decided, accepted)
+
+    def record(self, n_gram: int, decided: int, accepted: int) -> None:
+        if decided:
+            self.log.append((min(n_gram, self.max_ngram), decided, min(decided, accepted)))
+            if len(self.log) >= 512:                   # bounded, for a long-lived strategy
+                self._fold()
+
+    def _fold(self) -> None:
+        for g, k, a in self.log:
+            if k <= MAX_POS:
+                self._tried[g, :k] += 1
+                self._acc[g, :a] += 1
+            else:                                      # later positions share the last estimate
+                self._tried[g, :MAX_POS - 1] += 1
+                self._tried[g, MAX_POS - 1] += k - MAX_POS + 1
+                self._acc[g, :min(a, MAX_POS - 1)] += 1
+                self._acc[g, MAX_POS - 1] += max(a - MAX_POS + 1, 0)
+        self.log.clear()
+
+    @property
+    def acc(self) -> np.ndarray:
+        """Accepted counts (plus the prior) ``[max_ngram + 1, MAX_POS]``."""
+        self._fold()
+        return self._acc
+
+    @property
+    def tried(self) -> np.ndarray:
+        """Decided counts (plus the prior) ``[max_ngram + 1, MAX_POS]``."""
+        self._fold()
+        return self._tried
+
+    def probs(self, n_gram: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """P(position j accepted | positions < j accepted) for an ``n_gram`` match: the posterior
+        means, or with ``rng`` one draw from each Beta posterior (Thompson sampling)."""
+        g = min(n_gram, self.max_ngram)
+        acc, tried = self.acc[g], self.tried[g]
+        if rng is not None:
+            return rng.beta(acc, tried - acc + 1e-9)
+        return acc / tried

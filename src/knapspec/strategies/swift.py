@@ -46,10 +46,6 @@ class SWIFTStrategy(Strategy):
         self.d_max, self.threshold = d_max, threshold
         self._since_best = 0
         self.done = False
-        self.trials_in_generation = 0
-
-    def start(self, state: RoundState) -> None:
-        self.trials_in_generation = 0
 
     def _optimise(self, state: RoundState) -> None:
         """One optimisation step: ``batch`` candidates scored on the last ``window`` committed tokens."""
@@ -64,7 +60,6 @@ class SWIFTStrategy(Strategy):
         trials = [self.search.ask() for _ in range(n)]
         for t, v in zip(trials, scorer.score([t.plan for t in trials])):
             self.search.tell(t, v)
-        self.trials_in_generation += n
         self._since_best = 0 if self.search.best_value > before else self._since_best + n
         if self.search.n_trials >= self.max_trials or self._since_best >= self.patience:
             self.done = True

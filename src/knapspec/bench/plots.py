@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .latency import LatencyModel
+from ..latency import LatencyModel
 
 
 def plot_latency(lm: LatencyModel, out: str | Path) -> None:

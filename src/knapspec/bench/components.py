@@ -1,0 +1,265 @@
+"""Component benchmarks (commands, not tests), each measured side by side in one process,
+interleaved, after warm-up, reported as medians and ratios:
+
+* ``knapspec bench ar``      our autoregressive decoding vs transformers' ``generate``, and ours as a
+  fraction of the memory-bandwidth roofline measured on the spot.
+* ``knapspec bench verify``  time of one verification pass over n tokens relative to a 1-token step.
+* ``knapspec bench latency`` the latency model's predictions vs real decoding steps (MAPE).
+* ``knapspec bench tpt``     predicted tokens-per-time vs measured speed across the DP's plans.
+
+No decoding logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ..engine import prefill
+from .timing import decode_rate, measure_bandwidth, sync, timed
+
+log = logging.getLogger(__name__)
+
+
+def context_ids(tokenizer, n: int) -> list[int]:
+    """About ``n`` tokens of real text (a long document from the data folder); random ids for a
+    checkpoint without a tokenizer (timing does not depend on the ids)."""
+    if tokenizer is None:
+        return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    from ..datasets import long_doc_text
+    ids = tokenizer(long_doc_text(0))["input_ids"]
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: list[int],
+             new_tokens: int, repeats: int, dtypes: list[str], exact: bool | None = None) -> list[dict]:
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    from ..api import load, resolve_dtype
+    rows = []
+    for dt in dtypes:
+        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
+        hf = AutoModelForCausalLM.from_pretrained(str(llm.checkpoint.folder),
+                                                  dtype=resolve_dtype(dt, device)).to(device).eval()
+        dev = llm.model.device
+        # the bandwidth is measured again right before each of our timed runs: on a shared machine
+        # it moves by up to ~2x between minutes (neighbours' load), so each run is paired with the
+        # bandwidth of its moment
+        buf = torch.ones((1 << 30) // 4, dtype=torch.float32, device=dev)
+        cfg = llm.model.cfg
+        for ctx in contexts:
+            ids = context_ids(llm.tokenizer, ctx)
+            inp = torch.tensor([ids], device=dev)
+
+            def ours(n: int, ids=ids) -> float:
+                stamps = []
+                for _ in llm.engine.stream(ids, max_new_tokens=n):      # one yield per token
+                    sync(dev)
+                    stamps.append(time.perf_counter())
+                return decode_rate(stamps)
+
+            def theirs(n: int, inp=inp) -> float:
+                stamps: list[float] = []
+
+                def stamp(input_ids, scores):   # called once per step, after that step's forward
+                    sync(dev)
+                    stamps.append(time.perf_counter())
+                    return scores
+                with torch.no_grad():
+                    hf.generate(inp, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                logits_processor=LogitsProcessorList([stamp]))
+                return decode_rate(stamps)
+            for f in (ours, theirs):          # warm-up
+                f(2)
+            res: dict[str, list[float]] = {"ours": [], "hf": []}
+            bws: list[float] = []
+            for _ in range(repeats):          # interleaved
+                bws.append(measure_bandwidth(dev, repeats=3, buffer=buf))
+                for name, f in (("ours", ours), ("hf", theirs)):
+                    res[name].append(f(new_tokens))
+            ours_tps = statistics.median(res["ours"])
+            hf_tps = statistics.median(res["hf"])
+            elt = llm.model.embed.element_size()
+            kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (ctx + new_tokens // 2) * elt
+            per_token = llm.model.weight_bytes() - cfg.vocab_size * cfg.hidden_size * elt * (
+                0 if cfg.tie_embeddings else 1)   # the input embedding is a row lookup, not a read
+            per_token += kv_bytes
+            bw = statistics.median(bws)
+            roof = bw / per_token
+            # share: median over the runs of (run's tok/s) / (roofline at that run's bandwidth); and,
+            # the strictest reading, the median tok/s against the highest bandwidth seen
+            share = statistics.median(t * per_token / b for t, b in zip(res["ours"], bws))
+            rows.append(dict(dtype=dt, context=ctx, ours_tok_s=ours_tps, hf_tok_s=hf_tps,
+                             ratio=ours_tps / hf_tps, bandwidth_gb_s=bw / 1e9,
+                             bytes_per_token_mb=per_token / 1e6, roofline_tok_s=roof,
+                             roofline_share=share,
+                             share_of_best_bw=ours_tps * per_token / max(bws)))
+            log.info("%s", rows[-1])
+
+    return rows
+
+
+def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
+                 widths: list[int], repeats: int, dtypes: list[str], exact: bool | None = None,
+                 modes: list[str] | None = None) -> list[dict]:
+    """One full-model pass over n tokens vs a 1-token step. ``modes``: "exact" and/or "fused"
+    (``Model.set_row_invariant`` on / off), timed interleaved on the same weights and cache;
+    None = the mode ``exact`` gives (None: the device's default)."""
+    from ..api import load
+    for mode in modes or []:
+        if mode not in ("exact", "fused"):
+            raise ValueError(f"unknown mode {mode!r}: choose exact or fused")
+    rows = []
+    for dt in dtypes:
+        llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
+        m = llm.model
+        if not modes:
+            modes = ["exact" if m.row_invariant else "fused"]
+        dev = m.device
+        for ctx in contexts:
+            ids = context_ids(llm.tokenizer, ctx)
+            cache = m.new_cache(ctx + max(widths) + 1)
+            m.set_row_invariant(False)
+            prefill(m, ids[:ctx], cache, logits=False)
+            cases = [(mode, w) for mode in modes for w in widths]
+            times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+            toks = {w: torch.tensor([ids[:w]], device=dev) for w in widths}
+
+            def step(mode: str, w: int) -> None:
+                m.set_row_invariant(mode == "exact")
+                cache.rollback(ctx)
+                m.forward(toks[w], ctx, cache)
+            for c in cases:
+                step(*c)
+                step(*c)
+            for _ in range(repeats):          # interleave modes and widths
+                for c in cases:
+                    times[c].append(timed(lambda c=c: step(*c), dev))
+            m.set_row_invariant(False)
+            med = {c: statistics.median(v) for c, v in times.items()}
+            for mode, w in cases:
+                row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, w],
+                           ratio=med[mode, w] / med[mode, widths[0]])
+                if len(modes) > 1:
+                    row = dict(row, mode=mode, vs_fused=med[mode, w] / med["fused", w]
+                               if "fused" in modes else None)
+                rows.append(row)
+
+    return rows
+
+
+def bench_latency(model: str | None, *, device: str, threads: int | None, contexts: list[int],
+                  n_plans: int, repeats: int, quick: bool, exact: bool | None = None) -> list[dict]:
+    """Real decoding steps (random plans, 1 token; full plan, 4 and 8 tokens) vs the prediction."""
+    import random
+
+    from ..api import load
+    from ..latency import get_latency_model
+    from ..plan import Plan
+    llm = load(model, dtype="auto", device=device, threads=threads, exact=exact)
+    m = llm.model
+    lm = get_latency_model(m, quick=quick, progress=True)
+    rng = random.Random(0)
+    rows = []
+    n_sub = 2 * m.cfg.n_layers
+    for ctx in contexts:
+        ids = context_ids(llm.tokenizer, ctx + 8)
+        cache = m.new_cache(ctx + 9)
+        cache.set_length(ctx)            # timing does not depend on the cached values
+        cases: list[tuple[Plan, int]] = []
+        for _ in range(n_plans):
+            share = rng.uniform(0.0, 0.7)
+            run = tuple(rng.random() >= share for _ in range(n_sub))
+            cases.append((Plan(run), 1))
+        cases += [(Plan.full(m.cfg.n_layers), 1), (Plan.full(m.cfg.n_layers), 4), (Plan.full(m.cfg.n_layers), 8)]
+        toks = {n: torch.tensor([ids[:n]], device=m.device) for n in (1, 4, 8)}
+
+        def step(plan: Plan, n: int) -> None:
+            cache.set_length(ctx)
+            m.forward(toks[n], ctx, cache, plan, last_only=n == 1)
+        for plan, n in cases:
+            step(plan, n)
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(repeats):
+            for j, (plan, n) in enumerate(cases):
+                times[j].append(timed(lambda plan=plan, n=n: step(plan, n), m.device))
+        for (plan, n), ts in zip(cases, times):
+            real = statistics.median(ts)
+            pred = lm.predict(plan, ctx, n)
+            rows.append(dict(context=ctx, tokens=n, skipped=plan.n_skipped, real_ms=1e3 * real,
+                             predicted_ms=1e3 * pred, error=abs(pred - real) / real))
+    return rows
+
+
+def alpha_from_mean_accepted(mean_accepted: float, d: int) -> float:
+    """The i.i.d. acceptance rate whose expected tokens per round with ``d`` drafts is
+    ``mean_accepted`` (bisection on E(α, d), which increases in α)."""
+    from ..strategies.pricing import expected_tokens
+    lo, hi = 0.0, 1.0
+    target = min(max(mean_accepted, 1.0), d + 1.0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if expected_tokens(mid, d) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, window: int,
+              root=None, progress: bool = True) -> list[dict]:
+    """For long-document prompts at each context: the KnapSpec DP's candidate plans (spread over
+    the time saved), each decoded with its TPT-optimal draft length as a fixed plan (confidence
+    exit off, so rounds draft exactly d as TPT assumes); predicted TPT vs measured tokens/s.
+    ``predicted_post`` uses the acceptance measured in the run (isolates the latency model)."""
+    from tqdm import tqdm
+
+    from ..datasets import load_dataset
+    from ..latency import get_latency_model
+    from ..sampling import SamplingParams
+    from ..strategies.base import RoundState
+    from ..strategies.knapspec import KnapSpecStrategy
+    from ..strategies.pricing import best_length, tpt, verify_times
+    from ..strategies.static import StaticStrategy
+    m, eng = llm.model, llm.engine
+    lat = get_latency_model(m, quick=True)
+    rows: list[dict] = []
+    jobs = [(c, p) for c in contexts for p in load_dataset(f"long-docs:{c}", root=root, tokenizer=llm.tokenizer, n=n)]
+    bar = tqdm(total=len(jobs) * (plans + 1), disable=not progress, desc="tpt", unit="run")
+    for ctx, p in jobs:
+        ids = llm.encode(p.text, chat=p.chat)
+        cache = m.new_cache(len(ids) + 1)
+        prefill(m, ids, cache, logits=False)
+        strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0)
+        strat.start(RoundState(model=m, cache=cache, tokens=ids + [0], n_prompt=len(ids), round=0,
+                               sampling=SamplingParams(), remaining=new_tokens))
+        cands, _ = strat.optimise(len(ids))
+        if len(cands) > plans:
+            idx = np.linspace(0, len(cands) - 1, plans).round().astype(int)
+            cands = [cands[i] for i in sorted(set(idx.tolist()))]
+        g = eng.generate(ids, max_new_tokens=new_tokens, stop_ids=())
+        t1 = lat.predict(None, len(ids), 1)
+        rows.append(dict(context=ctx, prompt_tokens=len(ids), prompt_id=p.id, plan="full", skipped=0, d=0,
+                         alpha=1.0, predicted_tps=1 / t1, predicted_post=1 / t1,
+                         tokens_per_s=g.stats.tokens_per_s, mean_accepted=1.0))
+        bar.update()
+        for plan, alpha, _ in cands:
+            tv = verify_times(lat, len(ids), 9)
+            td = lat.predict(plan, len(ids), 1)
+            d, _ = best_length(alpha, td, tv, 8)
+            g = eng.generate(ids, StaticStrategy(plan, max_draft=d, threshold=0.0), max_new_tokens=new_tokens,
+                             stop_ids=())
+            a_meas = alpha_from_mean_accepted(g.stats.accepted / max(g.stats.draft_rounds, 1) + 1, d)
+            rows.append(dict(context=ctx, prompt_tokens=len(ids), prompt_id=p.id, plan=str(plan),
+                             skipped=plan.n_skipped, d=d, alpha=alpha, predicted_tps=tpt(alpha, d, td, tv[d]),
+                             predicted_post=tpt(a_meas, d, td, tv[d]), tokens_per_s=g.stats.tokens_per_s,
+                             mean_accepted=g.stats.mean_accepted))
+            bar.update()
+    bar.close()
+    return rows

@@ -1,0 +1,217 @@
+"""``knapspec bench ...``: the benchmark commands' arguments, and printing or writing their results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .options import DATA_HELP, Parser, add_model_args, float_in, load_model, positive_int
+
+BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:min_lookup=8")
+BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8000")
+QUICK_DATASETS = ("spec-bench:summarization", "long-docs:512", "long-docs:2k")
+
+
+def add_parsers(sub: Any) -> None:
+    b = sub.add_parser("bench", help="benchmarks (commands, not tests)")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True, parser_class=Parser)
+    ar = bsub.add_parser("ar", help="our autoregressive decoding vs transformers' generate")
+    add_model_args(ar)
+    ar.add_argument("--contexts", default="128,2048", help="context lengths, comma-separated")
+    ar.add_argument("--new-tokens", type=positive_int("--new-tokens"), default=32)
+    ar.add_argument("--repeats", type=positive_int("--repeats"), default=3)
+    ar.add_argument("--dtypes", default="float32,bfloat16")
+    lt = bsub.add_parser("latency", help="latency model vs real decoding steps (MAPE)")
+    add_model_args(lt)
+    lt.add_argument("--contexts", default="256,1024,4096,8000")
+    lt.add_argument("--plans", type=positive_int("--plans"), default=8, help="random plans per context")
+    lt.add_argument("--repeats", type=positive_int("--repeats"), default=5)
+    lt.add_argument("--quick", action="store_true", help="use (or make) the quick profile")
+    vf = bsub.add_parser("verify", help="cost of one verification pass over n tokens vs a 1-token step")
+    add_model_args(vf)
+    vf.add_argument("--contexts", default="128,4096")
+    vf.add_argument("--widths", default="1,4,8,16")
+    vf.add_argument("--repeats", type=positive_int("--repeats"), default=15)
+    vf.add_argument("--dtypes", default="float32,bfloat16")
+    vf.add_argument("--modes", default=None,
+                    help="exact and/or fused (--exact / --no-exact; comma-separated, interleaved on the "
+                         "same weights; default: the one mode --exact/--no-exact gives)")
+    tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
+    add_model_args(tp)
+    tp.add_argument("--contexts", default="512,2048,4096")
+    tp.add_argument("--n", type=positive_int("--n"), default=1, help="prompts per context")
+    tp.add_argument("--new-tokens", type=positive_int("--new-tokens"), default=64)
+    tp.add_argument("--plans", type=positive_int("--plans"), default=6, help="candidate plans per prompt")
+    tp.add_argument("--window", type=positive_int("--window"), default=16, help="tokens the DP scores on")
+    tp.add_argument("--data", default=None, help="data folder")
+    rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
+    add_model_args(rn)
+    rn.add_argument("--strategies", default=None,
+                    help="comma-separated (autoregressive always runs first); a variant with options is "
+                         "NAME:key=value;key=value (e.g. hybrid:draft_vocab=off); default "
+                         + ",".join(BENCH_STRATEGIES))
+    rn.add_argument("--datasets", default=None,
+                    help="comma-separated: spec-bench (every category), spec-bench:CATEGORY, long-docs:N "
+                         "(512, 2k, 4k, 8k), gsm8k, aime, humaneval, FILE.jsonl; default "
+                         + ",".join(BENCH_DATASETS))
+    rn.add_argument("--n", type=positive_int("--n"), default=None, help="prompts per dataset (default 2)")
+    rn.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=None,
+                    help="default 128")
+    rn.add_argument("--data", default=None, help=DATA_HELP)
+    rn.add_argument("--out", default="bench-out", help="folder for runs.jsonl, table.md and plots")
+    rn.add_argument("--temperature", type=float_in("--temperature", 0, float("inf"), False,
+                    ">= 0 (0 = greedy)"), default=0.0)
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--quick", action="store_true",
+                    help="a few minutes: " + ",".join(QUICK_DATASETS) + ", 1 prompt each, 64 tokens")
+    rn.add_argument("--skip", default=None, help="static strategy: skipped sublayers, e.g. a3,a7,m12")
+    rn.add_argument("--max-draft", type=positive_int("--max-draft"), default=None,
+                    help="maximum draft length, for the strategies that take one")
+    rn.add_argument("--repeats", type=positive_int("--repeats"), default=1,
+                    help="runs per strategy and prompt, round-robin; the run of median time is reported "
+                         "(default 1)")
+    rn.add_argument("--interleave", default="rounds", choices=["rounds", "runs"],
+                    help="rounds (default): a prompt's generations run at the same time, one decoding round "
+                         "of each in turn, each timed over its own rounds; runs: one whole generation after "
+                         "the other")
+    rn.add_argument("--strict", action="store_true",
+                    help="fail on any output difference, near-ties from reduced-precision rounding included")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench_run(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..bench import category_table, headline, markdown_table, parse_variant, run_side_by_side, summarize
+    from ..bench.plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
+    from ..datasets import data_dir
+    from ..storage import write_text_atomic
+    strategies = a.strategies.split(",") if a.strategies else list(BENCH_STRATEGIES)
+    for s in strategies:
+        parse_variant(s)
+    datasets = a.datasets.split(",") if a.datasets else list(QUICK_DATASETS if a.quick else BENCH_DATASETS)
+    n = a.n or (1 if a.quick else 2)
+    new = a.max_new_tokens or (64 if a.quick else 128)
+    root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in datasets) else None
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    llm = load_model(a)
+    common: dict[str, Any] = {} if a.max_draft is None else {"max_draft": a.max_draft}
+    opts = {s: dict(common) for s in strategies}
+    for s in strategies:                           # static and its variants (static:threshold=0.3)
+        if parse_variant(s)[0] == "static":
+            if not a.skip:
+                raise ValueError("the static strategy needs --skip a3,m7,...")
+            opts[s]["skip"] = a.skip
+    records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
+                               root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts,
+                               repeats=a.repeats, interleave=a.interleave)
+    summary = summarize(records)
+    head = headline(records)
+    head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
+                device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats,
+                interleave=a.interleave, exact=llm.model.row_invariant)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, text: str) -> None:
+        write_text_atomic(out / name, text)
+    write("runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    table_md = markdown_table(summary)
+    write("table.md", table_md + "\n")
+    write("headline.json", json.dumps(head, indent=1) + "\n")
+    cat_md = category_table(records)
+    if cat_md:
+        text = "Median runs: geometric-mean speedup over autoregressive decoding per category\n\n" + cat_md
+        fast_md = category_table(records, "speedup_fastest") if a.repeats > 1 else None
+        if fast_md:
+            text += "\n\nFastest runs (of each strategy's repeats) per category\n\n" + fast_md
+        write("categories.md", text + "\n")
+    plot_speedup_vs_context(records, out / "speedup_vs_context.png")
+    plot_skip_share(records, out / "skip_share.png")
+    plot_tpt(records, out / "tpt.png", head.get("tpt_pearson_r"))
+    print(table_md)
+    if cat_md:
+        print(text)
+    print(json.dumps(head))
+    reduced = llm.model.dtype in (torch.bfloat16, torch.float16)
+    if head["mismatches"] > head["hard_mismatches"] and reduced and not a.strict:
+        # without exact mode a verify pass over d+1 tokens and a 1-token step round differently in
+        # bf16/fp16, and a greedy choice between nearly equal logits can flip
+        sys.stderr.write(f"knapspec: warning: {head['mismatches'] - head['hard_mismatches']} run(s) differ from "
+                         f"the autoregressive output at a near-tie in {head['dtype']}; "
+                         + ("exact mode was on, so this machine's kernels are not row-invariant the way "
+                            "they were measured to be (docs/benchmarks.md, \"Exact mode\"); "
+                            if llm.model.row_invariant else "leave out --no-exact for bit-identical output; ")
+                         + "--strict fails on any difference\n")
+    bad = head["mismatches"] if a.strict else head["hard_mismatches"]
+    if bad:
+        sys.stderr.write(f"knapspec: error: {bad} run(s) did not reproduce the autoregressive output "
+                         f"(see {out / 'runs.jsonl'})\n")
+        return 1
+    return 0
+
+
+def _cmd_bench_tpt(a: argparse.Namespace) -> int:
+    from ..bench import bench_tpt, ints, pearson, table
+    from ..datasets import data_dir
+    root = data_dir(a.data)
+    llm = load_model(a)
+    rows = bench_tpt(llm, contexts=ints(a.contexts), n=a.n, new_tokens=a.new_tokens, plans=a.plans,
+                     window=a.window, root=root)
+    print(table(rows, ["context", "prompt_tokens", "skipped", "d", "alpha", "predicted_tps", "predicted_post",
+                       "tokens_per_s", "mean_accepted"]))
+    res = {"bench": "tpt", "pearson_r": pearson([r["predicted_tps"] for r in rows], [r["tokens_per_s"] for r in rows]),
+           "pearson_r_post": pearson([r["predicted_post"] for r in rows], [r["tokens_per_s"] for r in rows])}
+    per_ctx = {}
+    for c in ints(a.contexts):
+        rs = [r for r in rows if r["context"] == c]
+        per_ctx[c] = pearson([r["predicted_tps"] for r in rs], [r["tokens_per_s"] for r in rs])
+    res["pearson_r_within_context"] = per_ctx
+    res["rows"] = rows
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench_cmd == "run":
+        return _cmd_bench_run(a)
+    if a.bench_cmd == "tpt":
+        return _cmd_bench_tpt(a)
+    import statistics
+
+    import torch
+
+    from ..api import set_threads
+    from ..bench import bench_ar, bench_latency, bench_verify, ints, table
+    set_threads(a.threads)
+    dtypes = [d for d in getattr(a, "dtypes", "").split(",") if d]
+    if a.bench_cmd == "ar":
+        rows = bench_ar(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
+                        new_tokens=a.new_tokens, repeats=a.repeats, dtypes=dtypes, exact=a.exact)
+        print(table(rows, ["dtype", "context", "ours_tok_s", "hf_tok_s", "ratio", "bandwidth_gb_s",
+                            "bytes_per_token_mb", "roofline_tok_s", "roofline_share", "share_of_best_bw"]))
+    elif a.bench_cmd == "latency":
+        rows = bench_latency(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
+                             n_plans=a.plans, repeats=a.repeats, quick=a.quick, exact=a.exact)
+        print(table(rows, ["context", "tokens", "skipped", "real_ms", "predicted_ms", "error"]))
+        by_ctx = {c: statistics.mean(r["error"] for r in rows if r["context"] == c) for c in ints(a.contexts)}
+        print("MAPE by context: " + ", ".join(f"{c}: {100 * e:.1f}%" for c, e in by_ctx.items()))
+        print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
+    elif a.bench_cmd == "verify":
+        rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
+                            widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact,
+                            modes=a.modes.split(",") if a.modes else None)
+        print(table(rows, ["dtype", "context", "width", "ms", "ratio"]
+                    + (["mode", "vs_fused"] if a.modes and "," in a.modes else [])))
+    else:
+        raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")
+    print(json.dumps({"bench": a.bench_cmd, "device": str(a.device),
+                      "threads": torch.get_num_threads(), "rows": rows}))
+    return 0
+
+
