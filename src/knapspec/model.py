@@ -53,6 +53,10 @@ class ForwardOut:
 # an 8k prompt 18.3 s against 27.4 s.
 _NATIVE_ATTENTION_MAX_TOKENS = 512
 
+# Exact mode's per-token fallback (``exactness``) covers passes up to this many tokens: every
+# verification pass; prefill chunks, the same for every strategy, keep their one pass.
+PER_TOKEN_MAX = 64
+
 
 @dataclass
 class _Layer:
@@ -93,6 +97,9 @@ class Model:
         # exact mode (set_row_invariant): each token's row computed the same way whatever the
         # number of tokens in the pass, so speculative output equals autoregressive output bit for bit
         self.row_invariant = False
+        # exact mode where the torch path's kernels are not row-invariant (``exactness.ensure``):
+        # passes of up to PER_TOKEN_MAX tokens run as one-token forwards
+        self.exact_per_token = False
 
     def _tables(self) -> None:
         """Rotary tables and attention masks for the current dtype and device (rebuilt by ``to``)."""
@@ -405,6 +412,19 @@ class Model:
         h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
         return self.linear(h, self.lm_head if weight is None else weight, out_dtype=torch.float32)
 
+    def _per_token(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None, *,
+                   capture: bool, last_only: bool, logits: bool, head_weight: torch.Tensor | None) -> ForwardOut:
+        """A pass as one-token forwards, concatenated: each row exactly as in autoregressive decoding."""
+        outs = [self.forward(tokens[:, j:j + 1], start + j, cache, plan, capture=capture,
+                             logits=logits and (not last_only or j == tokens.shape[1] - 1), head_weight=head_weight)
+                for j in range(tokens.shape[1])]
+        out = ForwardOut(logits=None, last_hidden=torch.cat([o.last_hidden for o in outs], dim=1))
+        if capture:
+            out.hidden = torch.cat([o.hidden for o in outs], dim=2)
+        if logits:
+            out.logits = outs[-1].logits if last_only else torch.cat([o.logits for o in outs], dim=1)
+        return out
+
     # ---- the forward ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None = None, *,
@@ -413,6 +433,9 @@ class Model:
         """``tokens: [B, T]`` at positions ``start .. start+T-1``; updates ``cache.length``."""
         b, t = tokens.shape
         assert start <= cache.length, f"start {start} beyond cache length {cache.length}"
+        if self.exact_per_token and self.row_invariant and 1 < t <= PER_TOKEN_MAX:
+            return self._per_token(tokens, start, cache, plan, capture=capture, last_only=last_only,
+                                   logits=logits, head_weight=head_weight)
         if plan is not None:
             assert plan.n_layers == self.cfg.n_layers, "plan is for a different number of layers"
         run = None if plan is None or plan.is_full else plan.run
