@@ -130,6 +130,13 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     (["generate", "--strategy", "draft-verify", "--calibration", "/nonexistent/dv.json"],
      "no draft-verify calibration file at /nonexistent/dv.json"),
     (["generate", "--strategy", "swift", "--skip-ratio", "1.5"], "--skip-ratio must be in (0, 1), got 1.5"),
+    # an option that does not belong to the strategy is an error, never silently ignored
+    (["generate", "--skip", "a1", "--strategy", "hybrid"],
+     "--skip does not apply to the hybrid strategy: it is for --strategy static"),
+    (["generate", "--skip", "a1"] + ["--skip-ratio", "0.3"], "belong to different strategies"),
+    (["generate", "--calibration", "x.json"], "--calibration applies to --strategy draft-verify or knn-ssd"),
+    (["generate", "--max-draft", "3", "--strategy", "autoregressive"],
+     "--max-draft does not apply to the autoregressive strategy"),
 ])
 def test_bad_calibration_requests(args, needle, tmp_path, empty_cache, capsys):
     tiny = save_tiny("llama", tmp_path / "tiny")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import exactness
 from .checkpoint import Checkpoint, resolve
 from .engine import DEFAULT_THRESHOLD, Engine, GenerationStats
 from .model import Model
@@ -115,6 +116,28 @@ class LLM:
             self._kept[key] = made
         return made
 
+    def prepare(self, strategy: str | Strategy | None = None, *, progress: bool = False,
+                **options: Any) -> Strategy:
+        """One-time work for a strategy, before generating: this machine's latency profile
+        (measured on first use, with a progress bar when ``progress``, and cached), and where the
+        strategy learns a verdict across processes (the hybrid: whether layer-skip drafts pay here)
+        one short warm-up generation to learn it. Nothing of it lands in a later generation's
+        statistics. Returns the strategy (kept for later calls when it learns across prompts)."""
+        strat = self.make_strategy(strategy, **options)
+        if strat.prepare(progress=progress):
+            log.info("warming up %s once on a built-in prompt (its verdict is remembered)", strat.name)
+            self.engine.generate(self._warm_up_ids(), strat, max_new_tokens=16, stop_ids=self.stop_ids)
+        return strat
+
+    def _warm_up_ids(self) -> list[int]:
+        """A real chat prompt (the first Spec-Bench question shipped with the package), or token
+        ids for a checkpoint without a tokenizer."""
+        if self.tokenizer is None:
+            return [(7 * i) % max(self.model.cfg.vocab_size - 3, 1) + 3 for i in range(48)]
+        from .datasets import PACKAGED_DATA, spec_bench
+        text = spec_bench(PACKAGED_DATA)[0].text
+        return self.encode(text, chat=bool(getattr(self.tokenizer, "chat_template", None)))
+
     # ---- generation -----------------------------------------------------------------------------
     def stream_ids(self, prompt: str | list[int], *, strategy: str | Strategy | None = None,
                    max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -197,5 +220,6 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
         pack = m.weight_bytes() <= _available_memory() / 4
     m.pack_weights(pack, kernels=kernels)
     m.set_row_invariant(device == "cpu" if exact is None else exact)
+    exactness.ensure(m)       # the torch path: measured once here, per-token verification if needed
     tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)

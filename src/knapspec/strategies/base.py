@@ -81,6 +81,13 @@ class Strategy:
     # one-off first-call costs) that later prompts may take
     warm_up_options: ClassVar[dict[str, Any]] = {}
 
+    def prepare(self, *, progress: bool = False) -> bool:
+        """One-time work before any generation (e.g. measuring this machine's latency profile,
+        cached for later processes), so that it never lands inside a generation's timing. Returns
+        whether the strategy still has something to learn from one short warm-up generation
+        (see ``LLM.prepare``)."""
+        return False
+
     def start(self, state: RoundState) -> None:
         """A new generation begins (the prompt is prefilled)."""
 

@@ -73,12 +73,12 @@ from ..model import Model
 from ..storage import write_json_atomic
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
-from .lookup import NgramIndex
+from .lookup import MAX_POS, LookupAcceptance, NgramIndex
+from .pricing import VerifyTimes
 from .vocab import DraftVocab
 
 log = logging.getLogger(__name__)
 
-MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
 
 
 @dataclass(frozen=True)
@@ -121,26 +121,16 @@ class HybridStrategy(Strategy):
         self.min_lookup = min_lookup
         self.memory = None if memory is None else Path(memory)
         self._streak = self._recall()              # "no draft" verdicts in a row (the back-off level)
+        self._remembered = self.memory is not None and self.memory.is_file()   # a verdict on disk
         self._plan_after_now = self._backoff(self._streak)
         self._active = False                       # the planner runs in this prompt
         self._rng = np.random.default_rng(seed)
         self._misses = 0
-        # lookup acceptance: successes / trials per (n-gram length, position)
-        self._lk_acc_a = np.ones((max_ngram + 1, MAX_POS))
-        self._lk_try_a = 2 * np.ones((max_ngram + 1, MAX_POS))
+        self.lookup_estimates = LookupAcceptance(max_ngram)
         self._sk_acc = 0.0
         self._sk_try = 0.0
         self._pending: tuple[Option, int] | None = None
-        self._times_ctx = -1
-        # measured / predicted verification time per width (index = width - 1), running average
-        self._n_widths = max_lookup + d_max + 2
-        self._vr_a = np.ones(self._n_widths)
-        self._vr_n_a = np.zeros(self._n_widths)
-        # outcomes not yet folded into the arrays above: observe only appends (a round's
-        # bookkeeping right after a forward pass runs on cold caches, where numpy's per-call
-        # machinery cost ~40 us a round); they are folded in when an estimate is read
-        self._lk_log: list[tuple[int, int, int]] = []      # (n-gram, decided, accepted)
-        self._vr_log: list[tuple[int, float]] = []         # (width - 1, measured / predicted)
+        self.verify_times = VerifyTimes(max_lookup + d_max + 2)
         self.counts: dict[str, int] = {}
         self._index = NgramIndex(max_ngram)          # the lookup matches
         self.vocab = draft_vocab
@@ -176,8 +166,18 @@ class HybridStrategy(Strategy):
             return
         try:
             write_json_atomic(self.memory, {"no_draft_streak": self._streak}, indent=None)
+            self._remembered = True
         except OSError as e:                              # a read-only cache: keep going unremembered
             log.debug("could not write %s: %s", self.memory, e)
+
+    def prepare(self, *, progress: bool = False) -> bool:
+        """The planner's latency profile; and, when this machine's verdict on layer-skip drafts is
+        not remembered yet, a warm-up generation to learn it (the planner wakes at once there)."""
+        self.planner.prepare(progress=progress)
+        if self.use_skip and self.memory is not None and not self._remembered:
+            self._plan_after_now = 0
+            return True
+        return False
 
     @property
     def wants_hidden(self) -> bool:               # type: ignore[override]
@@ -185,51 +185,10 @@ class HybridStrategy(Strategy):
         return self._active
 
     # ---- estimates --------------------------------------------------------------------------------
-    def _flush(self) -> None:
-        if self._lk_log:
-            for g, k, a in self._lk_log:
-                if k <= MAX_POS:
-                    self._lk_try_a[g, :k] += 1
-                    self._lk_acc_a[g, :a] += 1
-                else:                              # later positions share the last estimate
-                    self._lk_try_a[g, :MAX_POS - 1] += 1
-                    self._lk_try_a[g, MAX_POS - 1] += k - MAX_POS + 1
-                    self._lk_acc_a[g, :min(a, MAX_POS - 1)] += 1
-                    self._lk_acc_a[g, MAX_POS - 1] += max(a - MAX_POS + 1, 0)
-            self._lk_log.clear()
-        if self._vr_log:
-            for w, r in self._vr_log:
-                self._vr_a[w] = r if self._vr_n_a[w] == 0 else self._vr_a[w] + 0.1 * (r - self._vr_a[w])
-                self._vr_n_a[w] += 1
-            self._vr_log.clear()
-
-    @property
-    def _lk_acc(self) -> np.ndarray:
-        self._flush()
-        return self._lk_acc_a
-
-    @property
-    def _lk_try(self) -> np.ndarray:
-        self._flush()
-        return self._lk_try_a
-
-    @property
-    def _vr(self) -> np.ndarray:
-        self._flush()
-        return self._vr_a
-
-    @property
-    def _vr_n(self) -> np.ndarray:
-        self._flush()
-        return self._vr_n_a
-
     def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
-        """P(position j accepted | positions < j accepted) for an n-gram match: the posterior
-        means, or with ``sample`` one draw from each Beta posterior (Thompson sampling)."""
-        acc, tried = self._lk_acc[min(n, self.max_ngram)], self._lk_try[min(n, self.max_ngram)]
-        if sample:
-            return self._rng.beta(acc, tried - acc + 1e-9)
-        return acc / tried
+        """P(position j accepted | positions < j accepted) for an n-gram match (see
+        :class:`LookupAcceptance`; ``sample``: Thompson sampling)."""
+        return self.lookup_estimates.probs(n, self._rng if sample else None)
 
     def skip_alpha(self, vocab: int | None = None) -> float:
         c = self.planner.choice
@@ -241,35 +200,10 @@ class HybridStrategy(Strategy):
         acc, tried = self._vk.get(vocab, (0.0, 0.0))
         return (acc + self.skip_prior * full * cov) / (tried + self.skip_prior)
 
-    def _predict_verify(self, ctx: int) -> None:
-        """The latency model's verification times at ``ctx`` (refreshed every 64 tokens)."""
-        if abs(ctx - self._times_ctx) >= 64 or self._times_ctx < 0:
-            lat = self.latency
-            self._tv_pred = [lat.predict(None, ctx, k + 1) for k in range(self._n_widths)]
-            self._times_ctx = ctx
-
-    def _times(self, ctx: int) -> None:
-        """``self._tv[k]``: the time of a verification pass over ``k + 1`` tokens at ``ctx``: the
-        latency model's prediction times the measured/predicted ratio of recent passes of that
-        width (interpolated between the widths measured so far; 1 before any)."""
-        self._predict_verify(ctx)
-        seen = np.flatnonzero(self._vr_n >= 3)
-        if seen.size >= 2:
-            # a weighted straight line through the measured ratios: single widths are noisy
-            wts = np.minimum(self._vr_n[seen], 50.0)
-            slope, icpt = np.polyfit(seen.astype(float), self._vr[seen], 1, w=np.sqrt(wts))
-            ratio = np.clip(icpt + slope * np.arange(self._n_widths), 0.25, 4.0)
-            self._tv = (np.asarray(self._tv_pred) * ratio).tolist()
-        elif seen.size == 1:
-            self._tv = [t * float(self._vr[seen[0]]) for t in self._tv_pred]
-        else:
-            self._tv = list(self._tv_pred)
-
     def options(self, ctx: int, n_gram: int, lookup: list[int], *, explore: bool = False) -> list[Option]:
         """Every candidate draft of this round with its expected tokens and predicted time
         (``explore``: lookup acceptances sampled from their posteriors)."""
-        self._times(ctx)
-        tv = self._tv
+        tv = self.verify_times.at(self.latency, ctx)
         lookup = lookup[:self.max_lookup]
         opts = [Option("none", 0, 0, 1.0, tv[0])]
         k = len(lookup)
@@ -312,7 +246,7 @@ class HybridStrategy(Strategy):
         self._misses = 0
         self._index.reset()
         self._pending = None
-        self._times_ctx = -1
+        self.verify_times.reset()
         self._vk = {}
         if self.vocab is not None:
             self.vocab.start(state.tokens[:state.n_prompt], capacity=state.remaining + 2)
@@ -336,7 +270,7 @@ class HybridStrategy(Strategy):
             if len(self.planner.history) > n_plans:
                 pays = self.planner.choice is not None and self.planner.choice.plan is not None
                 streak = 0 if pays else self._streak + 1
-                if streak != self._streak:
+                if streak != self._streak or not self._remembered:
                     self._streak = streak
                     self._remember()
                 self._plan_after_now = self._backoff(streak)
@@ -347,7 +281,7 @@ class HybridStrategy(Strategy):
         if not self._active and k <= self.min_lookup:
             # nothing to price: without the planner the only candidate is the whole lookup draft
             # (the floor) or, with no match, a plain step; the estimates still learn in observe
-            self._predict_verify(state.context_length)
+            self.verify_times.predict(self.latency, state.context_length)
             best = Option("lookup", k, 0, 1.0, 1.0) if k else Option("none", 0, 0, 1.0, 1.0)
         else:
             best = self.choose(state.context_length, n_gram, cont, explore=True)
@@ -369,16 +303,10 @@ class HybridStrategy(Strategy):
             return
         opt, n_gram = self._pending
         self._pending = None
-        w = outcome.drafted                          # verification width - 1
-        if w < self._n_widths and self._times_ctx >= 0 and outcome.verify_s > 0:
-            self._vr_log.append((w, outcome.verify_s / self._tv_pred[w]))
+        self.verify_times.observe(outcome.drafted + 1, outcome.verify_s)
         acc, nl = outcome.accepted, outcome.n_lookup
-        g = min(n_gram, self.max_ngram)
-        k = min(nl, acc + 1)                       # lookup positions 0..k-1 were decided,
-        if k:                                      # 0..min(k, acc)-1 of them accepted
-            self._lk_log.append((g, k, min(k, acc)))
-        if len(self._lk_log) + len(self._vr_log) >= 512:    # bounded, for a long-lived instance
-            self._flush()
+        # lookup positions 0..k-1 were decided, 0..min(k, acc)-1 of them accepted
+        self.lookup_estimates.record(n_gram, min(nl, acc + 1), acc)
         if acc >= nl:                              # the skip drafts were reached
             tried = min(outcome.drafted - nl, acc - nl + 1)
             ok = acc - nl

@@ -1,0 +1,57 @@
+"""The CLI's first run: one-time work (latency profile, a strategy's first verdict) happens before
+the generation and outside its statistics; options select the strategy they belong to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import save_tiny_with_tokenizer
+from knapspec import api, latency
+from knapspec.cli import main
+from knapspec.engine import Engine
+
+
+@pytest.fixture
+def tiny_with_tok(tmp_path):
+    return save_tiny_with_tokenizer("llama", tmp_path / "tiny")
+
+
+def test_one_time_work_runs_before_the_generation_and_is_remembered(tiny_with_tok, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    # a fresh process: nothing in memory, nothing on disk
+    monkeypatch.setattr(latency, "_MEMO", {})
+    monkeypatch.setattr("knapspec.strategies.hybrid.default_memory_path",
+                        lambda model: tmp_path / "cache" / "hybrid" / "memory.json")
+    events: list[str] = []
+    real_measure, real_stream = latency.measure, Engine.stream
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: events.append("profile") or real_measure(*a, **k))
+
+    def stream(self, prompt, *a, **k):
+        events.append("generation")
+        return real_stream(self, prompt, *a, **k)
+    monkeypatch.setattr(Engine, "stream", stream)
+    args = ["generate", "--model", str(tiny_with_tok), "--prompt", "the model text token", "--max-new-tokens",
+            "12", "--json", "--strategy", "hybrid"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    # profile, then the hybrid's warm-up (its planner's verdict), then the user's generation
+    assert events == ["profile", "generation", "generation"], events
+    assert (tmp_path / "cache" / "hybrid" / "memory.json").is_file()
+    assert out["stats"]["plan_s"] < out["stats"]["total_s"]
+    # a second process finds both on disk: no profile, no warm-up
+    events.clear()
+    monkeypatch.setattr(latency, "_MEMO", {})
+    assert main(args) == 0
+    assert events == ["generation"], events
+
+
+def test_an_option_selects_the_strategy_it_belongs_to(tiny_with_tok, monkeypatch, capsys):
+    made = []
+    real = api.LLM.make_strategy
+    monkeypatch.setattr(api.LLM, "make_strategy", lambda self, s, **o: made.append(s) or real(self, s, **o))
+    assert main(["generate", "--model", str(tiny_with_tok), "--prompt", "the model", "--max-new-tokens", "4",
+                 "--skip", "a1,m2"]) == 0
+    assert made and set(made) == {"static"}
