@@ -25,7 +25,8 @@ atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 # Property tests explore fresh examples on every local run; CI (.ci/run sets the profile) replays a
 # fixed, derandomised set so that a run on main is reproducible.
-from hypothesis import settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 # database=None: no example database written into the working tree
 settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
@@ -68,14 +69,47 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
 
 _TINY_CACHE: dict = {}
 
+# The two paths a tiny model runs on in the equality properties: the torch path in float32 (plain
+# products, exact mode off), and what a CPU user gets by default: bfloat16 on knapspec's native
+# kernels, every sublayer in one call (head_dim 32, which they need).
+PATHS = ("torch-f32", "native-bf16")
 
-def tiny_model(kind: str, tmp_root: Path, dtype=torch.float32):
-    """Our model loaded from a saved tiny HF checkpoint (cached per kind)."""
+
+def tiny_model(kind: str, tmp_root: Path, path: str = "torch-f32"):
+    """Our model loaded from a saved tiny HF checkpoint (cached per kind and path)."""
     from knapspec.checkpoint import Checkpoint
-    if kind not in _TINY_CACHE:
-        folder = save_tiny(kind, tmp_root / f"tiny-{kind}")
-        _TINY_CACHE[kind] = Checkpoint(folder, kind).load_model(dtype=torch.float32)
-    return _TINY_CACHE[kind]
+    key = (kind, path)
+    if key not in _TINY_CACHE:
+        if path == "torch-f32":
+            folder = save_tiny(kind, tmp_root / f"tiny-{kind}")
+            _TINY_CACHE[key] = Checkpoint(folder, kind).load_model(dtype=torch.float32)
+        elif path == "native-bf16":
+            from knapspec import native
+            why = native.available(torch.bfloat16)
+            if why is not None:
+                pytest.skip(f"native bfloat16 kernels unavailable here: {why}")
+            folder = save_tiny(kind, tmp_root / f"tiny-{kind}-native", head_dim=32)
+            m = Checkpoint(folder, kind).load_model(dtype=torch.bfloat16)
+            assert m.pack_weights(kernels="native") and m._native_sublayers, "the native path did not engage"
+            _TINY_CACHE[key] = m
+        else:
+            raise ValueError(f"unknown path {path!r}: {PATHS}")
+    return _TINY_CACHE[key]
+
+
+def drafting_property(check, *, max_examples: int) -> list[int]:
+    """Run a hypothesis property (``check(data) -> drafted tokens``) and require that, over its
+    examples, the strategy drafted at all: a strategy that never drafts passes an equality
+    property trivially."""
+    drafted: list[int] = []
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(data=st.data())
+    def prop(data):
+        drafted.append(check(data))
+    prop()
+    assert sum(drafted) > 0, f"no draft in {len(drafted)} examples: the property tested nothing"
+    return drafted
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from conftest import build_tiny_hf, tiny_model
+from conftest import PATHS, build_tiny_hf, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan
@@ -36,24 +35,31 @@ def _plans(n_layers: int):
     return st.one_of(full, single, rand)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_greedy_speculative_equals_autoregressive(kind, tiny_root, data):
-    m = tiny_model(kind, tiny_root)
+def test_greedy_speculative_equals_autoregressive(kind, path, tiny_root):
+    m = tiny_model(kind, tiny_root, path)
     eng = Engine(m)
-    prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=20), label="prompt")
-    n_new = data.draw(st.integers(1, 24), label="max_new_tokens")
-    plans = data.draw(st.lists(_plans(m.cfg.n_layers), min_size=1, max_size=3), label="plans")
-    lens = data.draw(st.lists(st.integers(1, 8), min_size=len(plans), max_size=len(plans)), label="d")
-    thr = data.draw(st.floats(0.0, 1.0), label="threshold")
-    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
-    strat = Scripted([Draft(plan=p, max_len=d) for p, d in zip(plans, lens)])
-    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=thr)
-    assert got.tokens == ref
-    s = got.stats
-    assert s.new_tokens == len(ref) and s.accepted <= s.drafted
-    assert s.rounds == 0 or s.mean_accepted >= 1.0
+
+    def check(data) -> int:
+        prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=20), label="prompt")
+        n_new = data.draw(st.integers(1, 24), label="max_new_tokens")
+        plans = data.draw(st.lists(_plans(m.cfg.n_layers), min_size=1, max_size=3), label="plans")
+        lens = data.draw(st.lists(st.integers(1, 8), min_size=len(plans), max_size=len(plans)), label="d")
+        thr = data.draw(st.floats(0.0, 1.0), label="threshold")
+        ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+        strat = Scripted([Draft(plan=p, max_len=d) for p, d in zip(plans, lens)])
+        got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=thr)
+        assert got.tokens == ref
+        s = got.stats
+        assert s.new_tokens == len(ref) and s.accepted <= s.drafted
+        # every round proposes a draft: with room for one (3+ tokens asked, no stop after the
+        # first) the first round drafts; each round commits its accepted drafts plus one token
+        if s.rounds and n_new >= 3:
+            assert s.draft_rounds >= 1
+        assert s.new_tokens - 1 <= s.accepted + s.rounds
+        return s.drafted
+    drafting_property(check, max_examples=25 if path == "torch-f32" else 12)
 
 
 def test_cache_after_rejections_equals_autoregressive_cache(tiny_root):
@@ -138,4 +144,44 @@ def test_speculative_sampling_is_exact(sp, vocab_trunc):
         drafted += g.stats.drafted
         accepted += g.stats.accepted
     assert 0 < accepted < drafted                 # the draft really is poor and really is used
+    assert _chi2(samples, exact) > 0.01
+
+
+def _hybrid_for_sampling(m: Model):
+    from knapspec.latency import LatencyModel
+    from knapspec.strategies.hybrid import HybridStrategy
+    lat = LatencyModel.analytic(m.cfg.n_layers, attn=1e-3, attn_per_token=1e-6, mlp=1.5e-3, head=1e-5,
+                                width_factor=0.02)
+    # the planner from the first round, over a 2-token window: skip drafts and lookups both happen
+    return HybridStrategy(m, lat, alpha="cosine", min_cosine=-1.0, plan_after=0, window=2, every=1,
+                          d_max=2, max_lookup=2, min_lookup=0, persist=False, memory=None)
+
+
+@pytest.mark.parametrize("name", ["lookup", "hybrid"])
+def test_speculative_sampling_is_exact_with_lookup_and_hybrid_drafts(name):
+    """As above, with the drafts that the default strategies make: lookup drafts (one-hot draft
+    distributions, copied from the context) and the hybrid's mix of lookups and layer-skip drafts."""
+    from knapspec.strategies.lookup import PromptLookupStrategy
+    m = _small_vocab_model()
+    prompt = [3, 7, 1, 3, 7, 1, 3, 7]          # repetitive: most continuations have a match
+    V = m.cfg.vocab_size
+    sp = SamplingParams(temperature=1.0, seed=21)
+    exact = _exact_joint(m, prompt, sp, 3).sum(axis=0)
+    eng = Engine(m)
+    n = 8000 if name == "lookup" else 4000
+    samples = np.empty(n, dtype=np.int64)
+    drafted = accepted = 0
+    kinds: dict[str, int] = {}
+    for i in range(n):
+        strat = PromptLookupStrategy(max_ngram=2, max_draft=2) if name == "lookup" else _hybrid_for_sampling(m)
+        spi = SamplingParams(temperature=1.0, seed=sp.seed * 1_000_003 + i)
+        g = eng.generate(prompt, strat, max_new_tokens=3, sampling=spi, threshold=0.0)
+        samples[i] = g.tokens[1] * V + g.tokens[2]
+        drafted += g.stats.drafted
+        accepted += g.stats.accepted
+        for k, v in getattr(strat, "counts", {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert 0 < accepted < drafted                 # drafts are made, some accepted, some not
+    if name == "hybrid":
+        assert kinds.get("lookup", 0) + kinds.get("lookup+skip", 0) > 0 and kinds.get("skip", 0) > 0, kinds
     assert _chi2(samples, exact) > 0.01

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+import pytest
 from hypothesis import strategies as st
 
-from conftest import tiny_model
+from conftest import PATHS, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.latency import LatencyModel
 from knapspec.plan import Plan
 from knapspec.strategies.base import Draft, Outcome
 from knapspec.strategies.hybrid import HybridStrategy, Option
 from knapspec.strategies.knapspec import Choice
+from knapspec.strategies.lookup import find_continuation
 
 
 def _lat(n_layers: int, draft_cheap: bool = True) -> LatencyModel:
@@ -31,8 +32,8 @@ def _with_plan(strat: HybridStrategy, alpha: float | None) -> None:
 def test_long_match_picks_lookup(tiny_root):
     m = tiny_model("llama", tiny_root)
     s = HybridStrategy(m, _lat(m.cfg.n_layers))
-    s._lk_acc[3] += 50                      # long n-gram matches have been accepted often
-    s._lk_try[3] += 50
+    s.lookup_estimates.acc[3] += 50                      # long n-gram matches have been accepted often
+    s.lookup_estimates.tried[3] += 50
     _with_plan(s, 0.3)
     best = s.choose(100, 3, list(range(10, 22)))
     assert best.kind in ("lookup", "lookup+skip") and best.n_lookup >= 6
@@ -53,16 +54,16 @@ def test_no_match_picks_skip_or_none(tiny_root):
 def test_rejected_lookups_lower_their_estimate(tiny_root):
     m = tiny_model("llama", tiny_root)
     s = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=0)       # every lookup token priced
-    s._lk_try[1, 0] += 200                  # 1-gram matches rejected at the first position
+    s.lookup_estimates.tried[1, 0] += 200                  # 1-gram matches rejected at the first position
     _with_plan(s, None)
     assert s.choose(100, 1, [7, 8, 9]).kind == "none"
     s2 = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=4, max_lookup=12)   # 4 tokens at least
-    s2._lk_try[1, 0] += 200
+    s2.lookup_estimates.tried[1, 0] += 200
     _with_plan(s2, 0.9)
     best = s2.choose(100, 1, list(range(10, 22)))
     assert (best.kind, best.n_lookup) == ("lookup", 4)               # not none, not skip, not longer
-    s2._lk_acc[1] += 200                    # the same matches always accepted: the whole lookup
-    s2._lk_try[1] += 200
+    s2.lookup_estimates.acc[1] += 200                    # the same matches always accepted: the whole lookup
+    s2.lookup_estimates.tried[1] += 200
     assert s2.choose(100, 1, list(range(10, 22))).n_lookup == 12
 
 
@@ -71,11 +72,11 @@ def test_uncertain_lookup_estimates_are_still_explored(tiny_root):
     sampling), so its estimate can recover; after many rejections it is (almost) never drafted."""
     m = tiny_model("llama", tiny_root)
     s = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=0)
-    s._lk_try[1, 0] += 58                   # 1 accepted of 60 tried at the first position
+    s.lookup_estimates.tried[1, 0] += 58                   # 1 accepted of 60 tried at the first position
     picks = [s.choose(100, 1, [7, 8, 9], explore=True).kind for _ in range(300)]
     assert s.choose(100, 1, [7, 8, 9]).kind == "none"          # the posterior mean says no
     assert 0.05 < picks.count("lookup") / len(picks) < 0.95, picks.count("lookup")
-    s._lk_try[1, 0] += 2000
+    s.lookup_estimates.tried[1, 0] += 2000
     picks = [s.choose(100, 1, [7, 8, 9], explore=True).kind for _ in range(300)]
     assert picks.count("lookup") <= 3
 
@@ -153,7 +154,7 @@ def test_nothing_is_priced_while_the_planner_sleeps(tiny_root):
     real = s.choose
     s.choose = lambda *a, **k: calls.append(1) or real(*a, **k)
     out = eng.generate([5, 6, 7, 8] * 10, s, max_new_tokens=12, stop_ids=())
-    assert not calls and out.stats.drafted > 0 and s._lk_try.sum() > 0
+    assert not calls and out.stats.drafted > 0 and s.lookup_estimates.tried.sum() > 0
     assert s.counts.get("lookup", 0) > 0
     s0 = HybridStrategy(m, _lat(m.cfg.n_layers), plan_after=10**6, min_lookup=0)
     real0 = s0.choose
@@ -162,24 +163,32 @@ def test_nothing_is_priced_while_the_planner_sleeps(tiny_root):
     assert 0 < out.stats.draft_rounds <= len(calls) <= out.stats.rounds
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_greedy_hybrid_equals_autoregressive(tiny_root, data):
-    kind = data.draw(st.sampled_from(["llama", "qwen3"]), label="arch")
-    m = tiny_model(kind, tiny_root)
-    eng = Engine(m)
-    base = data.draw(st.lists(st.integers(3, 30), min_size=1, max_size=8), label="base")
-    prompt = (base * 5)[:data.draw(st.integers(1, 40), label="len")]
-    n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
-    strat = HybridStrategy(m, _lat(m.cfg.n_layers), alpha="cosine", min_cosine=0.0,
-                           every=data.draw(st.integers(1, 8), label="every"),
-                           max_lookup=data.draw(st.integers(1, 12), label="max_lookup"),
-                           d_max=data.draw(st.integers(1, 6), label="d_max"),
-                           plan_after=data.draw(st.integers(0, 4), label="plan_after"),
-                           min_lookup=data.draw(st.integers(0, 8), label="min_lookup"))
-    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
-    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
-    assert got.tokens == ref
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_hybrid_equals_autoregressive(path, tiny_root):
+    def check(data) -> int:
+        kind = data.draw(st.sampled_from(["llama", "qwen3"]), label="arch")
+        m = tiny_model(kind, tiny_root, path)
+        eng = Engine(m)
+        base = data.draw(st.lists(st.integers(3, 30), min_size=1, max_size=8), label="base")
+        prompt = (base * 5)[:data.draw(st.integers(1, 40), label="len")]
+        n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
+        min_lookup = data.draw(st.integers(0, 8), label="min_lookup")
+        strat = HybridStrategy(m, _lat(m.cfg.n_layers), alpha="cosine", min_cosine=0.0,
+                               every=data.draw(st.integers(1, 8), label="every"),
+                               max_lookup=data.draw(st.integers(1, 12), label="max_lookup"),
+                               d_max=data.draw(st.integers(1, 6), label="d_max"),
+                               plan_after=data.draw(st.integers(0, 4), label="plan_after"),
+                               min_lookup=min_lookup, memory=None)
+        ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+        got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
+        assert got.tokens == ref
+        # with a lookup floor, a match in the context after the first token is drafted at once
+        _, cont = find_continuation(np.array(prompt + ref[:1]), max_ngram=3, max_len=8)
+        if min_lookup and cont and n_new >= 3 and ref[0] != 2:
+            assert got.stats.drafted > 0, "a lookup match was there and nothing was drafted"
+        return got.stats.drafted
+    drafted = drafting_property(check, max_examples=20 if path == "torch-f32" else 10)
+    assert sum(d > 0 for d in drafted) >= len(drafted) // 4, "the hybrid rarely drafted on repetitive prompts"
 
 
 def test_hybrid_uses_every_kind_of_draft_and_stays_lossless(tiny_root):
@@ -207,9 +216,9 @@ def test_learning_strategies_are_kept_across_calls(tiny_root):
     assert llm.make_strategy("lookup") is not llm.make_strategy("lookup")
     prompt = [5, 6, 7, 8, 9] * 4
     llm.generate(prompt, strategy=h, max_new_tokens=12)
-    tried = h._lk_try.sum()
+    tried = h.lookup_estimates.tried.sum()
     llm.generate(prompt, strategy="hybrid", latency=lat, max_new_tokens=12)
-    assert h._lk_try.sum() > tried                      # the second call went on learning in h
+    assert h.lookup_estimates.tried.sum() > tried                      # the second call went on learning in h
 
 
 def test_deferred_estimate_updates_count_like_per_position_updates(tiny_root):
@@ -218,19 +227,20 @@ def test_deferred_estimate_updates_count_like_per_position_updates(tiny_root):
     from knapspec.strategies.hybrid import MAX_POS
     m = tiny_model("llama", tiny_root)
     s = HybridStrategy(m, _lat(m.cfg.n_layers), max_lookup=MAX_POS + 6)
-    acc0, try0 = s._lk_acc.copy(), s._lk_try.copy()
+    acc0, try0 = s.lookup_estimates.acc.copy(), s.lookup_estimates.tried.copy()
     outcomes = [(1, 3, 2), (2, 1, 0), (3, MAX_POS + 4, MAX_POS + 2), (3, MAX_POS + 4, 5), (1, 8, 8)]
     for g, k, a in outcomes:
-        s._lk_log.append((g, k, a))
+        s.lookup_estimates.log.append((g, k, a))
     for g, k, a in outcomes:
         for j in range(k):
             pos = min(j, MAX_POS - 1)
             try0[g, pos] += 1
             acc0[g, pos] += j < a
-    assert np.array_equal(s._lk_try, try0) and np.array_equal(s._lk_acc, acc0) and not s._lk_log
+    est = s.lookup_estimates
+    assert np.array_equal(est.tried, try0) and np.array_equal(est.acc, acc0) and not est.log
     draft = Draft(plan=None, max_len=3, tokens=(5, 6, 7), source="lookup")
     for _ in range(600):                           # a long-lived instance: the log stays bounded
         s._pending = (Option("lookup", 3, 0, 1.0, 1.0), 2)
         s.observe(Outcome(draft=draft, drafted=3, accepted=1, context_length=10, n_lookup=3))
-    assert 0 < len(s._lk_log) < 512
-    assert s._lk_try[2, 0] == try0[2, 0] + 600 and s._lk_acc[2, 1] == acc0[2, 1]
+    assert 0 < len(s.lookup_estimates.log) < 512
+    assert s.lookup_estimates.tried[2, 0] == try0[2, 0] + 600 and s.lookup_estimates.acc[2, 1] == acc0[2, 1]

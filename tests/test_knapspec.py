@@ -7,15 +7,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model
+from conftest import PATHS, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.latency import LatencyModel
 from knapspec.sampling import SamplingParams
 from knapspec.strategies.base import RoundState
-from knapspec.strategies.knapspec import KnapSpecStrategy, expected_tokens, knapsack_dp, tpt
+from knapspec.strategies.knapspec import KnapSpecStrategy, knapsack_dp
+from knapspec.strategies.pricing import expected_tokens, tpt
 
 
 # ---- the DP is exact for additive values ----------------------------------------------------------
@@ -143,27 +144,34 @@ def test_planner_values_are_cosines_of_the_real_hidden_states(tiny_root):
     assert alpha == pytest.approx((out.logits[0].argmax(-1) == targets).float().mean().item())
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_greedy_output_through_the_planner_equals_autoregressive(kind, tiny_root, data):
-    m = tiny_model(kind, tiny_root)
+def test_greedy_output_through_the_planner_equals_autoregressive(kind, path, tiny_root):
+    m = tiny_model(kind, tiny_root, path)
     eng = Engine(m)
-    prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=24), label="prompt")
-    n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
-    strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers),
-                             window=data.draw(st.integers(1, 8), label="window"),
-                             every=data.draw(st.integers(1, 6), label="every"),
-                             d_max=data.draw(st.integers(1, 8), label="d_max"),
-                             min_cosine=data.draw(st.sampled_from([-1.0, 0.0, 0.5]), label="min_cosine"),
-                             max_states=data.draw(st.integers(1, 16), label="max_states"),
-                             alpha=data.draw(st.sampled_from(["top1", "cosine"]), label="alpha"))
-    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
-    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
-    assert got.tokens == ref
-    assert strat.history or got.stats.rounds == 0, "the planner never ran"
-    for c in strat.history:
-        assert c.plan is None or (c.plan.run[0] or c.plan.run[1])
+
+    def check(data) -> int:
+        prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=24), label="prompt")
+        n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
+        strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers),
+                                 window=data.draw(st.integers(1, 8), label="window"),
+                                 every=data.draw(st.integers(1, 6), label="every"),
+                                 d_max=data.draw(st.integers(1, 8), label="d_max"),
+                                 min_cosine=data.draw(st.sampled_from([-1.0, 0.0, 0.5]), label="min_cosine"),
+                                 max_states=data.draw(st.integers(1, 16), label="max_states"),
+                                 alpha=data.draw(st.sampled_from(["top1", "cosine"]), label="alpha"))
+        ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+        got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0)
+        assert got.tokens == ref
+        assert strat.history or got.stats.rounds == 0, "the planner never ran"
+        for c in strat.history:
+            assert c.plan is None or (c.plan.run[0] or c.plan.run[1])
+        # a round whose plan drafts (room for a draft left) drafts: the engine honours the plan
+        used = strat._used[:1]
+        if used and used[0].plan is not None and n_new >= 3:
+            assert got.stats.drafted > 0
+        return got.stats.drafted
+    drafting_property(check, max_examples=15 if path == "torch-f32" else 8)
 
 
 def test_planner_drafts_and_stays_lossless_with_the_cosine_proxy(tiny_root):
@@ -175,4 +183,3 @@ def test_planner_drafts_and_stays_lossless_with_the_cosine_proxy(tiny_root):
     got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(2,), threshold=0.0)
     assert got.tokens == ref
     assert got.stats.drafted > 0 and any(c.plan is not None for c in strat.history)
-    assert got.stats.plan_s > 0

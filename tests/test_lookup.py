@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model
+from conftest import PATHS, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.strategies.lookup import NgramIndex, PromptLookupStrategy, find_continuation
 
@@ -31,19 +32,27 @@ def test_min_ngram_is_respected():
     assert find_continuation(t, max_ngram=3, min_ngram=1) == (1, [2, 8, 5])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_greedy_lookup_equals_autoregressive(tiny_root, data):
-    m = tiny_model("qwen2", tiny_root)
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_lookup_equals_autoregressive(path, tiny_root):
+    m = tiny_model("qwen2", tiny_root, path)
     eng = Engine(m)
-    base = data.draw(st.lists(st.integers(3, 20), min_size=1, max_size=10), label="base")
-    prompt = (base * 4)[:data.draw(st.integers(1, 40), label="len")]   # repetitive: lookups happen
-    n_new = data.draw(st.integers(1, 30), label="max_new_tokens")
-    strat = PromptLookupStrategy(max_ngram=data.draw(st.integers(1, 4)), max_draft=data.draw(st.integers(1, 8)))
-    ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
-    got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,))
-    assert got.tokens == ref
-    assert got.stats.drafted == 0 or strat.matches > 0
+
+    def check(data) -> int:
+        base = data.draw(st.lists(st.integers(3, 20), min_size=1, max_size=10), label="base")
+        prompt = (base * 4)[:data.draw(st.integers(1, 40), label="len")]   # repetitive: lookups happen
+        n_new = data.draw(st.integers(1, 30), label="max_new_tokens")
+        max_ngram, max_draft = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
+        strat = PromptLookupStrategy(max_ngram=max_ngram, max_draft=max_draft)
+        ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+        got = eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,))
+        assert got.tokens == ref
+        # where the context after the first token has an earlier match, the first round drafts
+        # (the reference scan says so, not the strategy)
+        _, cont = find_continuation(np.array(prompt + ref[:1]), max_ngram=max_ngram, max_len=max_draft)
+        if cont and n_new >= 3 and ref[0] != 2:
+            assert got.stats.drafted > 0, "a lookup match was there and nothing was drafted"
+        return got.stats.drafted
+    drafting_property(check, max_examples=25 if path == "torch-f32" else 12)
 
 
 @settings(max_examples=60, deadline=None)
