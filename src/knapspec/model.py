@@ -179,7 +179,7 @@ class Model:
         """Prepack the linear weights and the lm_head on CPU for faster matrix products (a second
         copy of those weights). ``kernels``:
 
-        - ``"native"``: knapspec's own AVX-512 kernels (``native.py``): the weights stream from
+        - ``"native"``: knapspec's own AVX-512 kernels (``native/``): the weights stream from
           memory in order, ~1.7-1.9x oneDNN's speed for 1-4 rows on the embedded model, and each
           row's result is the same whatever the number of rows (exact mode needs no padding for
           them). float32, and bfloat16 on a CPU with AVX512_BF16; built on first use.
@@ -242,7 +242,7 @@ class Model:
 
         With the native kernels (``pack_weights(kernels="native")``, the CPU default where
         available) every forward of one sequence is row-invariant by construction, on or off:
-        their products and attention never depend on the number of rows (``native.cpp``). This
+        their products and attention never depend on the number of rows (``native/``). This
         setting then only governs what still runs on the torch path (weights replaced after
         packing, a truncated draft vocabulary, shared-prefix branch drafts)."""
         self.row_invariant = bool(enable)
@@ -372,9 +372,9 @@ class Model:
             if packs is None:
                 return None
             qkv, o, gate_up, down = packs
-            rows.append([L.attn_norm.data_ptr(), qkv.tiles.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
-                         ptr(L.k_norm), o.tiles.data_ptr(), L.mlp_norm.data_ptr(), gate_up.tiles.data_ptr(),
-                         down.tiles.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
+            rows.append([L.attn_norm.data_ptr(), qkv.desc.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
+                         ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
+                         down.desc.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
                          self.cfg.window(i) or 0])
         table = torch.tensor(rows, dtype=torch.int64)
@@ -386,7 +386,7 @@ class Model:
 
     def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple) -> torch.Tensor:
         """Layer ``i``'s attention sublayer in one native call (one sequence, cache written); each
-        token's row is computed the same way alone or in a pass (see ``native.cpp``)."""
+        token's row is computed the same way alone or in a pass (see ``native/sublayers.h``)."""
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
         cache.check_room(start, t)
