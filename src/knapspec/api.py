@@ -81,8 +81,11 @@ class LLM:
         if tok is not None:
             if tok.eos_token_id is not None:
                 ids.add(int(tok.eos_token_id))
-            vocab = tok.get_vocab()
-            ids.update(vocab[m] for m in _END_MARKERS if m in vocab)
+            if hasattr(tok, "token_to_id"):       # tokenizer.FastTokenizer: no vocabulary dict built
+                ids.update(i for i in (tok.token_to_id(m) for m in _END_MARKERS) if i is not None)
+            else:
+                vocab = tok.get_vocab()
+                ids.update(vocab[m] for m in _END_MARKERS if m in vocab)
         return tuple(sorted(ids))
 
     # ---- text <-> ids ---------------------------------------------------------------------------
@@ -200,13 +203,19 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
     ck = resolve(model)
+    tok = None
     if isinstance(ck, GGUFCheckpoint) and dtype == "auto" and device == "cpu":
+        # the tokenizer first: what its loading leaves freed goes back to the system before the
+        # weights arrive (the peak resident memory is then the steady state's)
+        tok = ck.tokenizer() if ck.has_tokenizer() else None
+        _release_free_memory()
         why = native.quant_available()
         if why is None:
             m = ck.load_model(dtype=QUANT_ACTIVATIONS)
         else:
             log.warning("the GGUF's quantized weights are dequantised to bfloat16: %s", why)
             m = ck.load_model(dtype=torch.bfloat16, quantized=False)
+        _release_free_memory()
     else:
         if isinstance(ck, GGUFCheckpoint):
             ck = ck.converted()
@@ -215,5 +224,15 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
         pack = m.weight_bytes() <= _available_memory() / 4
     m.pack_weights(pack, kernels=kernels)
     m.set_row_invariant(device == "cpu" if exact is None else exact)
-    tok = ck.tokenizer() if ck.has_tokenizer() else None
+    if tok is None:
+        tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)
+
+
+def _release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import formats
+from .gguffile import GGUFFile
 from .model import Model, ModelConfig
 from .storage import cache_dir
 
@@ -107,7 +108,7 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | 
     """Map a model name or path to a checkpoint: a folder, or a GGUF file (checked, not converted:
     :meth:`GGUFCheckpoint.converted` converts it)."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
-        return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)
+        return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)     # a known file: opened when used
     p = Path(name_or_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -119,8 +120,8 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | 
                                     "config.json and *.safetensors files")
         return Checkpoint(p, p.name)
     if p.suffix.lower() == ".gguf":
-        _check_gguf(p)
-        return GGUFCheckpoint(p, p.stem)
+        g = _check_gguf(p)
+        return GGUFCheckpoint(p, p.stem, g)
     raise ValueError(f"{p} is neither a checkpoint folder nor a .gguf file")
 
 
@@ -153,24 +154,17 @@ def _from_gguf(path: Path, *, name: str) -> Checkpoint:
     return Checkpoint(folder, name)
 
 
-def _read_gguf_arch(path: Path) -> str:
-    import gguf
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-        if not reader.tensors:
-            raise ValueError("no tensors")
-    except (ValueError, KeyError, IndexError, OSError, AssertionError) as e:
-        raise ValueError(f"{path} is not a readable GGUF model file ({e}); it may be truncated or "
-                         "corrupt: re-download it or point --model at a valid .gguf") from None
-    return arch
-
-
-def _check_gguf(path: Path) -> None:
-    arch = _read_gguf_arch(path)
+def _check_gguf(path: Path) -> GGUFFile:
+    """The file opened, if it is a readable GGUF of a supported architecture; else a one-line
+    ValueError."""
+    g = GGUFFile(path)            # a one-line ValueError for a truncated or corrupt file
+    arch = g.get("general.architecture")
+    if not isinstance(arch, str) or not g.tensors:
+        raise ValueError(f"{path} is not a readable GGUF model file (no architecture or no tensors); it may be "
+                         "truncated or corrupt: re-download it or point --model at a valid .gguf")
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r}: supported are {', '.join(sorted(_GGUF_ARCHS))}")
+    return g
 
 
 def convert_gguf(path: Path, out: Path) -> None:
@@ -199,23 +193,15 @@ def convert_gguf(path: Path, out: Path) -> None:
 
 # ---- a GGUF file read as it is ----------------------------------------------------------------------
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
-
-
-def gguf_hf_config(reader: Any) -> dict[str, Any]:
+def gguf_hf_config(g: GGUFFile) -> dict[str, Any]:
     """The Hugging Face ``config.json`` dict of a Llama-family GGUF's metadata, as transformers
-    derives it (``tests/test_gguf.py`` checks the equality)."""
-    arch = _field(reader, "general.architecture")
-    name = str(_field(reader, "general.name", "") or "")
+    derives it (``tests/test_quant_model.py`` checks the equality)."""
+    arch = g.get("general.architecture")
+    name = str(g.get("general.name", "") or "")
     model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
 
     def get(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default)
+        return g.get(f"{arch}.{key}", default)
 
     cfg: dict[str, Any] = {
         "model_type": model_type,
@@ -228,9 +214,9 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "num_key_value_heads": get("attention.head_count_kv"),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "vocab_size": get("vocab_size"),
-        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": g.get("tokenizer.ggml.eos_token_id"),
     }
     head_dim = get("attention.key_length")
     if head_dim is None and arch in ("llama", "mistral"):
@@ -238,13 +224,16 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     if head_dim is not None:
         cfg["head_dim"] = head_dim
     if cfg["vocab_size"] is None:
-        cfg["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+        if "tokenizer.ggml.tokens" in g.metadata:
+            cfg["vocab_size"] = g.array_len("tokenizer.ggml.tokens")
+        elif "token_embd.weight" in g.tensors:
+            cfg["vocab_size"] = g.tensors["token_embd.weight"].rows
     window = get("attention.sliding_window")
     if window:
         cfg["sliding_window"] = window
     if get("rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    return {k: v for k, v in cfg.items() if v is not None}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items() if v is not None}
 
 
 # GGUF tensor names -> Hugging Face names (Llama family)
@@ -260,8 +249,9 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# weights that one product uses together: all quantized, or all dequantised
-_FUSED = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
+# weights that one product uses together (all quantized, or all dequantised), and the fused name
+_FUSED = ((("attn_q.weight", "attn_k.weight", "attn_v.weight"), "self_attn.qkv_proj.weight"),
+          (("ffn_gate.weight", "ffn_up.weight"), "mlp.gate_up_proj.weight"))
 
 
 def _hf_name(name: str) -> str | None:
@@ -282,14 +272,16 @@ def _rope_rows(rows: int, n_head: int) -> np.ndarray:
 
 @dataclass
 class GGUFCheckpoint:
-    """A GGUF file, read as it is (memory-mapped by gguf's reader)."""
+    """A GGUF file, read as it is (memory-mapped, ``gguffile.py``)."""
 
     path: Path
     name: str
+    _file: GGUFFile | None = field(default=None, repr=False, compare=False)
 
-    def reader(self) -> Any:
-        import gguf
-        return gguf.GGUFReader(str(self.path))
+    def open(self) -> GGUFFile:
+        if self._file is None:
+            self._file = GGUFFile(self.path)
+        return self._file
 
     def converted(self) -> Checkpoint:
         """The dequantised Hugging Face folder of this file (converted once, cached)."""
@@ -300,71 +292,95 @@ class GGUFCheckpoint:
         return self.converted().folder
 
     def hf_config(self) -> dict[str, Any]:
-        return gguf_hf_config(self.reader())
+        return gguf_hf_config(self.open())
 
     def config(self) -> ModelConfig:
         return ModelConfig.from_hf(self.hf_config(), name=self.name)
 
     def has_tokenizer(self) -> bool:
-        return True
+        return "tokenizer.ggml.tokens" in self.open().metadata
 
     def tokenizer(self) -> Any:
-        return self.converted().tokenizer()
+        from .tokenizer import gguf_tokenizer
+        return gguf_tokenizer(self.path, _fingerprint(self.path))
 
     def load_model(self, *, dtype: torch.dtype = torch.bfloat16, quantized: bool = True) -> Model:
         """The model on CPU: quantized weights kept in their block types (``quantized``; those
         without a native kernel dequantised), or every weight dequantised; float tensors and
-        activations in ``dtype``."""
-        reader = self.reader()
-        hf = gguf_hf_config(reader)
-        cfg = ModelConfig.from_hf(hf, name=self.name)
-        arch = _field(reader, "general.architecture")
-        by_name = {t.name: t for t in reader.tensors}
-        # which weights stay quantized: a kernel for their type, and for every piece they fuse with
-        keep = {n for n, t in by_name.items() if quantized and formats.block_type(t.tensor_type) is not None}
-        for i in range(cfg.n_layers):
-            for group in _FUSED:
-                names = [f"blk.{i}.{g}" for g in group]
-                if not all(n in keep for n in names if n in by_name):
-                    keep.difference_update(names)
+        activations in ``dtype``. Each weight is repacked straight from the file's mapping, whose
+        pages then leave the resident set: one copy of each weight stays in memory."""
+        g = self.open()
+        cfg = ModelConfig.from_hf(gguf_hf_config(g), name=self.name)
+        arch = g.get("general.architecture")
+        by_name = g.tensors
         floats = ("F32", "F16", "BF16")
-        missing = sorted({t.tensor_type.name for t in by_name.values() if quantized
-                          and formats.block_type(t.tensor_type) is None and t.tensor_type.name not in floats})
+        # which weights stay quantized: a kernel for their type, and for every piece they fuse with
+        keep = {n for n, t in by_name.items() if quantized and formats.block_type(t.ggml_type) is not None}
+        fused: list[tuple[list[str], str]] = []
+        for i in range(cfg.n_layers):
+            for group, fused_name in _FUSED:
+                names = [f"blk.{i}.{g_}" for g_ in group if f"blk.{i}.{g_}" in by_name]
+                if not all(n in keep for n in names):
+                    keep.difference_update(names)
+                elif (len({by_name[n].ggml_type for n in names}) == 1
+                      and all(by_name[n].rows % formats.LANES == 0 for n in names[:-1])):
+                    fused.append((names, f"model.layers.{i}.{fused_name}"))
+        missing = sorted({t.type_name for t in by_name.values() if quantized
+                          and formats.block_type(t.ggml_type) is None and t.type_name not in floats})
         if missing:
             log.warning("no native kernel for %s: those weights (and the pieces a product fuses them with) are "
                         "dequantised to %s", ", ".join(missing), str(dtype).replace("torch.", ""))
+
+        def rows_of(name: str) -> np.ndarray | None:
+            """The row order that undoes llama.cpp's q/k interleaving, or None."""
+            if arch == "llama" and (".attn_q." in name or ".attn_k." in name) and len(by_name[name].shape) > 1:
+                return _rope_rows(by_name[name].rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+            return None
+
+        def raw(name: str) -> np.ndarray:
+            perm = rows_of(name)
+            return g.data(name) if perm is None else g.data(name)[perm]
+
         tensors: dict[str, Any] = {}
+        done: set[str] = set()
+        for names, fused_name in fused:          # one stream of tiles, packed straight into place
+            t0 = by_name[names[0]]
+            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols)
+            for n in names:
+                g.release(n)
+            done.update(names)
         for name, t in by_name.items():
             hf_name = _hf_name(name)
-            if hf_name is None:
+            if hf_name is None or name in done:
                 continue
-            rows = int(np.prod([int(d) for d in t.shape[1:]])) if len(t.shape) > 1 else 1
-            k = int(t.shape[0])
-            perm = None
-            if arch == "llama" and (".attn_q." in name or ".attn_k." in name) and len(t.shape) > 1:
-                perm = _rope_rows(rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
             if name in keep:
-                raw = np.asarray(t.data).reshape(rows, -1)
-                tensors[hf_name] = formats.QuantWeight.from_raw(raw if perm is None else raw[perm],
-                                                                t.tensor_type.value, k)
-                continue
-            try:
-                w = _dequantise(t)
-            except (NotImplementedError, ValueError) as e:
-                raise ValueError(f"tensor {name} has type {t.tensor_type.name}, which knapspec can neither "
-                                 f"run nor dequantise ({e})") from None
-            w = w.reshape(rows, k) if len(t.shape) > 1 else w.reshape(k)
-            if perm is not None:
-                w = w[perm]
-            tensors[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols)
+            else:
+                try:
+                    w = _dequantise(g, t)
+                except (NotImplementedError, ValueError) as e:
+                    raise ValueError(f"tensor {name} has type {t.type_name}, which knapspec can neither "
+                                     f"run nor dequantise ({e})") from None
+                perm = rows_of(name)
+                w = w.reshape(t.rows, t.cols) if len(t.shape) > 1 else w.reshape(t.cols)
+                tensors[hf_name] = torch.from_numpy(np.array(w if perm is None else w[perm],
+                                                             dtype=np.float32)).to(dtype)
+            g.release(name)
         return Model.from_hf_tensors(cfg, tensors)
 
 
-def _dequantise(t: Any) -> np.ndarray:
+def _dequantise(g: GGUFFile, t: Any) -> np.ndarray:
     """A GGUF tensor as float32 numpy (the reference for our types, gguf's for the others)."""
-    bt = formats.block_type(t.tensor_type)
-    raw = np.asarray(t.data)
+    bt = formats.block_type(t.ggml_type)
+    data = g.data(t.name)
     if bt is not None:
-        return formats.dequantize(raw.reshape(-1, bt.row_bytes(int(t.shape[0]))), bt.qtype, int(t.shape[0]))
+        return formats.dequantize(data, bt.qtype, t.cols)
+    if data.dtype != np.uint8:
+        return data.astype(np.float32)
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
-    return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
+    try:
+        qtype = GGMLQuantizationType(t.ggml_type)
+    except ValueError:
+        raise NotImplementedError(f"unknown type {t.ggml_type}") from None
+    return np.asarray(dequantize(data, qtype), dtype=np.float32)

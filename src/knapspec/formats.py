@@ -143,15 +143,24 @@ def dequantize(raw: np.ndarray, qtype: QType, k: int) -> np.ndarray:
 
 # ---- repacking into tiles -------------------------------------------------------------------------
 
-def _lanes(a: np.ndarray, t: int, nb: int, width: int) -> np.ndarray:
-    """Bytes ``[T*16, nb, width]`` (``width`` per row and block, in runs of 4) -> ``[T, nb,
-    width/4, 16, 4]``: the 4-byte runs of the 16 rows side by side."""
-    return a.reshape(t, LANES, nb, width // 4, 4).transpose(0, 2, 3, 1, 4)
+def _put_lanes(dst: np.ndarray, a: np.ndarray, t: int, nb: int, width: int) -> None:
+    """Bytes ``a [T*16, nb, width]`` (``width`` per row and block, in runs of 4) into ``dst [T, nb,
+    16*width]``: for each run of 4 bytes, the 16 rows side by side (moved as 4-byte words, 4x
+    faster than byte by byte)."""
+    words = (a if a.strides[-1] == 1 else np.ascontiguousarray(a)).view(np.uint32)
+    out = dst.view(np.uint32).reshape(t, nb, width // 4, LANES)
+    out[...] = words.reshape(t, LANES, nb, width // 4).transpose(0, 2, 3, 1)
 
 
-def _scales(a: np.ndarray, t: int, nb: int, count: int) -> np.ndarray:
-    """fp16 scales ``[T*16, nb, count*2]`` -> ``[T, nb, count, 16, 2]`` (each scale's 16 lanes)."""
-    return a.reshape(t, LANES, nb, count, 2).transpose(0, 2, 3, 1, 4)
+def _put_bytes(dst: np.ndarray, a: np.ndarray, t: int, nb: int, width: int) -> None:
+    """Bytes ``a [T*16, nb, width]`` one per lane into ``dst [T, nb, width*16]`` (byte i of the
+    16 rows side by side)."""
+    dst.reshape(t, nb, width, LANES)[...] = a.reshape(t, LANES, nb, width).transpose(0, 2, 3, 1)
+
+
+def _put_scales(dst: np.ndarray, a: np.ndarray, t: int, nb: int, count: int) -> None:
+    """fp16 scales ``a [T*16, nb, count*2]`` into ``dst [T, nb*count*32]`` (each scale's 16 lanes)."""
+    dst.reshape(t, nb, count, LANES, 2)[...] = a.reshape(t, LANES, nb, count, 2).transpose(0, 2, 3, 1, 4)
 
 
 @lru_cache(maxsize=1)
@@ -161,46 +170,43 @@ def _q5_bit_order() -> np.ndarray:
     return np.array([[16 * (v & 1) + 4 * (v >> 1) + c for v in range(8)] for c in range(4)])
 
 
-def _pack(raw: np.ndarray, bt: BlockType, k: int) -> np.ndarray:
-    """``raw uint8 [T*16, row_bytes]`` -> tiles ``uint8 [T, tile_bytes]``."""
+def _pack(raw: np.ndarray, bt: BlockType, k: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``raw uint8 [T*16, row_bytes]`` -> tiles ``uint8 [T, tile_bytes]`` (into ``out``)."""
     rows = raw.shape[0]
     t, nb = rows // LANES, k // bt.block
     x = raw.reshape(rows, nb, bt.nbytes)
+    if out is None:
+        out = np.empty((t, bt.tile_bytes(k)), dtype=np.uint8)
+    hb = nb * bt.head
+    hpad = bt.tile_bytes(k) - nb * bt.body
+    out[:, hb:hpad] = 0
+    head, body = out[:, :hb], out[:, hpad:].reshape(t, nb, bt.body)
     q = bt.qtype
     if q is QType.Q4_0:
-        head = _scales(x[..., 0:2], t, nb, 1)
-        body = [_lanes(x[..., 2:18], t, nb, 16)]
+        _put_scales(head, x[..., 0:2], t, nb, 1)
+        _put_lanes(body, x[..., 2:18], t, nb, 16)
     elif q is QType.Q4_1:
-        head = _scales(x[..., 0:4], t, nb, 2)
-        body = [_lanes(x[..., 4:20], t, nb, 16)]
+        _put_scales(head, x[..., 0:4], t, nb, 2)
+        _put_lanes(body, x[..., 4:20], t, nb, 16)
     elif q is QType.Q5_0:
-        head = _scales(x[..., 0:2], t, nb, 1)
+        _put_scales(head, x[..., 0:2], t, nb, 1)
         bits = np.unpackbits(x[..., 2:6], axis=-1, bitorder="little")          # [rows, nb, 32]
         qh = np.packbits(bits[..., _q5_bit_order()], axis=-1, bitorder="little")[..., 0]  # [rows, nb, 4]
-        body = [_lanes(qh, t, nb, 4), _lanes(x[..., 6:22], t, nb, 16)]
+        _put_lanes(body[..., :64], qh, t, nb, 4)
+        _put_lanes(body[..., 64:], x[..., 6:22], t, nb, 16)
     elif q is QType.Q8_0:
-        head = _scales(x[..., 0:2], t, nb, 1)
-        body = [_lanes(x[..., 2:34] ^ np.uint8(0x80), t, nb, 32)]
+        _put_scales(head, x[..., 0:2], t, nb, 1)
+        _put_lanes(body, x[..., 2:34] ^ np.uint8(0x80), t, nb, 32)
     elif q is QType.Q4_K:
-        head = _scales(x[..., 0:4], t, nb, 2)
+        _put_scales(head, x[..., 0:4], t, nb, 2)
         sc, m = _k_scales(x[..., 4:16])                                          # [rows, nb, 8]
-        sm = np.concatenate([sc, m], axis=-1).reshape(t, LANES, nb, 16).transpose(0, 2, 3, 1)
-        body = [sm, _lanes(x[..., 16:144], t, nb, 128)]
+        _put_bytes(body[..., :256], np.concatenate([sc, m], axis=-1), t, nb, 16)
+        _put_lanes(body[..., 256:], x[..., 16:144], t, nb, 128)
     else:  # Q6_K
-        head = _scales(x[..., 208:210], t, nb, 1)
-        sc = x[..., 192:208].reshape(t, LANES, nb, 16).transpose(0, 2, 3, 1)
-        body = [sc, _lanes(x[..., 0:128], t, nb, 128), _lanes(x[..., 128:192], t, nb, 64)]
-    out = np.zeros((t, bt.tile_bytes(k)), dtype=np.uint8)
-    hb = nb * bt.head
-    out[:, :hb] = head.reshape(t, hb)
-    hpad = bt.tile_bytes(k) - nb * bt.body
-    body_out = out[:, hpad:].reshape(t, nb, bt.body)
-    o = 0
-    for part in body:
-        w = part[0, 0].size
-        body_out[:, :, o:o + w] = part.reshape(t, nb, w)
-        o += w
-    assert o == bt.body
+        _put_scales(head, x[..., 208:210], t, nb, 1)
+        _put_bytes(body[..., :256], x[..., 192:208], t, nb, 16)
+        _put_lanes(body[..., 256:2304], x[..., 0:128], t, nb, 128)
+        _put_lanes(body[..., 2304:], x[..., 128:192], t, nb, 64)
     return out
 
 
@@ -221,9 +227,9 @@ def _lane_map(qtype: QType, k: int) -> np.ndarray:
     return lanes
 
 
-def pack(raw: np.ndarray, qtype: QType, k: int) -> torch.Tensor:
+def pack(raw: np.ndarray, qtype: QType, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of blocks ``raw uint8 [N, row_bytes]`` -> the kernels' tiles ``uint8 [ceil(N/16),
-    tile_bytes]`` (a torch tensor: 64-byte aligned)."""
+    tile_bytes]`` (a torch tensor: 64-byte aligned), written into ``out`` if given."""
     bt = BLOCK_TYPES[QType(qtype)]
     raw = np.asarray(raw, dtype=np.uint8)
     n = raw.shape[0]
@@ -231,8 +237,10 @@ def pack(raw: np.ndarray, qtype: QType, k: int) -> torch.Tensor:
         raise ValueError(f"a {bt.name} weight needs rows of {bt.block}-weight blocks: got K={k} "
                          f"and {raw.shape[1]} bytes per row")
     t = -(-n // LANES)
-    out = torch.empty((t, bt.tile_bytes(k)), dtype=torch.uint8)
-    step = max(1, (8 << 20) // max(1, LANES * raw.shape[1]))       # ~8 MB of rows at a time
+    if out is None:
+        out = torch.empty((t, bt.tile_bytes(k)), dtype=torch.uint8)
+    assert out.shape == (t, bt.tile_bytes(k)) and out.dtype == torch.uint8 and out.is_contiguous()
+    step = max(1, (2 << 20) // max(1, LANES * raw.shape[1]))       # ~2 MB of rows at a time
     o = out.numpy()
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
@@ -240,7 +248,7 @@ def pack(raw: np.ndarray, qtype: QType, k: int) -> torch.Tensor:
         if chunk.shape[0] < (t1 - t0) * LANES:
             chunk = np.concatenate([chunk, np.zeros(((t1 - t0) * LANES - chunk.shape[0], chunk.shape[1]),
                                                     dtype=np.uint8)])
-        o[t0:t1] = _pack(chunk, bt, k)
+        _pack(chunk, bt, k, o[t0:t1])
     return out
 
 
@@ -259,6 +267,21 @@ class QuantWeight:
     @classmethod
     def from_raw(cls, raw: np.ndarray, qtype: QType, k: int) -> QuantWeight:
         return cls(BLOCK_TYPES[QType(qtype)], raw.shape[0], k, pack(raw, qtype, k))
+
+    @classmethod
+    def stacked(cls, parts: list[np.ndarray], qtype: QType, k: int) -> QuantWeight:
+        """The rows of several tensors of one block type in one weight, each packed straight into
+        its share of the tiles (every part but the last a whole number of tiles)."""
+        bt = BLOCK_TYPES[QType(qtype)]
+        assert all(p.shape[0] % LANES == 0 for p in parts[:-1]), "parts must fill whole tiles"
+        n = sum(p.shape[0] for p in parts)
+        tiles = torch.empty((-(-n // LANES), bt.tile_bytes(k)), dtype=torch.uint8)
+        t0 = 0
+        for p in parts:
+            t1 = t0 + -(-p.shape[0] // LANES)
+            pack(p, qtype, k, out=tiles[t0:t1])
+            t0 = t1
+        return cls(bt, n, k, tiles)
 
     @classmethod
     def empty(cls, qtype: QType, n: int, k: int) -> QuantWeight:

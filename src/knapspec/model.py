@@ -146,8 +146,10 @@ class Model:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> Model:
-        """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``)."""
+    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, Any]) -> Model:
+        """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``; values float
+        tensors or quantized weights). Fused ``self_attn.qkv_proj.weight`` and
+        ``mlp.gate_up_proj.weight`` are taken instead of their pieces when present."""
         def get(name: str) -> torch.Tensor:
             if name not in t:
                 raise ValueError(f"checkpoint lacks tensor {name!r}; is it a {cfg.arch.value} model?")
@@ -156,18 +158,23 @@ class Model:
         layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
-            q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            # the pieces of the fused weights, or the fused weights themselves (a GGUF's, stacked
+            # while packing)
+            q, k, v = (None, None, None) if p + "self_attn.qkv_proj.weight" in t else (
+                get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
             bqkv = None
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            fused_qkv, fused_gu = t.get(p + "self_attn.qkv_proj.weight"), t.get(p + "mlp.gate_up_proj.weight")
             layers.append(_Layer(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=_cat([q, k, v]), bqkv=bqkv,
+                wqkv=_cat([q, k, v]) if fused_qkv is None else fused_qkv, bqkv=bqkv,
                 q_norm=get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
                 k_norm=get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
                 wo=get(p + "self_attn.o_proj.weight"),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=_cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_gate_up=(_cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+                           if fused_gu is None else fused_gu),
                 w_down=get(p + "mlp.down_proj.weight"),
             ))
         embed = get("model.embed_tokens.weight")

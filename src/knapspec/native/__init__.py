@@ -135,12 +135,27 @@ def _module() -> ModuleType | None:
         return None
     tag = version()
     build = cache_dir() / "native" / tag
+    name = f"knapspec_native_{tag}"
+    built = build / f"{name}.so"
+    if built.is_file():           # built before: import it directly (no compiler toolchain on the way)
+        try:
+            import importlib.machinery
+            import importlib.util
+            loader = importlib.machinery.ExtensionFileLoader(name, str(built))
+            spec = importlib.util.spec_from_loader(name, loader)
+            assert spec is not None
+            mod = importlib.util.module_from_spec(spec)
+            loader.exec_module(mod)
+            mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
+            return mod
+        except (ImportError, OSError) as e:     # a broken build: built again below
+            log.warning("rebuilding the native kernels (%s)", e)
     try:
         build.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mod = load(name=f"knapspec_native_{tag}", sources=[str(_MAIN)], build_directory=str(build),
+            mod = load(name=name, sources=[str(_MAIN)], build_directory=str(build),
                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
