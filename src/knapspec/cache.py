@@ -5,7 +5,7 @@ written at explicit positions; ``length`` is the number of committed positions. 
 ``length`` only; nothing is copied or cleared: positions at or beyond ``length`` are garbage and
 are overwritten before they are read.
 
-The native attention (``native.cpp``) reads its own copies, laid out for products with one key
+The native attention (``native/sublayers.h``) reads its own copies, laid out for products with one key
 or one output dimension per SIMD lane; :meth:`KVCache.native_layout` creates them from the cache
 the first time they are needed, and every :meth:`KVCache.write` keeps them up to date:
 

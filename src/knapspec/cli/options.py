@@ -43,7 +43,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face folder, .gguf file, or smollm2-135m (embedded default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights/activations dtype (auto = bfloat16, measured fastest on CPU)")
+                   help="weights/activations dtype (auto: a GGUF's quantized weights as they are, on the "
+                        "native quantized kernels, bfloat16 activations; else bfloat16, measured fastest on "
+                        "CPU; bfloat16/float32 dequantise a GGUF)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=positive_int("--threads"), default=None,
                    help="torch CPU threads (default: torch's default, all cores)")

@@ -3,7 +3,8 @@
 On a small model the lm_head is a large share of a draft step (SmolLM2-135M: 49152 x 576, ~21% of
 the weights, read on every draft token). A draft may compute logits over a *subset* of the
 vocabulary only: the most frequent tokens of calibration text plus every token of the prompt and
-of the output so far. Verification always uses the full vocabulary, so greedy output is unchanged;
+of the output so far (with quantized weights: those rows' tile bytes, in the lm_head's block type).
+Verification always uses the full vocabulary, so greedy output is unchanged;
 under sampling the draft distribution is zero outside the subset, a valid proposal for speculative
 sampling, so the output distribution stays exact.
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..formats import QuantWeight
 from ..model import Model
 
 SIZES = (1024, 2048, 4096, 8192, 16384)
@@ -98,7 +100,13 @@ class DraftVocab:
         ids = base + extra
         cap = len(ids) + self.capacity
         lm = self.model.lm_head
-        self._ids = torch.empty(cap, dtype=torch.long, device=lm.device)
+        self._ids = torch.empty(cap, dtype=torch.long, device=self.model.device)
+        if isinstance(lm, QuantWeight):          # the rows in the lm_head's block type, tile bytes copied
+            self._head = QuantWeight.empty(lm.qtype, cap, lm.k)
+            self._head.copy_rows(np.arange(len(ids)), lm, ids)
+            self._ids[:len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self._rows = len(ids)
+            return
         self._head = torch.empty(cap, lm.shape[1], dtype=lm.dtype, device=lm.device)
         self._rows = 0
         for t in ids:
@@ -106,21 +114,28 @@ class DraftVocab:
 
     def _append(self, t: int) -> None:
         assert self._rows is not None
+        lm = self.model.lm_head
         if self._rows >= self._ids.shape[0]:             # grow (rare: capacity is max new tokens)
             self._ids = torch.cat([self._ids, torch.empty_like(self._ids)])
-            self._head = torch.cat([self._head, torch.empty_like(self._head)])
+            self._head = (self._head.grown(2 * self._head.n) if isinstance(self._head, QuantWeight)
+                          else torch.cat([self._head, torch.empty_like(self._head)]))
         self._ids[self._rows] = t
-        self._head[self._rows] = self.model.lm_head[t]
+        if isinstance(lm, QuantWeight):
+            self._head.copy_rows([self._rows], lm, [t])
+        else:
+            self._head[self._rows] = lm[t]
         self._rows += 1
 
     @property
     def n_rows(self) -> int:
         return self.V if self._rows is None else self._rows
 
-    def head(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def head(self) -> tuple[torch.Tensor | QuantWeight | None, torch.Tensor | None]:
         """(lm_head rows, their token ids) for the current subset; (None, None) = full vocabulary."""
         if self._rows is None:
             return None, None
+        if isinstance(self._head, QuantWeight):
+            return self._head.head_rows(self._rows), self._ids[:self._rows]
         return self._head[:self._rows], self._ids[:self._rows]
 
     def rows_for(self, size: int) -> int:

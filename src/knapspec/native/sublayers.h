@@ -1,223 +1,23 @@
-// knapspec's native CPU kernels (AVX-512; bfloat16 needs AVX512_BF16): matrix products, and whole
-// attention and MLP sublayers built on them (below, "fused sublayers").
-//
-// Products: y[m, :] = x[m, :] @ W.T (+ bias) for a weight W [N, K] packed once into tiles of 64
-// output columns (see knapspec/native.py, `Packed`):
-//   bfloat16: [N/64][K/2][64][2]  - each 64-byte row of a tile holds 16 outputs x one pair of inputs
-//   float32:  [N/64][K][64]       - each 64-byte row of a tile holds 16 outputs x one input
-// A tile is read front to back from memory once for all the rows of x (4 rows at a time over
-// 8 KB blocks that stay in L1), so the weights stream in order (the hardware prefetchers' best
-// case) and more rows cost arithmetic, not bandwidth. Every output is accumulated in one SIMD
-// lane over k in order: there are no horizontal reductions, and a row's result does not depend
-// on how many rows come with it or on how the tiles are split across threads. That row
-// invariance is what exact mode needs (a verification pass gives the one-token step's bits).
-//
-// Threads: ATen's parallel_for, i.e. torch's own OpenMP pool (torch's wheel ships the
-// libgomp this library links to), so the products share torch's threads instead of competing.
+// knapspec's fused sublayers (AVX-512; bfloat16 needs AVX512_BF16): whole attention and MLP
+// sublayers, and the whole stack of them, in one call each. Their products take a weight
+// descriptor (quant.h), so float tiles and quantized blocks run through the same sublayers.
+#pragma once
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
-#include <vector>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
-#define KS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include "dense.h"
+#include "quant.h"
 
-namespace {
+namespace ks {
 
-constexpr int64_t kTile = 64;   // output columns per tile
-constexpr int kRows = 4;        // rows of x per pass over a tile
-// Several groups of rows: blocks of 32 steps of a tile (8 KB) stay in L1 while each group passes
-// over them, and the passes prefetch into L2 the block 8 KB further along the thread's weight
-// stream. Measured over the embedded model's layer weights, bfloat16, 8 rows against 1: 1.04-1.10x
-// with this, 1.13-1.50x with 16-step blocks and no prefetch or prefetch into L1; other distances
-// (4-32 KB) and block sizes (16-64 steps) were no better.
-constexpr int64_t kBlockSteps = 32;
-constexpr int64_t kPrefetchAhead = 8192;
-
-// One pass of C rows (C <= 4) over the input steps [p0, p1) of a tile (a step: one pair of inputs
-// in bfloat16, one input in float32). The C x 64 sums live in named registers during the pass (an
-// array of vectors made GCC store every sum to the stack at every step) and in `accm` between
-// passes (zero-initialised when `first`): rows are taken 4 at a time over a block of the tile small
-// enough to stay in L1, so the tile streams from memory once for all the rows, and each sum still
-// runs over k in order in its own lane. [pf, pf_end): lines to prefetch into L2 during this
-// pass, pf_lines per step.
-#define KS_ROWS(X) X(0) X(1) X(2) X(3)
-#define KS_DECL(c) __m512 a##c##0, a##c##1, a##c##2, a##c##3;
-#define KS_INIT(c)                                                                     \
-  if constexpr (C > c) {                                                               \
-    a##c##0 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile);         \
-    a##c##1 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 16);    \
-    a##c##2 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 32);    \
-    a##c##3 = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + c * kTile + 48);    \
-  }
-#define KS_STORE(c)                                                                    \
-  if constexpr (C > c) {                                                               \
-    _mm512_storeu_ps(accm + c * kTile, a##c##0);                                       \
-    _mm512_storeu_ps(accm + c * kTile + 16, a##c##1);                                  \
-    _mm512_storeu_ps(accm + c * kTile + 32, a##c##2);                                  \
-    _mm512_storeu_ps(accm + c * kTile + 48, a##c##3);                                  \
-  }
-#define KS_PREFETCH                                                                    \
-  if (pf != nullptr) {                                                                 \
-    for (int l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) {                      \
-      _mm_prefetch(pf, _MM_HINT_T1);                                                   \
-    }                                                                                  \
-  }
-
-template <int C>
-KS_TARGET inline void tile_bf16(const uint16_t* W, int64_t K, const uint16_t* x, float* accm,
-                                int64_t p0, int64_t p1, bool first, const char* pf,
-                                const char* pf_end, int pf_lines) {
-  KS_ROWS(KS_DECL)
-  KS_ROWS(KS_INIT)
-  for (int64_t p = p0; p < p1; ++p) {
-    KS_PREFETCH
-    const uint16_t* w = W + p * 2 * kTile;
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64);
-    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
-#define KS_STEP(c)                                                                     \
-    if constexpr (C > c) {                                                             \
-      int32_t pair;                                                                    \
-      std::memcpy(&pair, x + c * K + 2 * p, 4);                                        \
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);                           \
-      a##c##0 = _mm512_dpbf16_ps(a##c##0, w0, xb);                                     \
-      a##c##1 = _mm512_dpbf16_ps(a##c##1, w1, xb);                                     \
-      a##c##2 = _mm512_dpbf16_ps(a##c##2, w2, xb);                                     \
-      a##c##3 = _mm512_dpbf16_ps(a##c##3, w3, xb);                                     \
-    }
-    KS_ROWS(KS_STEP)
-#undef KS_STEP
-  }
-  KS_ROWS(KS_STORE)
-}
-
-template <int C>
-KS_TARGET inline void tile_f32(const float* W, int64_t K, const float* x, float* accm, int64_t p0,
-                               int64_t p1, bool first, const char* pf, const char* pf_end,
-                               int pf_lines) {
-  KS_ROWS(KS_DECL)
-  KS_ROWS(KS_INIT)
-  for (int64_t p = p0; p < p1; ++p) {
-    KS_PREFETCH
-    const float* w = W + p * kTile;
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-    const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
-#define KS_STEP(c)                                                                     \
-    if constexpr (C > c) {                                                             \
-      const __m512 xb = _mm512_set1_ps(x[c * K + p]);                                  \
-      a##c##0 = _mm512_fmadd_ps(w0, xb, a##c##0);                                      \
-      a##c##1 = _mm512_fmadd_ps(w1, xb, a##c##1);                                      \
-      a##c##2 = _mm512_fmadd_ps(w2, xb, a##c##2);                                      \
-      a##c##3 = _mm512_fmadd_ps(w3, xb, a##c##3);                                      \
-    }
-    KS_ROWS(KS_STEP)
-#undef KS_STEP
-  }
-  KS_ROWS(KS_STORE)
-}
-
-// out_bf16: round the float32 sums (plus bias) to bfloat16, to nearest even; else store float32.
-KS_TARGET void store(const float* acc, int64_t n, const float* bias, bool out_bf16, void* y) {
-  alignas(64) float tmp[kTile];
-  const float* src = acc;
-  if (bias != nullptr) {
-    for (int64_t j = 0; j < n; ++j) tmp[j] = acc[j] + bias[j];
-    src = tmp;
-  }
-  if (!out_bf16) {
-    std::memcpy(y, src, n * sizeof(float));
-    return;
-  }
-  uint16_t* yb = static_cast<uint16_t*>(y);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(yb + j), (__m256i)v);
-  }
-  for (; j < n; ++j) {          // n is a multiple of 16 for every model this serves; kept general
-    uint32_t u;
-    std::memcpy(&u, src + j, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    yb[j] = static_cast<uint16_t>(u >> 16);
-  }
-}
-
-
-template <typename T, typename Tile1, typename Tile2, typename Tile3, typename Tile4>
-void run(const T* x, int64_t M, int64_t K, const T* W, int64_t N, const float* bias, bool out_bf16,
-         char* y, Tile1 t1, Tile2 t2, Tile3 t3, Tile4 t4) {
-  const int64_t tiles = (N + kTile - 1) / kTile;
-  const int64_t ysize = out_bf16 ? 2 : 4;
-  constexpr int64_t per_step = std::is_same_v<T, uint16_t> ? 2 : 1;   // inputs per tile row
-  const int64_t steps = K / per_step;
-  const int64_t groups = (M + kRows - 1) / kRows;
-  const int64_t step_bytes = per_step * kTile * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, tiles, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> accs(groups * kRows * kTile);
-    const char* stream_end = reinterpret_cast<const char*>(W + b * kTile * K);
-    for (int64_t t = a; t < b; ++t) {
-      const T* Wt = W + t * kTile * K;
-      const int64_t n0 = t * kTile, n = std::min<int64_t>(kTile, N - n0);
-      const int64_t block = groups == 1 ? steps : kBlockSteps;
-      for (int64_t p0 = 0; p0 < steps; p0 += block) {
-        const int64_t p1 = std::min(steps, p0 + block);
-        for (int64_t gi = 0; gi < groups; ++gi) {
-          const int64_t m0 = gi * kRows, c = std::min<int64_t>(kRows, M - m0);
-          const T* xm = x + m0 * K;
-          float* acc = accs.data() + gi * kRows * kTile;
-          // each group's pass prefetches its share of the block kPrefetchAhead bytes further
-          // along this thread's weight stream (its tiles are contiguous)
-          const char* pf = nullptr;
-          const char* pf_end = nullptr;
-          int pf_lines = 0;
-          if (groups >= 2) {
-            const int64_t bbytes = (p1 - p0) * step_bytes;
-            const char* base = reinterpret_cast<const char*>(Wt + p0 * per_step * kTile) + kPrefetchAhead;
-            const int64_t share = (bbytes / 64 + groups - 1) / groups * 64;
-            pf = base + gi * share;
-            pf_end = std::min(base + bbytes, pf + share);
-            pf_end = std::min(pf_end, stream_end);
-            pf_lines = static_cast<int>((share / 64 + (p1 - p0) - 1) / (p1 - p0));
-          }
-          switch (c) {
-            case 1: t1(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            case 2: t2(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            case 3: t3(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            default: t4(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-          }
-        }
-      }
-      for (int64_t m = 0; m < M; ++m)
-        store(accs.data() + m * kTile, n, bias == nullptr ? nullptr : bias + n0, out_bf16,
-              y + (m * N + n0) * ysize);
-    }
-  });
-}
-
-// Pointers are passed as integers (tensor.data_ptr()): the caller checks shapes, dtypes and
-// contiguity (knapspec/native.py), which keeps this file free of torch's tensor headers.
-void linear_bf16(int64_t x, int64_t M, int64_t K, int64_t w, int64_t N, int64_t bias, int64_t y,
-                 bool out_bf16) {
-  run<uint16_t>(reinterpret_cast<const uint16_t*>(x), M, K, reinterpret_cast<const uint16_t*>(w), N,
-                reinterpret_cast<const float*>(bias), out_bf16, reinterpret_cast<char*>(y),
-                tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>);
-}
-
-void linear_f32(int64_t x, int64_t M, int64_t K, int64_t w, int64_t N, int64_t bias, int64_t y) {
-  run<float>(reinterpret_cast<const float*>(x), M, K, reinterpret_cast<const float*>(w), N,
-             reinterpret_cast<const float*>(bias), false, reinterpret_cast<char*>(y),
-             tile_f32<1>, tile_f32<2>, tile_f32<3>, tile_f32<4>);
-}
-
-// ---- fused sublayers ------------------------------------------------------------------------
 // Everything below computes each token's row the same way whatever the number of tokens in the
 // call: per-row element-wise work, the row-invariant products above, and attention whose sums run
 // over keys in blocks aligned to absolute positions (16-key blocks inside 256-key chunks), so a
@@ -274,25 +74,30 @@ KS_TARGET void rms_norm_row(const T* x, const T* w, int64_t n, float eps, T* y) 
   }
 }
 
+// y [M][N] = x [M][K] @ W.T (+ bias) for a weight descriptor (quant.h's QSeg list): float tiles
+// (dense.h, one segment of format kDense, in the activations' type) or quantized segments.
 template <typename T>
-void linear_t(const T* x, int64_t M, int64_t K, const T* W, int64_t N, const float* bias, T* y);
-template <>
-void linear_t<uint16_t>(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W, int64_t N,
-                        const float* bias, uint16_t* y) {
-  run<uint16_t>(x, M, K, W, N, bias, true, reinterpret_cast<char*>(y), tile_bf16<1>, tile_bf16<2>,
-                tile_bf16<3>, tile_bf16<4>);
-}
-template <>
-void linear_t<float>(const float* x, int64_t M, int64_t K, const float* W, int64_t N,
-                     const float* bias, float* y) {
-  run<float>(x, M, K, W, N, bias, false, reinterpret_cast<char*>(y), tile_f32<1>, tile_f32<2>,
-             tile_f32<3>, tile_f32<4>);
+void linear_t(const T* x, int64_t M, int64_t K, const int64_t* w, int64_t N, const float* bias, T* y) {
+  if (w[1] == kDense) {
+    const T* W = reinterpret_cast<const T*>(w[2]);
+    if constexpr (std::is_same_v<T, uint16_t>)
+      run<uint16_t>(x, M, K, W, N, bias, true, reinterpret_cast<char*>(y), tile_bf16<1>, tile_bf16<2>,
+                    tile_bf16<3>, tile_bf16<4>);
+    else
+      run<float>(x, M, K, W, N, bias, false, reinterpret_cast<char*>(y), tile_f32<1>, tile_f32<2>,
+                 tile_f32<3>, tile_f32<4>);
+    return;
+  }
+  thread_local QAct a;
+  a.alloc(M, K);
+  quantize_rows(x, M, a);
+  qproduct(a, M, w, N, bias, y);
 }
 
 // out = x + down(silu(gate) * up), gate/up = gate_up(rms_norm(x)); rows independent.
 template <typename T>
 KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_w, float eps,
-                     const T* w_gate_up, int64_t I, const T* w_down) {
+                     const int64_t* w_gate_up, int64_t I, const int64_t* w_down) {
   std::vector<T> h(rows * H), gu(rows * 2 * I), a(rows * I), d(rows * H);
   for (int64_t t = 0; t < rows; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
   linear_t<T>(h.data(), rows, H, w_gate_up, 2 * I, nullptr, gu.data());
@@ -574,10 +379,10 @@ KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, cons
 // cos/sin: float32 tables [positions][D/2], row `start` first. window <= 0: no sliding window.
 template <typename T>
 KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* norm_w, float eps,
-                           const T* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
+                           const int64_t* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
                            const float* cosp, const float* sinp, T* kc, T* vc, T* kt, T* vt,
                            int64_t cap, int64_t start, int64_t hq, int64_t hkv, int64_t D,
-                           int64_t window, const T* w_o) {
+                           int64_t window, const int64_t* w_o) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
   const int64_t nblk = (cap + kBlk - 1) / kBlk, npair = (cap + 1) / 2;
@@ -683,10 +488,10 @@ void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t nor
          int64_t w_gate_up, int64_t I, int64_t w_down) {
   if (bf16)
     mlp_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), rows, H, P<uint16_t>(norm_w),
-                    static_cast<float>(eps), P<uint16_t>(w_gate_up), I, P<uint16_t>(w_down));
+                    static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down));
   else
     mlp_t<float>(P<float>(x), reinterpret_cast<float*>(out), rows, H, P<float>(norm_w),
-                 static_cast<float>(eps), P<float>(w_gate_up), I, P<float>(w_down));
+                 static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down));
 }
 
 void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t norm_w, double eps,
@@ -695,23 +500,24 @@ void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t
                int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window, int64_t w_o) {
   if (bf16)
     attention_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, P<uint16_t>(norm_w),
-                          static_cast<float>(eps), P<uint16_t>(w_qkv), P<float>(b_qkv),
+                          static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv),
                           P<uint16_t>(q_norm), P<uint16_t>(k_norm), P<float>(cosp), P<float>(sinp),
                           reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc),
                           reinterpret_cast<uint16_t*>(kt), reinterpret_cast<uint16_t*>(vt), cap, start,
-                          hq, hkv, D, window, P<uint16_t>(w_o));
+                          hq, hkv, D, window, P<int64_t>(w_o));
   else
     attention_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, P<float>(norm_w),
-                       static_cast<float>(eps), P<float>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
+                       static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
                        P<float>(k_norm), P<float>(cosp), P<float>(sinp), reinterpret_cast<float*>(kc),
                        reinterpret_cast<float*>(vc), reinterpret_cast<float*>(kt), nullptr, cap, start,
-                       hq, hkv, D, window, P<float>(w_o));
+                       hq, hkv, D, window, P<int64_t>(w_o));
 }
 
 
 // The stack of 2L sublayers in one call (what a forward runs between the embedding and the head),
 // without a trip through Python per sublayer. run: 2L flags (sublayer 2i: layer i's attention,
-// 2i+1: its MLP), 0 = skipped. layers: int64 [L][kFields] of pointers (and the window):
+// 2i+1: its MLP), 0 = skipped. layers: int64 [L][kFields] of pointers (the four products' weight
+// descriptors, the norms, bias and cache tensors) and the window:
 enum Field { kAttnNorm, kQkv, kBqkv, kQNorm, kKNorm, kO, kMlpNorm, kGateUp, kDown, kKc, kVc, kKt, kVt,
              kWindow, kFields };
 
@@ -724,12 +530,12 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
     if (!run[s]) continue;
     const int64_t* f = layers + (s / 2) * kFields;
     if (s % 2 == 0)
-      attention_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kAttnNorm]), eps, P<T>(f[kQkv]), P<float>(f[kBqkv]),
+      attention_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kAttnNorm]), eps, P<int64_t>(f[kQkv]), P<float>(f[kBqkv]),
                      P<T>(f[kQNorm]), P<T>(f[kKNorm]), cosp, sinp, reinterpret_cast<T*>(f[kKc]),
                      reinterpret_cast<T*>(f[kVc]), reinterpret_cast<T*>(f[kKt]), reinterpret_cast<T*>(f[kVt]),
-                     cap, start, hq, hkv, D, f[kWindow], P<T>(f[kO]));
+                     cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]));
     else
-      mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<T>(f[kGateUp]), I, P<T>(f[kDown]));
+      mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<int64_t>(f[kGateUp]), I, P<int64_t>(f[kDown]));
     a.swap(b);
   }
   std::memcpy(out, a.data(), Tn * H * sizeof(T));
@@ -748,12 +554,4 @@ void stack(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t sta
                    hkv, D, I);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stack", &stack);
-  m.def("linear_bf16", &linear_bf16);
-  m.def("linear_f32", &linear_f32);
-  m.def("mlp", &mlp);
-  m.def("attention", &attention);
-}
+}  // namespace ks
