@@ -172,24 +172,25 @@ def test_repeats_report_the_median_run_and_check_every_output(tiny_folder, promp
     assert recs[0]["match"] is True and recs[1]["match"] is False
 
 
-def test_lockstep_times_each_iterator_over_its_own_steps():
+def test_lockstep_times_each_iterator_over_its_own_steps(monkeypatch):
     """Turns follow the given orders, exhausted iterators drop out, and each iterator's durations
-    are its own steps only (not the time the others ran in between)."""
-    import time
+    are its own steps only (not the time the others ran in between). A fake clock that only the
+    steps advance: the figures are exact, whatever the machine's load."""
+    from knapspec.bench import timing
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
     calls = []
 
     def worker(name, n, pause):
         for _ in range(n):
             calls.append(name)
-            time.sleep(pause)
+            now[0] += pause
             yield None
-    t0 = time.perf_counter()
     steps = bench.lockstep([worker("a", 2, 0.02), worker("b", 4, 0.005)], [[0, 1], [1, 0]])
-    wall = time.perf_counter() - t0
     assert calls == ["a", "b", "b", "a", "b", "b"]        # a, b | b, a | (a done) b | b
     assert [len(x) for x in steps] == [3, 5]               # every next, the final StopIteration too
-    assert 0.04 <= sum(steps[0]) < 0.04 + 0.02 and 0.02 <= sum(steps[1]) < 0.02 + 0.02
-    assert sum(steps[0]) + sum(steps[1]) <= wall
+    assert sum(steps[0]) == pytest.approx(0.04) and sum(steps[1]) == pytest.approx(0.02)
+    assert steps[0][-1] == 0.0 and steps[1][-1] == 0.0    # the exhausted next costs nothing here
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -350,3 +351,55 @@ def test_bench_verify_times_both_modes_on_the_same_weights(tiny_folder):
     with pytest.raises(ValueError, match="unknown mode"):
         bench_verify(str(tiny_folder), device="cpu", threads=None, contexts=[12], widths=[1], repeats=1,
                      dtypes=["float32"], modes=["fast"])
+
+
+def test_peers_runs_every_system_in_turn_and_compares_with_llama_cpp(tiny_folder, tmp_path, monkeypatch):
+    """``bench peers`` without llama.cpp: a stand-in server that answers like llama-server; every
+    case runs on every system ``repeats`` times in rotated order, the table's ratios are to
+    llama.cpp's figures."""
+    import knapspec
+    from knapspec.bench import peers
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    llm = knapspec.load(str(tiny_folder), dtype="float32")
+    order: list[str] = []
+
+    class FakeServer:
+        def complete(self, ids, n):
+            order.append("llama.cpp")
+            return {"tokens": [5] * n, "wall_s": 2.0, "prefill_s": 0.5, "decode_tok_s": 50.0, "new_tokens": n}
+    real = peers._ours
+
+    def ours(llm, strategy):
+        run = real(llm, strategy)
+        return lambda ids, n: order.append(strategy) or run(ids, n)
+    monkeypatch.setattr(peers, "_ours", ours)
+    cases = [peers.Case("spec-bench: writing", "1", llm.encode("the model text")),
+             peers.Case("long-docs:4k", "2", llm.encode("a summary report of the document"))]
+    recs = peers.run_peers(llm, cases, server=FakeServer(), strategies=["autoregressive", "lookup"],
+                           max_new_tokens=6, repeats=3, progress=False)
+    assert len(recs) == 6 and {r["system"] for r in recs} == {"llama.cpp", "knapspec autoregressive",
+                                                              "knapspec lookup"}
+    # after a warm-up of each, repeat r starts with the r-th system
+    timed = order[3:]
+    assert timed[:3] == ["llama.cpp", "autoregressive", "lookup"] and timed[3:6] == ["autoregressive", "lookup",
+                                                                                     "llama.cpp"]
+    ar = next(r for r in recs if r["system"] == "knapspec autoregressive" and r["prompt_id"] == "1")
+    assert ar["decode_tok_s"] > 0 and ar["repeats"] == 3 and ar["agree_with_llama_cpp"] is not None
+    table = peers.summary_table(recs)
+    assert "| spec-bench: writing | 1 | 50.0 |" in table
+    tok = ar["decode_tok_s"]
+    assert f"({tok / 50.0:.2f}x)" in table.splitlines()[2]
+
+
+def test_peers_finds_llama_server_or_says_how_to_get_it(tmp_path, monkeypatch):
+    from knapspec.bench.peers import find_llama_server
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="llama-server is not on PATH"):
+        find_llama_server(None)
+    with pytest.raises(FileNotFoundError, match="no llama-server in"):
+        find_llama_server(tmp_path)
+    b = tmp_path / "build" / "bin"
+    b.mkdir(parents=True)
+    (b / "llama-server").write_text("#!/bin/sh\n")
+    (b / "llama-server").chmod(0o755)
+    assert find_llama_server(tmp_path) == b / "llama-server"

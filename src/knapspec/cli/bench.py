@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .options import DATA_HELP, Parser, add_model_args, float_in, load_model, positive_int
+from .options import DATA_HELP, Parser, add_model_args, check_strategy, float_in, load_model, positive_int
 
 BENCH_STRATEGIES = ("autoregressive", "lookup", "knapspec", "hybrid", "hybrid:min_lookup=8")
 BENCH_DATASETS = ("spec-bench", "long-docs:512", "long-docs:2k", "long-docs:4k", "long-docs:8000")
@@ -46,6 +46,20 @@ def add_parsers(sub: Any) -> None:
     tp.add_argument("--plans", type=positive_int("--plans"), default=6, help="candidate plans per prompt")
     tp.add_argument("--window", type=positive_int("--window"), default=16, help="tokens the DP scores on")
     tp.add_argument("--data", default=None, help="data folder")
+    pe = bsub.add_parser("peers", help="llama.cpp's llama-server on the same GGUF file vs knapspec, per category")
+    add_model_args(pe)
+    pe.add_argument("--llama-cpp", default=None,
+                    help="folder holding llama-server (or its build/bin); default: llama-server on PATH")
+    pe.add_argument("--strategies", default="autoregressive,hybrid", help="knapspec strategies, comma-separated")
+    pe.add_argument("--datasets", default="spec-bench,long-docs:4k,long-docs:8000",
+                    help="spec-bench (each category), spec-bench:CATEGORY, long-docs:N, FILE.jsonl")
+    pe.add_argument("--n", type=positive_int("--n"), default=2, help="prompts per category or dataset")
+    pe.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
+    pe.add_argument("--repeats", type=positive_int("--repeats"), default=3)
+    pe.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time a cold start of each (new process to first token) and its peak memory")
+    pe.add_argument("--data", default=None, help=DATA_HELP)
+    pe.add_argument("--out", default="bench-peers", help="folder for runs.jsonl and table.md")
     rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
     add_model_args(rn)
     rn.add_argument("--strategies", default=None,
@@ -177,7 +191,66 @@ def _cmd_bench_tpt(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_peers(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..bench.harness import expand_datasets
+    from ..bench.peers import Case, LlamaServer, cold_start, find_llama_server, run_peers, summary_table
+    from ..checkpoint import GGUFCheckpoint
+    from ..datasets import data_dir, load_dataset
+    from ..storage import write_text_atomic
+    server_bin = find_llama_server(a.llama_cpp)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    specs = [d for d in a.datasets.split(",") if d]
+    strategies = [s for s in a.strategies.split(",") if s]
+    for s in strategies:
+        check_strategy(s)
+    llm = load_model(a)
+    if not isinstance(llm.checkpoint, GGUFCheckpoint):
+        raise ValueError("bench peers compares llama.cpp on the same GGUF file: give --model FILE.gguf "
+                         "(or the embedded default)")
+    gguf = llm.checkpoint.path
+    threads = torch.get_num_threads()
+    root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in specs) else None
+    cases = []
+    for spec in expand_datasets(specs, root):
+        for p in load_dataset(spec, root=root, tokenizer=llm.tokenizer, n=a.n):
+            label = f"spec-bench: {p.category}" if p.dataset == "spec-bench" else p.dataset
+            cases.append(Case(label, p.id, llm.encode(p.text, chat=p.chat)))
+    if not cases:
+        raise ValueError("no prompts: check --datasets and --n")
+    longest = max(len(c.ids) for c in cases) + a.max_new_tokens + 16
+    if longest > llm.model.cfg.max_position:
+        raise ValueError(f"a prompt of {longest - a.max_new_tokens - 16} tokens plus {a.max_new_tokens} new tokens "
+                         f"exceeds the model's context of {llm.model.cfg.max_position}")
+    with LlamaServer(server_bin, gguf, threads=threads, ctx=max(longest, 512)) as srv:
+        records = run_peers(llm, cases, server=srv, strategies=strategies, max_new_tokens=a.max_new_tokens,
+                            repeats=a.repeats)
+        llama_rss = srv.peak_rss_mb()
+    import resource
+    ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    table_md = summary_table(records)
+    head = {"model": str(gguf), "threads": threads, "max_new_tokens": a.max_new_tokens, "repeats": a.repeats,
+            "llama_server": str(server_bin), "peak_rss_mb": {"llama-server": llama_rss,
+                                                              "knapspec (benchmark process)": ours_rss}}
+    if a.cold:
+        head["cold_start"] = cold_start(a.model, threads=threads, server_binary=server_bin, gguf=gguf, ctx=2048)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out / "table.md", table_md + "\n")
+    write_text_atomic(out / "headline.json", json.dumps(head, indent=1) + "\n")
+    print(table_md)
+    print(json.dumps(head))
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench_cmd == "peers":
+        return _cmd_bench_peers(a)
     if a.bench_cmd == "run":
         return _cmd_bench_run(a)
     if a.bench_cmd == "tpt":
