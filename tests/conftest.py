@@ -113,11 +113,12 @@ def drafting_property(check, *, max_examples: int) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def _hybrid_memory(tmp_path, monkeypatch):
-    """The hybrid's remembered back-off goes to a per-test folder: no test writes to the user's
-    cache, and no test sees what an earlier one (or an earlier test session) learned."""
-    monkeypatch.setattr("knapspec.strategies.hybrid.default_memory_path",
-                        lambda model: tmp_path / "hybrid-memory.json")
+def _planner_memory(tmp_path, monkeypatch):
+    """The planner's remembered verdicts (knapspec, hybrid) go to a per-test folder: no test
+    writes to the user's cache, and no test sees what an earlier one (or an earlier test session)
+    learned."""
+    monkeypatch.setattr("knapspec.strategies.memory.default_memory_path",
+                        lambda model: tmp_path / "planner-memory.json")
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ def test_one_time_work_runs_before_the_generation_and_is_remembered(tiny_with_to
     monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
     # a fresh process: nothing in memory, nothing on disk
     monkeypatch.setattr(latency, "_MEMO", {})
-    monkeypatch.setattr("knapspec.strategies.hybrid.default_memory_path",
-                        lambda model: tmp_path / "cache" / "hybrid" / "memory.json")
+    monkeypatch.setattr("knapspec.strategies.memory.default_memory_path",
+                        lambda model: tmp_path / "cache" / "planner" / "memory.json")
     events: list[str] = []
     real_measure, real_stream = latency.measure, Engine.stream
     monkeypatch.setattr(latency, "measure", lambda *a, **k: events.append("profile") or real_measure(*a, **k))
@@ -39,7 +39,7 @@ def test_one_time_work_runs_before_the_generation_and_is_remembered(tiny_with_to
     out = json.loads(capsys.readouterr().out)
     # profile, then the hybrid's warm-up (its planner's verdict), then the user's generation
     assert events == ["profile", "generation", "generation"], events
-    assert (tmp_path / "cache" / "hybrid" / "memory.json").is_file()
+    assert (tmp_path / "cache" / "planner" / "memory.json").is_file()
     assert out["stats"]["plan_s"] < out["stats"]["total_s"]
     # a second process finds both on disk: no profile, no warm-up
     events.clear()

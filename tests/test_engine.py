@@ -147,6 +147,29 @@ def test_speculative_sampling_is_exact(sp, vocab_trunc):
     assert _chi2(samples, exact) > 0.01
 
 
+def test_speculative_sampling_is_exact_with_windowed_drafts():
+    """As above, with a draft whose attention sublayers are windowed to the sink and 2 or 3 keys
+    (a prompt long enough that the windows cut)."""
+    m = _small_vocab_model()
+    prompt = [3, 7, 1, 9, 4, 4, 10, 2, 6, 8, 5, 1]
+    V = m.cfg.vocab_size
+    sp = SamplingParams(temperature=1.0, seed=31)
+    exact = _exact_joint(m, prompt, sp, 3).sum(axis=0)
+    eng = Engine(m)
+    strat = StaticStrategy(Plan.parse("a0w2,a1w3,m1", 2), max_draft=2, threshold=0.0)
+    n = 6000
+    samples = np.empty(n, dtype=np.int64)
+    drafted = accepted = 0
+    for i in range(n):
+        spi = SamplingParams(temperature=1.0, seed=sp.seed * 1_000_003 + i)
+        g = eng.generate(prompt, strat, max_new_tokens=3, sampling=spi)
+        samples[i] = g.tokens[1] * V + g.tokens[2]
+        drafted += g.stats.drafted
+        accepted += g.stats.accepted
+    assert 0 < accepted < drafted
+    assert _chi2(samples, exact) > 0.01
+
+
 def _hybrid_for_sampling(m: Model):
     from knapspec.latency import LatencyModel
     from knapspec.strategies.hybrid import HybridStrategy

@@ -100,46 +100,60 @@ def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch
 
 
 def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkeypatch, caplog):
-    """Created by name, the hybrid remembers the planner's "no draft" verdicts in the cache folder:
-    a new instance (a new process) starts with the longer wait; ``memory=off`` does not; a verdict
-    with a plan resets it; an unreadable file is ignored with a warning."""
+    """Created by name, the hybrid remembers the planner's "no draft" verdicts per context bucket
+    in the cache folder (the planner's memory, shared with the knapspec strategy): a new instance
+    (a new process) starts with the longer wait and, once awake, takes the remembered verdict
+    without a DP until the back-off runs out; ``memory=off`` does not remember; a verdict with a
+    plan resets it; an unreadable file is ignored with a warning; an unwritable one is kept in the
+    process."""
     import json
 
     from knapspec.strategies import REGISTRY
-    from knapspec.strategies.hybrid import default_memory_path
-    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    from knapspec.strategies import memory as plan_memory
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)
     slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
-    path = default_memory_path(m)
+    path = plan_memory.default_memory_path(m)
     assert not path.exists()
     s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
-    assert s._plan_after_now == 3
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
-    eng.generate(list(range(3, 40)), s, max_new_tokens=8, stop_ids=())
-    assert len(s.planner.history) == 1 and s.planner.history[0].plan is None and s._plan_after_now == 6
-    assert json.loads(path.read_text()) == {"no_draft_streak": 1}
+    prompt = list(range(3, 40))                              # bucket 8 (< 512 tokens)
+    eng.generate(prompt, s, max_new_tokens=8, stop_ids=())
+    assert s.planner.dp_runs == 1 and s.planner.history[0].plan is None and s._plan_after_now == 6
+
+    def entry() -> dict:
+        return json.loads(path.read_text())["buckets"]["8"]
+    assert entry()["streak"] == 1 and entry()["plan"] is None and entry()["candidates"]
     assert list(path.parent.glob("*.tmp")) == []
     again = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
-    assert again._plan_after_now == 6 and again.describe()["plan_after_now"] == 6
-    eng.generate(list(range(3, 40)), again, max_new_tokens=6, stop_ids=())     # 5 misses < 6: asleep
-    assert not again.planner.history
-    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3, memory="off")._plan_after_now == 3
-    eng.generate(list(range(3, 40)), again, max_new_tokens=12, stop_ids=())    # 6 misses: a 2nd verdict
-    assert json.loads(path.read_text()) == {"no_draft_streak": 2}
-    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._plan_after_now == 12
+    eng.generate(prompt, again, max_new_tokens=6, stop_ids=())   # 5 misses < 6: asleep
+    assert not again.planner.history and again.describe()["plan_after_now"] == 6
+    off = REGISTRY.create("hybrid", m, latency=slow, plan_after=3, memory="off")
+    eng.generate(prompt, off, max_new_tokens=6, stop_ids=())     # 3 misses: awake, a DP of its own
+    assert off.planner.dp_runs == 1
+    # 19 rounds: awake after 6 misses, the remembered verdict (no DP); asleep; the same after 6
+    # more; awake after 6 more: the back-off (2 decisions after one verdict) ran out, but the TPT
+    # bound from the remembered candidates says no plan can pay: a second verdict, still no DP
+    eng.generate(prompt, again, max_new_tokens=20, stop_ids=())
+    assert [c.source for c in again.planner.history] == ["memory", "memory", "bound"]
+    assert again.planner.dp_runs == 0
+    assert entry()["streak"] == 2 and again._plan_after_now == 12
+    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._backoff(entry()["streak"]) == 12
     fast = REGISTRY.create("hybrid", m, latency=_lat(m.cfg.n_layers), plan_after=3, alpha="cosine",
-                           min_cosine=0.0)
-    fast._streak, fast._plan_after_now = 2, 0                # wake at once: drafts pay with this profile
-    eng.generate(list(range(3, 40)), fast, max_new_tokens=6, stop_ids=())
-    assert fast.planner.history[0].plan is not None
-    assert json.loads(path.read_text()) == {"no_draft_streak": 0}
+                           min_cosine=0.0, margin=1.0)
+    fast.memory.update(8, gated=4)                           # the back-off has run out
+    fast._wake_now = True                                    # and the planner wakes at once
+    eng.generate(prompt, fast, max_new_tokens=6, stop_ids=())
+    assert fast.planner.history[0].source == "dp" and fast.planner.history[0].plan is not None
+    assert entry()["streak"] == 0 and entry()["plan"] == str(fast.planner.history[0].plan)
     path.write_text("{not json")
-    assert REGISTRY.create("hybrid", m, latency=slow, plan_after=3)._plan_after_now == 3
-    assert "ignoring the hybrid planner's memory" in caplog.text
+    fresh = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
+    eng.generate(prompt, fresh, max_new_tokens=2, stop_ids=())
+    assert fresh._plan_after_now == 3
+    assert "ignoring the planner's memory" in caplog.text
     (tmp_path / "a-file").write_text("")                    # a cache that cannot be written: no error
     stuck = HybridStrategy(m, slow, plan_after=3, memory=tmp_path / "a-file" / "memory.json")
-    eng.generate(list(range(3, 40)), stuck, max_new_tokens=8, stop_ids=())
+    eng.generate(prompt, stuck, max_new_tokens=8, stop_ids=())
     assert stuck._plan_after_now == 6 and not (tmp_path / "a-file").is_dir()
 
 

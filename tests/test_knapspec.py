@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from conftest import PATHS, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.latency import LatencyModel
+from knapspec.plan import Plan
 from knapspec.sampling import SamplingParams
 from knapspec.strategies.base import RoundState
 from knapspec.strategies.knapspec import KnapSpecStrategy, knapsack_dp
 from knapspec.strategies.pricing import expected_tokens, tpt
+from knapspec.strategies.static import StaticStrategy
 
 
 # ---- the DP is exact for additive values ----------------------------------------------------------
@@ -56,6 +58,41 @@ def test_dp_equals_brute_force_for_every_budget(data):
     for budget in range(sum(weights) + 1):
         dp = max((s.value for s in states if s.saved >= budget), default=-math.inf)
         assert dp == pytest.approx(_brute(weights, gains, budget)), budget
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_multiple_choice_dp_equals_brute_force(data):
+    """Items with several options (full, skipped, and up to two windows of their own time saved and
+    value): with additive values the DP's best value at every budget equals brute force over every
+    combination of options."""
+    n = data.draw(st.integers(1, 6), label="items")
+    items, gains = [], []
+    for s in range(n):
+        opts = [(1, 0)]
+        g = {1: data.draw(st.floats(0, 5).map(lambda x: round(x, 3)), label=f"full{s}"), 0: 0.0}
+        for k in range(data.draw(st.integers(0, 2), label=f"windows{s}")):
+            w = data.draw(st.integers(1, 9), label=f"w{s}.{k}")
+            opts.append((64 << k, w))
+            g[64 << k] = data.draw(st.floats(0, 5).map(lambda x: round(x, 3)), label=f"g{s}.{k}")
+        if data.draw(st.booleans(), label=f"skippable{s}"):
+            opts.append((0, data.draw(st.integers(1, 12), label=f"skip{s}")))
+        items.append(opts)
+        gains.append(g)
+
+    def step(s, X, opt):
+        return X + gains[s][opt]
+
+    states, X = knapsack_dp(items, torch.zeros(1, 1, dtype=torch.float64), step, lambda d, X: X[:, 0])
+    for st_ in states:
+        assert st_.saved == sum(dict(items[s])[o] for s, o in enumerate(st_.run))
+        assert X[st_.index, 0].item() == pytest.approx(sum(gains[s][o] for s, o in enumerate(st_.run)))
+    combos = list(itertools.product(*items))
+    for budget in range(sum(max(w for _, w in opts) for opts in items) + 1):
+        want = max((sum(gains[s][o] for s, (o, _) in enumerate(c)) for c in combos
+                    if sum(w for _, w in c) >= budget), default=-math.inf)
+        got = max((s_.value for s_ in states if s_.saved >= budget), default=-math.inf)
+        assert got == pytest.approx(want), budget
 
 
 def test_dp_hand_case():
@@ -154,6 +191,7 @@ def test_greedy_output_through_the_planner_equals_autoregressive(kind, path, tin
         prompt = data.draw(st.lists(st.integers(3, 127), min_size=1, max_size=24), label="prompt")
         n_new = data.draw(st.integers(1, 32), label="max_new_tokens")
         strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers),
+                                 windows=data.draw(st.sampled_from([(), (2,), (3, 8)]), label="windows"),
                                  window=data.draw(st.integers(1, 8), label="window"),
                                  every=data.draw(st.integers(1, 6), label="every"),
                                  d_max=data.draw(st.integers(1, 8), label="d_max"),
@@ -183,3 +221,176 @@ def test_planner_drafts_and_stays_lossless_with_the_cosine_proxy(tiny_root):
     got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(2,), threshold=0.0)
     assert got.tokens == ref
     assert got.stats.drafted > 0 and any(c.plan is not None for c in strat.history)
+
+
+# ---- stepping aside -------------------------------------------------------------------------------
+def _drafts_never_pay(n_layers: int) -> LatencyModel:
+    """The lm_head dominates a step and a pass over several tokens costs more than one: a draft
+    step costs about a full step, so no draft can pay even if every draft were accepted."""
+    return LatencyModel.analytic(n_layers, attn=1e-4, attn_per_token=0.0, mlp=1e-4, head=2e-2, width_factor=0.5)
+
+
+def _drafts_pay_only_if_accepted(n_layers: int) -> LatencyModel:
+    """Drafts would pay at high acceptance (a bound at acceptance 1 lets the DP run), but on a
+    random tiny model the acceptance of plans that save enough is low."""
+    return LatencyModel.analytic(n_layers, attn=1e-3, attn_per_token=1e-6, mlp=1.5e-3, head=2e-2, width_factor=0.02)
+
+
+class _Spy:
+    """Counts the planner's model work and records every forward of the engine."""
+
+    def __init__(self, monkeypatch, m, strat):
+        from knapspec import native
+        self.forwards: list[tuple[bool, bool]] = []        # (capture, drafted with a plan)
+        self.stack_calls = 0
+        self.collects = 0
+        self.dps = 0
+        real_forward, real_stack = m.forward, native.stack
+
+        def forward(tokens, start, cache, plan=None, **kw):
+            self.forwards.append((bool(kw.get("capture", False)), plan is not None))
+            return real_forward(tokens, start, cache, plan, **kw)
+
+        def stack(*a, **kw):
+            self.stack_calls += 1
+            return real_stack(*a, **kw)
+        monkeypatch.setattr(m, "forward", forward)
+        monkeypatch.setattr(native, "stack", stack)
+        real_collect, real_opt = strat.collect, strat.optimise
+
+        def collect(*a, **kw):
+            self.collects += 1
+            return real_collect(*a, **kw)
+
+        def optimise(*a, **kw):
+            self.dps += 1
+            return real_opt(*a, **kw)
+        monkeypatch.setattr(strat, "collect", collect)
+        monkeypatch.setattr(strat, "optimise", optimise)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("profile", ["never", "low-acceptance"])
+def test_where_no_draft_pays_plain_steps_run_fused_and_planning_stops(profile, path, tiny_root, tmp_path,
+                                                                     monkeypatch):
+    """A profile where every draft is slower than a plain step: the strategy takes plain steps,
+    never captures the residual stream (so the native path runs each step as one fused call), and
+    pays no planning: none at all when even perfect acceptance could not pay (the TPT bound), one
+    DP in the first generation otherwise, and none in a second generation (a new instance, as in
+    a new process: the verdict is remembered in the memory file)."""
+    from knapspec.strategies.memory import PlanMemory
+    m = tiny_model("llama", tiny_root, path)
+    lat = (_drafts_never_pay if profile == "never" else _drafts_pay_only_if_accepted)(m.cfg.n_layers)
+    eng = Engine(m)
+    prompt = list(range(3, 40))
+    ref = eng.generate(prompt, max_new_tokens=24, stop_ids=()).tokens
+    mem = tmp_path / "memory.json"
+    dps = []
+    for _ in range(2):
+        strat = KnapSpecStrategy(m, lat, memory=PlanMemory(mem), min_cosine=0.5, every=1)
+        spy = _Spy(monkeypatch, m, strat)
+        out = eng.generate(prompt, strat, max_new_tokens=24, stop_ids=())
+        monkeypatch.undo()
+        assert out.tokens == ref and out.stats.drafted == 0
+        assert all(c.plan is None for c in strat.history)
+        assert spy.forwards and not any(cap or planned for cap, planned in spy.forwards)
+        if path == "native-bf16":                          # every step one fused native call
+            assert spy.stack_calls == len(spy.forwards)          # prefill and every round
+        assert spy.collects == spy.dps
+        dps.append(spy.dps)
+    assert dps == ([0, 0] if profile == "never" else [1, 0]), dps
+
+
+def test_decisions_only_at_start_bucket_changes_and_acceptance_drops(tiny_root, monkeypatch):
+    """The planner decides at the start, when the context enters another bucket (here buckets of
+    16 tokens) and when the measured acceptance no longer pays for the plan, never on a timer."""
+    monkeypatch.setattr("knapspec.strategies.knapspec.bucket", lambda ctx: ctx // 16)
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers), alpha="cosine", min_cosine=0.0, every=1)
+    triggers = []
+    real = strat.decide
+
+    def decide(state, trigger):
+        triggers.append((trigger, state.context_length))
+        return real(state, trigger)
+    monkeypatch.setattr(strat, "decide", decide)
+    prompt = list(range(3, 30))
+    ref = eng.generate(prompt, max_new_tokens=60, stop_ids=()).tokens
+    out = eng.generate(prompt, strat, max_new_tokens=60, stop_ids=(), threshold=0.0)
+    assert out.tokens == ref
+    assert triggers[0] == ("start", len(prompt) + 1)
+    seen = {(len(prompt) + 1) // 16}
+    for trig, ctx in triggers[1:]:
+        assert trig in ("bucket", "acceptance"), trig
+        if trig == "bucket":
+            assert ctx // 16 not in seen
+            seen.add(ctx // 16)
+    assert len([t for t, _ in triggers if t == "bucket"]) == len(seen) - 1 >= 2
+
+
+# ---- windowed drafts --------------------------------------------------------------------------------
+def _windowed_plans(n_layers: int):
+    """Plans whose attention sublayers are full, skipped or windowed (sink + 2, 3 or 8 keys) and
+    whose MLPs run or not, never the full plan."""
+    opt = st.sampled_from([0, 1, 2, 3, 8])
+    return st.lists(st.tuples(opt, st.booleans()), min_size=n_layers, max_size=n_layers).map(
+        lambda xs: Plan.from_options([o for a, mm in xs for o in (a, int(mm))])).filter(
+        lambda p: not p.is_full and p.last_layer_run() >= 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_output_with_windowed_drafts_equals_autoregressive(path, tiny_root):
+    """Any plan with windowed attention sublayers (the draft's own attention differs; the full
+    model verifies): greedy output equals autoregressive output, prompts long enough that the
+    windows cut."""
+    m = tiny_model("llama", tiny_root, path)
+    eng = Engine(m)
+
+    def check(data) -> int:
+        plan = data.draw(_windowed_plans(m.cfg.n_layers), label="plan")
+        prompt = data.draw(st.lists(st.integers(3, 127), min_size=12, max_size=60), label="prompt")
+        n_new = data.draw(st.integers(1, 24), label="max_new_tokens")
+        d = data.draw(st.integers(1, 6), label="max_draft")
+        ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
+        got = eng.generate(prompt, StaticStrategy(plan, max_draft=d, threshold=0.0), max_new_tokens=n_new,
+                           stop_ids=(2,), threshold=0.0)
+        assert got.tokens == ref, str(plan)
+        return got.stats.drafted
+    drafting_property(check, max_examples=25 if path == "torch-f32" else 12)
+
+
+def test_greedy_output_with_windowed_drafts_on_quantized_weights(tiny_root):
+    """The same on a GGUF model's quantized weights (native quantized kernels)."""
+    from conftest import tiny_gguf_model
+    m = tiny_gguf_model("q4_1", tiny_root)
+    eng = Engine(m)
+    prompt = [(7 * i) % 90 + 3 for i in range(70)]
+    ref = eng.generate(prompt, max_new_tokens=24, stop_ids=()).tokens
+    drafted = 0
+    for text in ("a0w2,a1w3,a2w8", "a0w8,m1,a2w2", "a1,a2w3,m0"):
+        got = eng.generate(prompt, StaticStrategy(Plan.parse(text, 3), max_draft=4, threshold=0.0),
+                           max_new_tokens=24, stop_ids=(), threshold=0.0)
+        assert got.tokens == ref, text
+        drafted += got.stats.drafted
+    assert drafted > 0
+
+
+def test_the_planner_chooses_windows_where_they_keep_the_states_close(tiny_root):
+    """With attention costly at this context and windows on offer, the DP's candidates include
+    windowed attention sublayers, each priced by the latency model's windowed time."""
+    m = tiny_model("llama", tiny_root)
+    lat = LatencyModel.analytic(m.cfg.n_layers, attn=1e-4, attn_per_token=1e-4, mlp=2e-4, head=1e-5,
+                                width_factor=0.01)
+    strat = KnapSpecStrategy(m, lat, windows=(4, 16), min_cosine=-1.0, max_states=64)
+    state = _state(m, list(range(3, 100)))
+    strat.start(state)
+    items = strat.items(98)
+    assert all([o for o, _ in opts] == ([1, 4, 16, 0] if s % 2 == 0 else [1, 0]) for s, opts in enumerate(items))
+    for s in range(0, 6, 2):             # a window saves less than skipping, more for a smaller window
+        w = dict(items[s])
+        assert 0 < w[16] < w[4] < w[0]
+    cands, choice = strat.optimise(98)
+    assert any(p.attn_windowed for p, _, _ in cands)
+    for p, _, _ in cands:
+        assert lat.predict(p, 98, 1) <= lat.predict(None, 98, 1)

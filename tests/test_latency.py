@@ -1,15 +1,18 @@
-"""Latency profiler and model: fit recovery through a fake clock, JSON round trip, cache keys."""
+"""Latency profiler and model: fit recovery through a fake clock, JSON round trip, cache keys,
+windowed attention, robustness to transients."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_model
 from knapspec import latency
 from knapspec.model import Arch, ModelConfig
-from knapspec.plan import Plan
+from knapspec.plan import SINK, Plan
 
 CFG = ModelConfig(arch=Arch.LLAMA, vocab_size=32, hidden_size=8, intermediate_size=16, n_layers=3,
                   n_heads=2, n_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -45,6 +48,10 @@ class FakeModel:
 
     def __init__(self, clock: FakeClock, overhead: float = 2e-4) -> None:
         self.clock, self.over = clock, overhead
+        # a transient: the next `left` calls of the matching kind at context `ctx` (and width
+        # `width`) take `extra` seconds more
+        self.transient: dict | None = None
+        self.slow = 1.0                     # every time multiplied by this (the machine's load)
 
     class _Cache:
         def __init__(self) -> None:
@@ -59,19 +66,29 @@ class FakeModel:
     def embed_tokens(self, toks):
         return toks
 
-    def sublayer(self, s, x, ctx, cache):
+    def _stall(self, kind, s, ctx, w):
+        tr = self.transient
+        if tr and tr["left"] > 0 and tr["ctx"] == ctx and tr.get("width", w) == w and kind in tr["kinds"] \
+                and s in tr.get("sublayers", (s,)):
+            tr["left"] -= 1
+            self.clock.t += tr["extra"]
+
+    def sublayer(self, s, x, ctx, cache, window=0):
         w = x.shape[1]
-        self.clock.t += true_attn(s // 2, ctx, w) if s % 2 == 0 else true_mlp(s // 2, w)
+        span = min(ctx, window + SINK) if window else ctx
+        self.clock.t += self.slow * (true_attn(s // 2, span, w) if s % 2 == 0 else true_mlp(s // 2, w))
+        self._stall("sublayer", s, ctx, w)
         return x
 
     def head(self, x):
-        self.clock.t += true_head(x.shape[1])
+        self.clock.t += self.slow * true_head(x.shape[1])
 
     def forward(self, toks, ctx, cache):
         for s in range(6):
             self.sublayer(s, toks, ctx, cache)
         self.head(toks)
-        self.clock.t += self.over
+        self.clock.t += self.slow * self.over
+        self._stall("forward", -1, ctx, toks.shape[1])
 
 
 def fitted() -> latency.LatencyModel:
@@ -143,3 +160,124 @@ def test_corrupt_json_is_reported_and_reprofiled(tmp_path, monkeypatch, caplog):
     assert "is corrupt" in caplog.text and "re-profiling" in caplog.text
     assert json.loads(path.read_text())["key"] == lm.key                # a fresh profile replaced it
     assert latency.get_latency_model(m).to_json() == lm.to_json()       # and is reused
+
+
+# ---- fits: clamps keep the line a least-squares line ------------------------------------------------
+def test_fit_line_clamps_consistently():
+    c = np.array([64.0, 2048.0, 4000.0])
+    a, b = latency.fit_line(c, np.array([3.0, 2.0, 1.0]))         # falling: a constant, the mean
+    assert (a, b) == (pytest.approx(2.0), 0.0)
+    a, b = latency.fit_line(c, np.array([0.0, 2.0, 4.0]) * 1e-3 - 1e-4)   # negative intercept: through 0
+    assert a == 0.0 and b == pytest.approx(float(np.dot(c, np.array([0.0, 2.0, 4.0]) * 1e-3 - 1e-4) / np.dot(c, c)))
+    a, b = latency.robust_line(np.array([1.0, 2, 3, 4, 5, 6, 7, 8]),
+                               np.array([1.0, 2, 3, 40, 5, 6, 7, 8]))     # one point far off the line: left out
+    assert (a, b) == (pytest.approx(0.0, abs=1e-9), pytest.approx(1.0))
+
+
+# ---- windowed attention ----------------------------------------------------------------------------
+def test_windowed_attention_is_profiled_and_predicted():
+    clock = FakeClock()
+    prof = latency.measure(FakeModel(clock), contexts=[64, 512, 2048, 4000], widths=[1, 4], repeats=3,
+                           clock=clock, windows=(64, 256))
+    lm = latency.LatencyModel.fit(prof)
+    assert set(lm.win_attn) == {"64", "256"}
+    for i in range(3):
+        assert lm.window_time(i, 64, 4000) == pytest.approx(true_attn(i, 64 + SINK, 1), rel=1e-6)
+        assert lm.window_time(i, 256, 200) == pytest.approx(lm.attn_time(i, 200))   # never above full
+    plan = Plan.parse("a1w64,m2", 3)
+    want = 2e-4 + true_head(1) + true_attn(0, 3000, 1) + true_attn(1, 64 + SINK, 1) + true_attn(2, 3000, 1) \
+        + true_mlp(0, 1) + true_mlp(1, 1)
+    assert lm.predict(plan, 3000, 1) == pytest.approx(want, rel=1e-6)
+
+
+# ---- transients -----------------------------------------------------------------------------------------
+def _profile(transient=None, **kw):
+    clock = FakeClock()
+    m = FakeModel(clock)
+    m.transient = transient
+    lm, ok = latency.profile(m, contexts=[64, 2048, 4000], widths=[1, 4, 16], repeats=3, windows=(64,),
+                             clock=clock, **kw)
+    return lm, ok
+
+
+@pytest.mark.parametrize("transient", [
+    # every sublayer of one point slowed, over all its repeats (another process took the cores)
+    dict(ctx=2048, width=1, kinds=("sublayer",), extra=3e-3, left=5 * 12),
+    # a few attention sublayers of one point
+    dict(ctx=4000, width=4, kinds=("sublayer",), sublayers=(2,), extra=2e-2, left=10),
+    # the real forwards of one point (which give the per-forward overhead)
+    dict(ctx=2048, width=1, kinds=("forward",), extra=5e-2, left=5),
+])
+def test_a_transient_in_profiling_leaves_the_model_and_the_plan_unchanged(transient, tiny_root):
+    from knapspec.strategies.knapspec import KnapSpecStrategy
+    from test_knapspec import _state
+    clean, ok = _profile()
+    assert ok
+    # the transient is in what is measured: points off by far (medians of repeats do not help)
+    clock = FakeClock()
+    raw_model = FakeModel(clock)
+    raw_model.transient = dict(transient)
+    raw = latency.measure(raw_model, contexts=[64, 2048, 4000], widths=[1, 4, 16], repeats=3, clock=clock,
+                          retries=0)
+    pts = [(raw.attn, clean.profile.attn), (raw.mlp, clean.profile.mlp)]
+    worst = max(abs(x / y - 1) for a, b in pts for ra, rb in zip(a, b) for xa, xb in zip(ra, rb)
+                for x, y in zip(xa, xb))
+    worst = max([worst] + [abs(x / y - 1) for ra, rb in zip(raw.overhead, clean.profile.overhead)
+                           for x, y in zip(ra, rb)])
+    assert worst > 0.5, worst
+    robust, ok = _profile(dict(transient))
+    assert ok
+    for c in (64, 1024, 2048, 4000, 8000):
+        for w in (1, 4, 16):
+            assert robust.predict(None, c, w) == pytest.approx(clean.predict(None, c, w), rel=0.05)
+    # and the planner, on a tiny model of 3 layers, chooses the same as with the clean profile
+    m = tiny_model("llama", tiny_root)
+    choices = []
+    for lm in (clean, robust):
+        strat = KnapSpecStrategy(m, lm, min_cosine=-1.0, max_states=64)
+        state = _state(m, list(range(3, 30)))
+        strat.collect_prompt(state)
+        strat._cache = state.cache
+        _, c = strat.optimise(2048)
+        choices.append((c.plan, c.d))
+    assert choices[0] == choices[1]
+
+
+def test_a_profile_that_disagrees_with_real_steps_is_not_cached(tmp_path, monkeypatch, caplog):
+    """A transient that outlasts every retry (here: every real forward at one context is slow): the
+    profile is used in the process, with a warning, but not written to the cache folder."""
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    clock = FakeClock()
+    m = FakeModel(clock)
+    m.transient = dict(ctx=2048, kinds=("forward",), extra=5e-2, left=10**6)
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    with caplog.at_level("WARNING"):
+        lm = latency.get_latency_model(m, contexts=[64, 2048, 4000], repeats=2)
+    assert "disagree with real steps" in caplog.text
+    assert not latency.profile_path(latency.profile_key(m)).exists()
+    assert latency.get_latency_model(m) is lm                      # this process keeps using it
+    latency._MEMO.clear()
+
+
+def test_a_machine_that_slows_down_alike_everywhere_still_caches_its_profile(tmp_path, monkeypatch, caplog):
+    """Real steps all 1.5x slower than profiled whenever they are checked (the machine's load
+    moves): every time scales alike, no decision changes, so the profile is cached (with a
+    warning)."""
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    clock = FakeClock()
+    m = FakeModel(clock)
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    real_check = latency.check
+
+    def check(model, lm, **kw):
+        model.slow = 1.5
+        try:
+            return real_check(model, lm, **kw)
+        finally:
+            model.slow = 1.0
+    monkeypatch.setattr(latency, "check", check)
+    with caplog.at_level("WARNING"):
+        latency.get_latency_model(m, contexts=[64, 2048, 4000], repeats=2)
+    assert "alike at every context" in caplog.text
+    assert latency.profile_path(latency.profile_key(m)).exists()
+    latency._MEMO.clear()

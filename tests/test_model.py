@@ -159,3 +159,60 @@ def test_native_products_are_row_invariant_and_match_float64(dtype):
             assert torch.equal(native.linear(x[s:s + m], p, torch.float32), full[s:s + m]), (m, s)
     if dtype == torch.bfloat16:   # rounded output: the float32 sums rounded to nearest even
         assert torch.equal(native.linear(x, p), full.to(torch.bfloat16))
+
+
+# ---- windowed attention (drafts) ------------------------------------------------------------------
+def _window_mask(n: int, window: int, sink: int, first: int = 0) -> torch.Tensor:
+    """Additive ``[1, 1, n, n]``: causal, and each query from position ``first`` on sees the first
+    ``sink`` positions and its last ``window``."""
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    ok = (k <= q) & ((k < sink) | (k > q - window) | (q < first))
+    return torch.zeros(n, n).masked_fill(~ok, float("-inf"))[None, None]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_windowed_attention_matches_transformers_with_a_sink_and_window_mask(kind):
+    """Every attention sublayer windowed to W keys plus the sink equals transformers' model run
+    with that attention mask (one pass, and a pass after a prefix in the cache, on the torch path)."""
+    from knapspec.plan import SINK
+    hf = build_tiny_hf(kind)
+    ours = ours_from_hf(hf)
+    n, w = 40, 7
+    plan = Plan.parse(",".join(f"a{i}w{w}" for i in range(ours.cfg.n_layers)), ours.cfg.n_layers)
+    assert plan.attn_windowed == {i: w for i in range(ours.cfg.n_layers)} and str(Plan.parse(str(plan), 3)) == str(plan)
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=_window_mask(n, w, SINK)).logits
+        out = ours.forward(ids, 0, ours.new_cache(64), plan).logits
+        assert (ref - out).abs().max() <= 1e-4
+        # a draft's pass over positions 30.. after a prefix the full model wrote into the cache
+        cache = ours.new_cache(64)
+        ours.forward(ids[:, :30], 0, cache)
+        ref = hf(ids, attention_mask=_window_mask(n, w, SINK, first=30)).logits[:, 30:]
+        out = ours.forward(ids[:, 30:], 30, cache, plan).logits
+        assert (ref - out).abs().max() <= 1e-4
+
+
+def test_windowed_plan_runs_the_same_natively_as_on_the_torch_path(tiny_root):
+    """The native stack's draft windows (sink + last W keys) agree with the torch path's windowed
+    attention on the same bfloat16 weights, up to bfloat16 rounding, at every window size."""
+    from conftest import tiny_model
+    m = tiny_model("llama", tiny_root, "native-bf16")
+    L = m.cfg.n_layers
+    ids = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(5))
+    for w in (2, 5, 16, 40, 200):
+        plan = Plan.parse(f"a0w{w},a2w{w},m1", L)
+        cache = m.new_cache(128)
+        m.forward(ids[:, :100], 0, cache)
+        got = m.forward(ids[:, 100:103], 100, cache, plan).logits              # one native call
+        cache.rollback(100)
+        with torch.inference_mode():
+            x = m.embed_tokens(ids[:, 100:103])
+            for s in range(2 * L):                                             # torch attention
+                if plan.run[s]:
+                    x = (m.attention(s // 2, x, 100, cache, window=plan.window_of(s)) if s % 2 == 0
+                         else m.mlp(s // 2, x))
+            want = m.head(x)
+        assert (got - want).abs().max() <= 0.05 * want.abs().max(), w
+        assert torch.equal(got.argmax(-1), want.argmax(-1)) or w < 8

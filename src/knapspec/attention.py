@@ -9,7 +9,9 @@ attention of candidate draft branches. (The native kernels do their own attentio
   with its torch / oneDNN build; :func:`knapspec.exactness.check` re-measures the property on the
   machine that runs.
 * :func:`branch_attention`: B candidate branches over one cached prefix, read once (the KnapSpec
-  planner's batched dynamic program).
+  planner's batched dynamic program), in the cache's dtype.
+* :func:`window_attention`: a draft's windowed attention (the sink and the last W keys of each
+  query; ``plan.SINK``), which reads only those keys.
 
 Shapes: ``q: [B, Hq, T, D]``; grouped queries ``qg: [B, Hkv, G*T, D]``; cache views
 ``[B, Hkv, S, D]``. This module never writes the cache.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import ModelConfig
+from .plan import SINK
 
 # Matrix products with fewer rows than this take a different reduction order in oneDNN / MKL on
 # this project's CPU (measured: float32 products with 1-3 rows differ from 4+ rows in the last
@@ -163,28 +166,112 @@ def exact_pass_attention(masks: Masks, i: int, q: torch.Tensor, start: int, cach
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def _window_start(start: int, window: int) -> int | None:
+    """The first key besides the sink that a query at ``start`` (or later) sees with a draft
+    ``window``; None when every key from the sink on is in view (no window, or a short context)."""
+    lo = start - window + 1
+    return lo if window > 0 and lo > SINK else None
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, model_window: int | None) -> torch.Tensor:
+    """``[Tq, Tk]`` True where the query at ``q_pos`` may see the key at ``k_pos``: causal, within
+    the model's own sliding window, and with a draft ``window``: the sink or the last ``window``."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    m = k <= q
+    if model_window is not None:
+        m = m & (k > q - model_window)
+    if window > 0:
+        m = m & ((k < SINK) | (k > q - window))
+    return m
+
+
+def window_attention(masks: Masks, i: int, qg: torch.Tensor, start: int, t: int, cache: KVCache,
+                     window: int) -> torch.Tensor:
+    """A draft's attention windowed to the sink and the last ``window`` keys of each query, over
+    the cache (whose positions ``start..start+t-1`` were just written): ``qg: [B, Hkv, G*T, D]`` ->
+    ``[B, Hkv, G*T, D]``. Reads only the keys some query may see."""
+    end = start + t
+    keys, vals = cache.view(i, end)                                  # [B, Hkv, end, D]
+    dev = qg.device
+    lo = _window_start(start, window)
+    if lo is None:
+        kpos = torch.arange(end, device=dev)
+    else:                                                            # sink + the first query's window on
+        kpos = torch.cat([torch.arange(SINK, device=dev), torch.arange(lo, end, device=dev)])
+        keys = torch.cat([keys[:, :, :SINK], keys[:, :, lo:end]], dim=2)
+        vals = torch.cat([vals[:, :, :SINK], vals[:, :, lo:end]], dim=2)
+    g = qg.shape[2] // t
+    qpos = torch.arange(start, end, device=dev)
+    vis = _visible(qpos, kpos, window, masks.cfg.window(i)).repeat(g, 1)     # [G*T, S']
+    mask = torch.zeros(vis.shape, dtype=qg.dtype, device=dev).masked_fill_(~vis, float("-inf"))
+    return F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output and log-sum-exp of the scores in the inputs' dtype (torch's CPU flash
+    kernel, float32 accumulation); None where that kernel is not available."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    try:
+        o, lse = op(q, k, v, 0.0, False, attn_mask=mask)
+    except (RuntimeError, TypeError):
+        return None
+    return o, lse
+
+
 def branch_attention(masks: Masks, i: int, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                     cache: KVCache) -> torch.Tensor:
+                     cache: KVCache, window: int = 0) -> torch.Tensor:
     """Attention of B branches that share the cached prefix ``0..start-1`` (read once, never
-    copied per branch) and attend causally within their own T tokens.
-    ``qg: [B, Hkv, G*T, D]``, ``k, v: [B, Hkv, T, D]`` -> ``[B, Hkv, G*T, D]``."""
+    copied per branch, in the cache's dtype) and attend causally within their own T tokens;
+    ``window`` > 0: each query sees only the sink and its last ``window`` positions.
+    ``qg: [B, Hkv, G*T, D]``, ``k, v: [B, Hkv, T, D]`` -> ``[B, Hkv, G*T, D]``.
+
+    The prefix part runs with the branches folded into the query rows (``[1, Hkv, B*G*T, D]``)
+    through the fused kernel, which also gives each row's log-sum-exp; the branch's own keys (a
+    few) are merged in float32 through the log-sum-exps."""
     b, hkv, gt, d = qg.shape
     t = k.shape[2]
     g = gt // t
-    pk, pv = cache.view(i, start)                                    # [1, Hkv, P, D]
-    qf = qg.float() * (1.0 / math.sqrt(d))
-    # prefix scores with the branches folded into the rows: [Hkv, B*G*T, P] (K read once)
-    q_rows = qf.transpose(0, 1).reshape(hkv, b * gt, d)
-    s_pre = (q_rows @ pk[0].float().transpose(-1, -2)).reshape(hkv, b, gt, start).transpose(0, 1)
-    s_own = qf @ k.float().transpose(-1, -2)                         # [B, Hkv, G*T, T]
-    m = masks.bool(i, start, t, start + t)
-    if m is not None:
-        m = m.repeat(g, 1)                                           # [G*T, P+T]
-        if not bool(m[:, :start].all()):                             # sliding window
-            s_pre = s_pre.masked_fill(~m[:, :start], float("-inf"))
-        s_own = s_own.masked_fill(~m[:, start:], float("-inf"))
-    p = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)
-    p_pre = p[..., :start].transpose(0, 1).reshape(hkv, b * gt, start)
-    o_pre = (p_pre @ pv[0].float()).reshape(hkv, b, gt, d).transpose(0, 1)
-    o = o_pre + p[..., start:] @ v.float()
+    dev = qg.device
+    scale = 1.0 / math.sqrt(d)
+    qpos = torch.arange(start, start + t, device=dev)
+    mw = masks.cfg.window(i)
+    # own tokens: [B, Hkv, G*T, T] in float32
+    s_own = (qg.float() * scale) @ k.float().transpose(-1, -2)
+    vis_own = _visible(qpos, qpos, window, mw).repeat(g, 1)                     # [G*T, T]
+    s_own = s_own.masked_fill(~vis_own, float("-inf"))
+    lse_own = torch.logsumexp(s_own, dim=-1)                                    # [B, Hkv, G*T]
+    o_own = torch.softmax(s_own, dim=-1) @ v.float()                            # [B, Hkv, G*T, D]
+    if start == 0:
+        return o_own.to(qg.dtype).contiguous()
+    pk, pv = cache.view(i, start)                                                # [1, Hkv, P, D]
+    lo = _window_start(start, window)
+    if lo is None:
+        kpos = torch.arange(start, device=dev)
+    else:                                                   # only the keys a query may see
+        kpos = torch.cat([torch.arange(SINK, device=dev), torch.arange(lo, start, device=dev)])
+        pk = torch.cat([pk[:, :, :SINK], pk[:, :, lo:]], dim=2)
+        pv = torch.cat([pv[:, :, :SINK], pv[:, :, lo:]], dim=2)
+    vis_pre = _visible(qpos, kpos, window, mw)                                  # [T, P']
+    if bool(vis_pre.all()):
+        mask = None
+    else:
+        vis_rows = vis_pre.repeat(g, 1).repeat(b, 1)                            # [B*G*T, P']
+        mask = torch.zeros(vis_rows.shape, dtype=qg.dtype, device=dev).masked_fill_(~vis_rows, float("-inf"))
+    q_rows = qg.transpose(0, 1).reshape(1, hkv, b * gt, d)                      # branches folded into rows
+    res = _flash_lse(q_rows, pk, pv, mask)
+    if res is None:                                                             # float32 products
+        s_pre = (q_rows[0].float() * scale) @ pk[0].float().transpose(-1, -2)   # [Hkv, B*G*T, P']
+        if mask is not None:
+            s_pre = s_pre + mask.float()
+        lse_pre = torch.logsumexp(s_pre, dim=-1)[None]
+        o_pre = (torch.softmax(s_pre, dim=-1) @ pv[0].float())[None]
+    else:
+        o_pre, lse_pre = res
+    o_pre = o_pre.float().reshape(hkv, b, gt, d).transpose(0, 1)                # [B, Hkv, G*T, D]
+    lse_pre = lse_pre.float().reshape(hkv, b, gt).transpose(0, 1)               # [B, Hkv, G*T]
+    lse = torch.logaddexp(lse_pre, lse_own)
+    o = torch.exp(lse_pre - lse)[..., None] * o_pre + torch.exp(lse_own - lse)[..., None] * o_own
     return o.to(qg.dtype).contiguous()

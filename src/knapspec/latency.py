@@ -7,11 +7,25 @@ on the current device, dtype and thread count, over a grid of context lengths an
 warm-up; on CUDA every piece is synchronised. The per-forward overhead is the real forward's time
 minus the sum of its pieces.
 
+Windowed attention (a draft's attention over the first ``plan.SINK`` positions and its last W
+keys) is timed too, for each window of ``windows`` at width 1 and the contexts beyond the window.
+
 The model fitted from it (:class:`LatencyModel`): attention time of layer i at width w is
-``a[i,w] + b[i,w] * context`` (least squares), MLP time of layer i at width w a constant, lm_head
-and overhead per width; widths between profiled ones are interpolated. Layers are fitted one by
-one, so heterogeneous layers (sliding windows, different sizes) come out right.
+``a[i,w] + b[i,w] * context`` (least squares, both non-negative: when a clamp applies, the other
+coefficient is refitted, so the line stays a least-squares line), MLP time of layer i at width w a
+constant, lm_head and overhead per width, windowed attention of layer i a constant per window;
+widths between profiled ones are interpolated. Layers are fitted one by one, so heterogeneous
+layers (sliding windows, different sizes) come out right.
 ``predict(plan, context, n_tokens)`` is the time of one forward with that plan.
+
+A transient (another process taking the cores for a moment) must not poison the profile, which is
+cached for good. Every point is a median of repeats; a point whose MLP times (which do not depend
+on the context) stand out from the other contexts' is measured again; a sublayer whose time
+stands out from the other layers' at the same point, and a point that leaves its line by far, are
+left out of the fits; and before a profile is cached, the prediction of a full forward is checked
+against real forwards at each profiled context (points off by more than ``CHECK_TOLERANCE``
+measured again; a profile that still disagrees, and not by the same factor at every context, is
+used but not cached).
 
 Profiles are cached as JSON under ``$KNAPSPEC_CACHE/latency``, keyed by (model shape fingerprint,
 device, dtype, threads, torch version). This module measures and predicts; it decides nothing.
@@ -33,13 +47,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plan import Plan
+from .plan import SINK, Plan
 from .storage import cache_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 FULL_WIDTHS = (1, 2, 4, 8, 16)
 QUICK_WIDTHS = (1, 4, 16)
+# windowed attention's windows, timed at width 1 (the planner's default set: strategies/knapspec.py)
+WINDOWS = (64, 256, 1024)
+# a profile whose full-forward prediction is off by more than this (relative) at a profiled
+# context is measured again there before it is cached
+CHECK_TOLERANCE = 0.25
+# a disagreement with real steps that is the same at every context within this factor is the
+# machine's load moving between profiling and checking, not a distorted profile
+UNIFORM = 1.3
+# a point's MLP time, summed over the layers, more than this factor above the median over the
+# contexts (MLP time does not depend on the context) is measured again
+DISTURBED = 1.25
 
 
 def default_contexts(max_position: int, *, quick: bool, cap: int = 32768) -> list[int]:
@@ -80,6 +105,10 @@ class Profile:
     head: list[list[float]]
     overhead: list[list[float]]
     seconds: float = 0.0
+    # windowed attention at width 1: window -> [layer][context] (None where the context is not
+    # beyond the window)
+    win_attn: dict[str, list[list[float | None]]] = field(default_factory=dict)
+    remeasured: int = 0                  # points measured again (see the module docstring)
 
 
 class _Timer:
@@ -93,63 +122,172 @@ class _Timer:
         return self.clock()
 
 
+def _measure_point(model: Any, cache: Any, ctx: int, toks: torch.Tensor, *, repeats: int, warmup: int,
+                   tick: _Timer) -> tuple[list[float], float]:
+    """Medians of each piece (embedding, 2L sublayers, head) and of the real forward, over
+    ``repeats`` runs after ``warmup``, of one (context, width) point."""
+    n_sub = 2 * model.cfg.n_layers
+    parts: list[list[float]] = [[] for _ in range(n_sub + 2)]   # embed, sublayers, head
+    totals: list[float] = []
+    for r in range(warmup + repeats):
+        # the instrumented forward: the same pieces in the same order as Model.forward
+        cache.set_length(ctx)
+        t0 = tick()
+        x = model.embed_tokens(toks)
+        t_prev = tick()
+        times = [t_prev - t0]
+        for s in range(n_sub):
+            x = model.sublayer(s, x, ctx, cache)
+            t = tick()
+            times.append(t - t_prev)
+            t_prev = t
+        model.head(x)
+        times.append(tick() - t_prev)
+        # the real forward, for the overhead
+        cache.set_length(ctx)
+        t0 = tick()
+        model.forward(toks, ctx, cache)
+        total = tick() - t0
+        if r >= warmup:
+            for j, v in enumerate(times):
+                parts[j].append(v)
+            totals.append(total)
+    return [statistics.median(p) for p in parts], statistics.median(totals)
+
+
+def _measure_windows(model: Any, cache: Any, ctx: int, tok: torch.Tensor, windows: tuple[int, ...], *,
+                     repeats: int, warmup: int, tick: _Timer) -> dict[int, list[float]]:
+    """Width-1 windowed attention time of every layer for each window (medians)."""
+    L = model.cfg.n_layers
+    out: dict[int, list[float]] = {}
+    x0 = model.embed_tokens(tok)
+    for w in windows:
+        runs: list[list[float]] = [[] for _ in range(L)]
+        for r in range(warmup + repeats):
+            cache.set_length(ctx)
+            x = x0
+            for i in range(L):
+                t0 = tick()
+                x = model.sublayer(2 * i, x, ctx, cache, window=w)
+                t1 = tick()
+                if r >= warmup:
+                    runs[i].append(t1 - t0)
+        out[w] = [statistics.median(v) for v in runs]
+    return out
+
+
 @torch.inference_mode()
 def measure(model: Any, *, contexts: list[int], widths: list[int] | tuple[int, ...], repeats: int,
-            warmup: int = 2, clock: Callable[[], float] = time.perf_counter,
-            progress: bool = False) -> Profile:
-    """Time every piece of the forward at each (context, width); see the module docstring."""
+            warmup: int = 2, clock: Callable[[], float] | None = None,
+            progress: bool = False, windows: tuple[int, ...] | list[int] = (), retries: int = 2) -> Profile:
+    """Time every piece of the forward at each (context, width), and windowed attention at each
+    window below the context; points disturbed by a transient are measured again (up to
+    ``retries`` times; see the module docstring)."""
     from tqdm import tqdm
     cfg = model.cfg
-    n_sub = 2 * cfg.n_layers
-    tick = _Timer(model.device, clock)
+    tick = _Timer(model.device, clock or time.perf_counter)
     W, C = len(widths), len(contexts)
-    attn = [[[0.0] * C for _ in range(W)] for _ in range(cfg.n_layers)]
-    mlp = [[[0.0] * C for _ in range(W)] for _ in range(cfg.n_layers)]
+    L = cfg.n_layers
+    attn = [[[0.0] * C for _ in range(W)] for _ in range(L)]
+    mlp = [[[0.0] * C for _ in range(W)] for _ in range(L)]
     head = [[0.0] * C for _ in range(W)]
     over = [[0.0] * C for _ in range(W)]
+    win_attn: dict[str, list[list[float | None]]] = {str(w): [[None] * C for _ in range(L)] for w in windows}
     t_start = tick()
     bar = tqdm(total=C * W, desc="profiling", disable=not progress, unit="point")
     gen = torch.Generator().manual_seed(0)
+    toks = {w: torch.randint(0, cfg.vocab_size, (1, w), generator=gen).to(model.device) for w in widths}
+    caches: dict[int, Any] = {}
+
+    def cache_for(ctx: int) -> Any:
+        if ctx not in caches:
+            caches.clear()
+            caches[ctx] = model.new_cache(ctx + max(widths) + 1)
+        return caches[ctx]
+
+    def store(ci: int, wi: int, med: list[float], total: float) -> None:
+        for i in range(L):
+            attn[i][wi][ci] = med[1 + 2 * i]
+            mlp[i][wi][ci] = med[2 + 2 * i]
+        head[wi][ci] = med[-1]
+        over[wi][ci] = max(total - sum(med[1:]), 0.0)   # embed + loop + rest
+
     for ci, ctx in enumerate(contexts):
-        cache = model.new_cache(ctx + max(widths) + 1)
+        cache = cache_for(ctx)
         for wi, w in enumerate(widths):
-            toks = torch.randint(0, cfg.vocab_size, (1, w), generator=gen).to(model.device)
-            parts: list[list[float]] = [[] for _ in range(n_sub + 2)]   # embed, sublayers, head
-            totals: list[float] = []
-            for r in range(warmup + repeats):
-                # the instrumented forward: the same pieces in the same order as Model.forward
-                cache.set_length(ctx)
-                t0 = tick()
-                x = model.embed_tokens(toks)
-                t_prev = tick()
-                times = [t_prev - t0]
-                for s in range(n_sub):
-                    x = model.sublayer(s, x, ctx, cache)
-                    t = tick()
-                    times.append(t - t_prev)
-                    t_prev = t
-                model.head(x)
-                times.append(tick() - t_prev)
-                # the real forward, for the overhead
-                cache.set_length(ctx)
-                t0 = tick()
-                model.forward(toks, ctx, cache)
-                total = tick() - t0
-                if r >= warmup:
-                    for j, v in enumerate(times):
-                        parts[j].append(v)
-                    totals.append(total)
-            med = [statistics.median(p) for p in parts]
-            for i in range(cfg.n_layers):
-                attn[i][wi][ci] = med[1 + 2 * i]
-                mlp[i][wi][ci] = med[2 + 2 * i]
-            head[wi][ci] = med[-1]
-            over[wi][ci] = max(statistics.median(totals) - sum(med[1:]), 0.0)   # embed + loop + rest
+            store(ci, wi, *_measure_point(model, cache, ctx, toks[w], repeats=repeats, warmup=warmup, tick=tick))
             bar.update(1)
-        del cache
+        ws = tuple(x for x in windows if ctx > x + SINK)
+        if ws and 1 in widths:
+            for x, times in _measure_windows(model, cache, ctx, toks[1], ws, repeats=repeats, warmup=warmup,
+                                             tick=tick).items():
+                for i in range(L):
+                    win_attn[str(x)][i][ci] = times[i]
+    # points whose MLP times stand out from the other contexts' were disturbed: measure again
+    remeasured = 0
+    for _ in range(retries if C >= 2 else 0):
+        bad = []
+        for wi in range(W):
+            tot = [sum(mlp[i][wi][ci] for i in range(L)) for ci in range(C)]
+            med = statistics.median(tot)
+            bad += [(ci, wi) for ci in range(C) if tot[ci] > DISTURBED * med]
+        if not bad:
+            break
+        for ci, wi in bad:
+            ctx = contexts[ci]
+            store(ci, wi, *_measure_point(model, cache_for(ctx), ctx, toks[widths[wi]], repeats=repeats,
+                                          warmup=warmup, tick=tick))
+            remeasured += 1
+    caches.clear()
     bar.close()
     return Profile(key=profile_key(model), contexts=list(contexts), widths=list(widths), attn=attn, mlp=mlp,
-                   head=head, overhead=over, seconds=tick() - t_start)
+                   head=head, overhead=over, seconds=tick() - t_start, win_attn=win_attn, remeasured=remeasured)
+
+
+def fit_line(c: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``y ~ a + b c`` by least squares with ``a, b >= 0`` (when a clamp applies, the other
+    coefficient is the least-squares fit of the constrained model: a constant, or a line through
+    the origin)."""
+    if len(c) == 1 or np.ptp(c) == 0:
+        return float(max(np.mean(y), 0.0)), 0.0
+    b, a = np.polyfit(c, y, 1)
+    if b < 0:
+        return float(max(np.mean(y), 0.0)), 0.0
+    if a < 0:
+        return 0.0, float(max(np.dot(c, y) / np.dot(c, c), 0.0))
+    return float(a), float(b)
+
+
+def robust_line(c: np.ndarray, y: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, float]:
+    """:func:`fit_line` on the points ``keep`` marks (all by default), then, with at least 4 of
+    them, without the point furthest from the line when it is off by more than 50% (at most one
+    point in four dropped)."""
+    keep = np.ones(len(c), dtype=bool) if keep is None else keep.copy()
+    if keep.sum() == 0:
+        keep[:] = True
+    drops = int(keep.sum()) // 4
+    a, b = fit_line(c[keep], y[keep])
+    for _ in range(drops):
+        pred = a + b * c
+        err = np.where(keep, np.abs(y - pred) / np.maximum(np.abs(pred), 1e-12), -1.0)
+        j = int(np.argmax(err))
+        if err[j] <= 0.5 or keep.sum() <= 2:
+            break
+        keep[j] = False
+        a, b = fit_line(c[keep], y[keep])
+    return a, b
+
+
+def _layer_outliers(rows: np.ndarray, factor: float = 2.0) -> np.ndarray:
+    """``rows [layer, context]`` of one width: True where a layer's time is more than ``factor``
+    times its expected time at that context, the expected time being the median over the layers
+    at that context scaled by the layer's own median ratio to it over the contexts (a transient
+    hits a few sublayers of one point; layers that differ from the others everywhere, e.g. with
+    a sliding window, keep their ratio)."""
+    med = np.median(rows, axis=0)                                         # [context]
+    ratio = np.median(rows / np.maximum(med[None], 1e-12), axis=1)        # [layer]
+    expected = ratio[:, None] * med[None]
+    return rows > factor * np.maximum(expected, 1e-12)
 
 
 @dataclass
@@ -167,35 +305,44 @@ class LatencyModel:
     over_b: list[float]              # [width]
     fit_error: dict[str, float] = field(default_factory=dict)
     profile: Profile | None = None
+    win_attn: dict[str, list[float]] = field(default_factory=dict)   # window -> [layer], width 1
 
     # ---- fitting ----------------------------------------------------------------------------------
     @classmethod
     def fit(cls, p: Profile) -> LatencyModel:
         c = np.asarray(p.contexts, dtype=float)
         L, W = len(p.attn), len(p.widths)
-
-        def line(y: list[float]) -> tuple[float, float]:
-            if len(c) == 1:
-                return float(y[0]), 0.0
-            b, a = np.polyfit(c, np.asarray(y), 1)
-            return float(a), float(max(b, 0.0))
+        A = np.asarray(p.attn, dtype=float)                       # [layer, width, context]
+        M = np.asarray(p.mlp, dtype=float)
         attn_a = [[0.0] * W for _ in range(L)]
         attn_b = [[0.0] * W for _ in range(L)]
         errs: list[float] = []
-        for i in range(L):
-            for w in range(W):
-                a, b = line(p.attn[i][w])
+        mlp = [[0.0] * W for _ in range(L)]
+        for w in range(W):
+            out_a = _layer_outliers(A[:, w]) if L >= 3 else np.zeros_like(A[:, w], dtype=bool)
+            out_m = _layer_outliers(M[:, w]) if L >= 3 else np.zeros_like(M[:, w], dtype=bool)
+            for i in range(L):
+                a, b = robust_line(c, A[i, w], ~out_a[i])
                 attn_a[i][w], attn_b[i][w] = a, b
-                errs += [abs(a + b * cc - y) / y for cc, y in zip(c, p.attn[i][w]) if y > 0]
-        mlp = [[float(np.median(p.mlp[i][w])) for w in range(W)] for i in range(L)]
+                errs += [abs(a + b * cc - y) / y for cc, y in zip(c, A[i, w]) if y > 0]
+                keep = ~out_m[i] if (~out_m[i]).any() else np.ones(len(c), dtype=bool)
+                mlp[i][w] = float(np.median(M[i, w][keep]))
         mlp_err = [abs(mlp[i][w] - y) / y for i in range(L) for w in range(W) for y in p.mlp[i][w] if y > 0]
         head = [float(np.median(p.head[w])) for w in range(W)]
-        over = [line(p.overhead[w]) for w in range(W)]
+        over = [robust_line(c, np.asarray(p.overhead[w], dtype=float)) for w in range(W)]
+        win: dict[str, list[float]] = {}
+        for key, rows in (p.win_attn or {}).items():
+            per_layer = [[v for v in r if v is not None] for r in rows]
+            if all(per_layer):
+                med = [float(np.median(v)) for v in per_layer]
+                # a layer far above the other layers' median (a transient): the median of the others
+                m_all = float(np.median(med))
+                win[key] = [v if v <= 2.0 * m_all else m_all for v in med]
         fe = {"attention_mape": float(np.mean(errs)) if errs else 0.0,
               "mlp_mape": float(np.mean(mlp_err)) if mlp_err else 0.0}
         return cls(key=p.key, widths=list(p.widths), n_layers=L, attn_a=attn_a, attn_b=attn_b, mlp=mlp,
                    head=head, over_a=[o[0] for o in over], over_b=[o[1] for o in over], fit_error=fe,
-                   profile=p)
+                   profile=p, win_attn=win)
 
     @classmethod
     def analytic(cls, n_layers: int, *, attn: float, attn_per_token: float, mlp: float, head: float,
@@ -241,6 +388,23 @@ class LatencyModel:
         oa, ob = self._at(n)[4:]
         return max(oa + ob * ctx, 0.0)
 
+    def window_time(self, layer: int, window: int, ctx: int, n: int = 1) -> float:
+        """Time of layer ``layer``'s attention windowed to the sink and the last ``window`` keys:
+        the profiled time of that window where there is one (width 1; other widths scaled like
+        full attention at that span), else full attention's line at the window's span; never
+        more than full attention at ``ctx``."""
+        full = self.attn_time(layer, ctx, n)
+        span = window + SINK
+        t = self.win_attn.get(str(window)) if self.win_attn else None
+        if t is not None:
+            t1 = t[layer]
+            if n != 1:
+                base = self.attn_time(layer, span, 1)
+                t1 *= self.attn_time(layer, span, n) / base if base > 0 else 1.0
+        else:
+            t1 = self.attn_time(layer, span, n)
+        return min(full, t1)
+
     def sublayer_times(self, ctx: int, n: int = 1) -> list[float]:
         """Time of each of the 2L sublayers (the knapsack weights) at this context and width."""
         a, b, m = self._at(n)[:3]
@@ -256,9 +420,13 @@ class LatencyModel:
         a, b, m, head, oa, ob = self._at(n_tokens)
         t = max(oa + ob * ctx, 0.0) + head_scale * head
         run = plan.run if plan is not None else None
+        win = plan.window if plan is not None else ()
         for i in range(self.n_layers):
             if run is None or run[2 * i]:
-                t += max(a[i] + b[i] * ctx, 0.0)
+                if win and win[2 * i]:
+                    t += self.window_time(i, win[2 * i], ctx, n_tokens)
+                else:
+                    t += max(a[i] + b[i] * ctx, 0.0)
             if run is None or run[2 * i + 1]:
                 t += m[i]
         return t
@@ -274,6 +442,7 @@ class LatencyModel:
         prof = d.pop("profile", None)
         m = cls(**d)
         m.profile = Profile(**prof) if prof else None
+        m.__dict__.pop("_memo", None)
         assert len(m.attn_a) == m.n_layers and len(m.head) == len(m.widths), "inconsistent profile"
         return m
 
@@ -286,13 +455,89 @@ def profile_path(key: dict[str, Any]) -> Path:
     return cache_dir() / "latency" / f"{h}.json"
 
 
+def check(model: Any, lm: LatencyModel, *, repeats: int = 5, warmup: int = 1,
+          clock: Callable[[], float] | None = None) -> dict[int, float]:
+    """Real one-token forwards at each profiled context against the model's prediction: context ->
+    measured / predicted (medians)."""
+    prof = lm.profile
+    assert prof is not None, "check() needs the profile the model was fitted from"
+    tick = _Timer(model.device, clock or time.perf_counter)
+    tok = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    out = {}
+    with torch.inference_mode():
+        for ctx in prof.contexts:
+            cache = model.new_cache(ctx + 2)
+            ts = []
+            for r in range(warmup + repeats):
+                cache.set_length(ctx)
+                t0 = tick()
+                model.forward(tok, ctx, cache)
+                if r >= warmup:
+                    ts.append(tick() - t0)
+            out[ctx] = statistics.median(ts) / max(lm.predict(None, ctx, 1), 1e-12)
+            del cache
+    return out
+
+
+def profile(model: Any, *, contexts: list[int], widths: tuple[int, ...] | list[int], repeats: int,
+            windows: tuple[int, ...] | list[int] = WINDOWS, progress: bool = False, retries: int = 2,
+            clock: Callable[[], float] | None = None) -> tuple[LatencyModel, bool]:
+    """Measure, fit and check (see the module docstring): ``(model, checked)``; ``checked`` is
+    False when real forwards still disagreed with the prediction after ``retries`` rounds of
+    measuring the disagreeing contexts again."""
+    prof = measure(model, contexts=contexts, widths=widths, repeats=repeats, progress=progress,
+                   windows=tuple(windows), clock=clock)
+    lm = LatencyModel.fit(prof)
+    for attempt in range(retries + 1):
+        ratios = check(model, lm, clock=clock)
+        off = [ctx for ctx, r in ratios.items() if abs(r - 1.0) > CHECK_TOLERANCE]
+        if not off:
+            return lm, True
+        if attempt == retries:
+            vals = list(ratios.values())
+            uniform = max(vals) / min(vals) <= UNIFORM
+            log.warning("the latency profile's full-step predictions disagree with real steps at context(s) %s "
+                        "(measured/predicted %s): %s", off, ", ".join(f"{ratios[c]:.2f}" for c in off),
+                        "alike at every context (the machine's load changed; that scales every time alike and "
+                        "changes no decision): cached" if uniform else "used, but not cached")
+            return lm, uniform
+        again = measure(model, contexts=off, widths=widths, repeats=repeats, windows=tuple(windows), clock=clock)
+        for j, ctx in enumerate(off):                      # the new points replace the old ones
+            ci = prof.contexts.index(ctx)
+            for i in range(len(prof.attn)):
+                for w in range(len(prof.widths)):
+                    prof.attn[i][w][ci] = again.attn[i][w][j]
+                    prof.mlp[i][w][ci] = again.mlp[i][w][j]
+                for key in prof.win_attn:
+                    prof.win_attn[key][i][ci] = again.win_attn.get(key, [[None]] * len(prof.attn))[i][j]
+            for w in range(len(prof.widths)):
+                prof.head[w][ci] = again.head[w][j]
+                prof.overhead[w][ci] = again.overhead[w][j]
+        prof.remeasured += len(off)
+        lm = LatencyModel.fit(prof)
+    return lm, False
+
+
+def drop_cached(lm: LatencyModel) -> bool:
+    """Remove ``lm``'s profile from the cache folder (the next process measures it again);
+    whether there was one."""
+    path = profile_path(lm.key)
+    _MEMO.pop(str(path), None)
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, progress: bool = False,
-                      repeats: int | None = None, contexts: list[int] | None = None) -> LatencyModel:
+                      repeats: int | None = None, contexts: list[int] | None = None,
+                      windows: tuple[int, ...] | list[int] = WINDOWS) -> LatencyModel:
     """The cached latency model for this model/device/dtype/threads, profiling if needed."""
     key = profile_key(model)
     path = profile_path(key)
     memo = _MEMO.get(str(path))
-    if memo is not None and not force and path.is_file():
+    if memo is not None and not force and (path.is_file() or memo.key.get("unchecked")):
         return memo
     if path.is_file() and not force:
         try:
@@ -306,10 +551,12 @@ def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, p
     log.warning("no latency profile for this model/device/dtype/threads yet: measuring one (%s, "
                 "about 15-60 s on a CPU); cached in %s", "quick" if quick else "full", path.parent)
     ctxs = contexts or default_contexts(model.cfg.max_position, quick=quick)
-    prof = measure(model, contexts=ctxs, widths=QUICK_WIDTHS if quick else FULL_WIDTHS,
-                   repeats=repeats or (3 if quick else 7), progress=progress)
-    lm = LatencyModel.fit(prof)
-    write_text_atomic(path, lm.to_json())
+    lm, ok = profile(model, contexts=ctxs, widths=QUICK_WIDTHS if quick else FULL_WIDTHS,
+                     repeats=repeats or (3 if quick else 7), progress=progress, windows=windows)
+    if ok:
+        write_text_atomic(path, lm.to_json())
+        log.info("latency profile written to %s (%.1fs; fit error %s)", path, lm.profile.seconds, lm.fit_error)
+    else:
+        lm.key = dict(lm.key, unchecked=True)           # this process only
     _MEMO[str(path)] = lm
-    log.info("latency profile written to %s (%.1fs; fit error %s)", path, prof.seconds, lm.fit_error)
     return lm

@@ -29,11 +29,19 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .attention import MIN_ROWS, SPAN_CHUNK, Masks, branch_attention, exact_pass_attention, shared_zeros
+from .attention import (
+    MIN_ROWS,
+    SPAN_CHUNK,
+    Masks,
+    branch_attention,
+    exact_pass_attention,
+    shared_zeros,
+    window_attention,
+)
 from .cache import KVCache
 from .config import Arch, ModelConfig, rope_inv_freq
 from .formats import QuantWeight
-from .plan import Plan
+from .plan import SINK, Plan
 from .rope import RotaryTable, apply_rope
 
 __all__ = ["Arch", "ForwardOut", "Model", "ModelConfig", "rms_norm"]
@@ -377,12 +385,14 @@ class Model:
         return F.embedding(tokens, self.embed)                           # [B, T, H]
 
     def attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, *,
-                  write: bool = True) -> torch.Tensor:
+                  write: bool = True, window: int = 0) -> torch.Tensor:
         """Layer ``i``'s attention sublayer on ``x: [B, T, H]`` at positions ``start..``.
 
         ``write=True``: keys/values go into the cache at those positions and the tokens attend
         to cache positions ``0 .. start+T-1``. ``write=False``: the cache is only read (prefix
         ``0 .. start-1``, shared by all B rows), each row attending causally to its own tokens.
+        ``window`` > 0 (drafts only): each token attends to the sink and its last ``window``
+        positions only (``plan.SINK``).
         """
         cfg, L = self.cfg, self.layers[i]
         b, t, _ = x.shape
@@ -406,17 +416,19 @@ class Model:
         g = hq // hkv
         if write:
             cache.write(i, start, k, v)
-        if write and self.row_invariant:
+        if write and self.row_invariant and not window:
             o = exact_pass_attention(self.masks, i, q, start, cache)            # [B, Hq, T, D]
         else:
             # group the query heads that share a KV head: [B, Hkv, G*T, D]; no copy of K/V
             qg = q.reshape(b, hkv, g * t, d)
-            if write:
+            if write and window:                                         # a draft's window: not exact mode
+                o = window_attention(self.masks, i, qg, start, t, cache, window)   # (drafts need not be)
+            elif write:
                 keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
                 mask = self.masks.sdpa(i, start, t, keys.shape[2], g)   # [G*T, S] or None
                 o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
             else:
-                o = branch_attention(self.masks, i, qg, k, v, start, cache)
+                o = branch_attention(self.masks, i, qg, k, v, start, cache, window)
         o = o.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
         return x + self.linear(o, L.wo)
 
@@ -427,8 +439,9 @@ class Model:
         return x + self.linear(F.silu(gate) * up, L.w_down)
 
     def sublayer(self, s: int, x: torch.Tensor, start: int, cache: KVCache, *,
-                 write: bool = True) -> torch.Tensor:
-        """Run sublayer ``s`` (attention ``s//2`` if ``s`` is even, else its MLP)."""
+                 write: bool = True, window: int = 0) -> torch.Tensor:
+        """Run sublayer ``s`` (attention ``s//2`` if ``s`` is even, else its MLP); ``window``: an
+        attention sublayer windowed to the sink and the last ``window`` positions (drafts)."""
         if self._native_sublayers:
             packs = self._native_layer(s // 2)
             if packs is not None:
@@ -436,9 +449,9 @@ class Model:
                     L = self.layers[s // 2]
                     return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3])
                 if write and x.shape[0] == 1 and x.shape[1] <= _NATIVE_ATTENTION_MAX_TOKENS:
-                    return self._native_attention(s // 2, x, start, cache, packs)
+                    return self._native_attention(s // 2, x, start, cache, packs, window)
         if s % 2 == 0:
-            return self.attention(s // 2, x, start, cache, write=write)
+            return self.attention(s // 2, x, start, cache, write=write, window=window)
         return self.mlp(s // 2, x)
 
     def _native_layer(self, i: int) -> tuple | None:
@@ -484,9 +497,11 @@ class Model:
         cache._native_stack = ((id(self), self._pack_gen), refs, table)
         return table
 
-    def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple) -> torch.Tensor:
+    def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple,
+                          draft_window: int = 0) -> torch.Tensor:
         """Layer ``i``'s attention sublayer in one native call (one sequence, cache written); each
-        token's row is computed the same way alone or in a pass (see ``native/sublayers.h``)."""
+        token's row is computed the same way alone or in a pass (see ``native/sublayers.h``);
+        ``draft_window``: a draft's window (with the sink)."""
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
         cache.check_room(start, t)
@@ -497,7 +512,8 @@ class Model:
                                 k_cache=cache.k[i], v_cache=cache.v[i], k_blocks=cache.kt[i],
                                 v_pairs=None if cache.vt is None else cache.vt[i], n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                window=cfg.window(i), o=packs[1])
+                                window=cfg.window(i), o=packs[1], draft_window=draft_window,
+                                sink=SINK if draft_window else 0)
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
@@ -532,6 +548,7 @@ class Model:
         if plan is not None:
             assert plan.n_layers == self.cfg.n_layers, "plan is for a different number of layers"
         run = None if plan is None or plan.is_full else plan.run
+        win = plan.window if plan is not None else ()
         x = self.embed_tokens(tokens)
         states = [x] if capture else None
         table = (self._native_stack_table(cache) if self._native_sublayers and not capture and b == 1
@@ -541,13 +558,15 @@ class Model:
             cfg = self.cfg
             cos, sin = self.rope.native(start, t)
             mask = self._run_all if run is None else torch.tensor(run, dtype=torch.uint8)
+            dwin = torch.tensor(win[0::2], dtype=torch.int64) if win else None    # drafts' windows
             x = native.stack(x, start, mask, table, eps=cfg.rms_norm_eps, cos=cos, sin=sin,
                              capacity=cache.capacity, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size)
+                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
+                             draft_windows=dwin, sink=SINK if win else 0)
         else:
             for s in range(2 * self.cfg.n_layers):
                 if run is None or run[s]:
-                    x = self.sublayer(s, x, start, cache)
+                    x = self.sublayer(s, x, start, cache, window=win[s] if win else 0)
                 if states is not None:
                     states.append(x)
         cache.set_length(start + t)

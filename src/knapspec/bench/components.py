@@ -224,7 +224,7 @@ def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, 
     from ..latency import get_latency_model
     from ..sampling import SamplingParams
     from ..strategies.base import RoundState
-    from ..strategies.knapspec import KnapSpecStrategy
+    from ..strategies.knapspec import DEFAULT_WINDOWS, KnapSpecStrategy
     from ..strategies.pricing import best_length, tpt, verify_times
     from ..strategies.static import StaticStrategy
     m, eng = llm.model, llm.engine
@@ -236,9 +236,10 @@ def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, 
         ids = llm.encode(p.text, chat=p.chat)
         cache = m.new_cache(len(ids) + 1)
         prefill(m, ids, cache, logits=False)
-        strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0)
-        strat.start(RoundState(model=m, cache=cache, tokens=ids + [0], n_prompt=len(ids), round=0,
-                               sampling=SamplingParams(), remaining=new_tokens))
+        strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0,
+                                 windows=DEFAULT_WINDOWS)
+        strat.collect_prompt(RoundState(model=m, cache=cache, tokens=ids + [0], n_prompt=len(ids), round=0,
+                                        sampling=SamplingParams(), remaining=new_tokens))
         cands, _ = strat.optimise(len(ids))
         if len(cands) > plans:
             idx = np.linspace(0, len(cands) - 1, plans).round().astype(int)

@@ -59,7 +59,8 @@ def run_record(*, prompt, n_prompt: int, strategy: str, stats, describe: dict, r
         "rounds": stats.rounds, "draft_s": stats.draft_s, "verify_s": stats.verify_s, "plan_s": stats.plan_s,
         "plan_share": stats.plan_s / stats.decode_s if stats.decode_s > 0 else 0.0,
         "predicted_tps": describe.get("predicted_tps"), "attn_skip_share": describe.get("attn_skip_share"),
-        "mlp_skip_share": describe.get("mlp_skip_share"), "match": match, "mismatch": mismatch,
+        "mlp_skip_share": describe.get("mlp_skip_share"), "attn_window_share": describe.get("attn_window_share"),
+        "match": match, "mismatch": mismatch,
         "strategy_state": describe,
     }
 

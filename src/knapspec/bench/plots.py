@@ -72,16 +72,19 @@ def plot_speedup_vs_context(records: list[dict], out: str | Path) -> None:
 
 
 def plot_skip_share(records: list[dict], out: str | Path, strategy: str = "knapspec") -> None:
-    """Share of attention and of MLP sublayers skipped by the plans used, vs prompt length."""
+    """Share of attention sublayers skipped and windowed, and of MLP sublayers skipped, by the
+    plans used (rounds that drafted), vs prompt length."""
     import numpy as np
     rs = [r for r in records if r["strategy"] == strategy and r.get("attn_skip_share") is not None]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ctxs = sorted({r["context"] for r in rs})
-    for key, label in (("attn_skip_share", "attention"), ("mlp_skip_share", "MLP")):
-        ax.plot(ctxs, [float(np.mean([r[key] for r in rs if r["context"] == c])) for c in ctxs], "o-",
-                label=f"{label} sublayers skipped")
-    ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="share skipped (drafting rounds)",
-           title=f"{strategy}: what the plans skip", ylim=(0, 1))
+    for key, label in (("attn_skip_share", "attention sublayers skipped"),
+                       ("attn_window_share", "attention sublayers windowed"),
+                       ("mlp_skip_share", "MLP sublayers skipped")):
+        ax.plot(ctxs, [float(np.mean([r.get(key) or 0.0 for r in rs if r["context"] == c])) for c in ctxs], "o-",
+                label=label)
+    ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="share (drafting rounds)",
+           title=f"{strategy}: what the plans skip and window", ylim=(0, 1))
     ax.legend(fontsize=8)
     _save(fig, out)
 

@@ -298,13 +298,15 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
               q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_blocks: torch.Tensor,
               v_pairs: torch.Tensor | None, n_heads: int,
-              n_kv_heads: int, head_dim: int, window: int | None, o: Packed | QPacked) -> torch.Tensor:
+              n_kv_heads: int, head_dim: int, window: int | None, o: Packed | QPacked,
+              draft_window: int = 0, sink: int = 0) -> torch.Tensor:
     """The whole attention sublayer of one sequence ``x [1, T, H]`` at positions ``start..``: norm,
     qkv product, (q/k norms), rotary embedding (``cos``, ``sin``: float32 ``[T, D/2]``), the new keys
     and values written into ``k_cache, v_cache [1, Hkv, capacity, D]`` and into the attention's own
     layouts ``k_blocks`` and ``v_pairs`` (bfloat16 only; see ``cache.py``), causal attention over
     positions ``0 .. start+T-1`` (or the sliding ``window``), output product and residual.
-    Returns a new tensor."""
+    ``draft_window`` > 0 (drafts): each token sees only its last ``draft_window`` positions and
+    the first ``sink``. Returns a new tensor."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -314,7 +316,7 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
                   0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
                   cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_blocks.data_ptr(),
                   0 if v_pairs is None else v_pairs.data_ptr(), k_cache.shape[2],
-                  start, n_heads, n_kv_heads, head_dim, window or 0, o.desc.data_ptr())
+                  start, n_heads, n_kv_heads, head_dim, window or 0, o.desc.data_ptr(), draft_window, sink)
     return out
 
 
@@ -325,14 +327,18 @@ STACK_FIELDS = ("attn_norm", "qkv", "bqkv", "q_norm", "k_norm", "o", "mlp_norm",
 
 def stack(x: torch.Tensor, start: int, run: torch.Tensor, table: torch.Tensor, *, eps: float,
           cos: torch.Tensor, sin: torch.Tensor, capacity: int, n_heads: int, n_kv_heads: int,
-          head_dim: int, intermediate: int) -> torch.Tensor:
+          head_dim: int, intermediate: int, draft_windows: torch.Tensor | None = None,
+          sink: int = 0) -> torch.Tensor:
     """Every sublayer of the model over one sequence ``x [1, T, H]`` in one call: ``run`` (uint8,
     2L) says which run, ``table`` (int64 ``[L, len(STACK_FIELDS)]``) where each layer's weights
-    and cache are. The same arithmetic as :func:`attention` and :func:`mlp` one by one."""
+    and cache are; ``draft_windows`` (int64 ``[L]``, optional) a draft window per layer's
+    attention (0: none) with ``sink`` positions. The same arithmetic as :func:`attention` and
+    :func:`mlp` one by one."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
     mod.stack(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], start,
               run.data_ptr(), table.shape[0], table.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
-              capacity, n_heads, n_kv_heads, head_dim, intermediate)
+              capacity, n_heads, n_kv_heads, head_dim, intermediate,
+              0 if draft_windows is None else draft_windows.data_ptr(), sink)
     return out

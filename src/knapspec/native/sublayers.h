@@ -377,12 +377,14 @@ KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, cons
 // the new keys and values written into the cache at positions start .. start+T-1: kc/vc, this
 // layer's cache [Hkv][cap][D], and kt/vt, the attention's own layouts (above).
 // cos/sin: float32 tables [positions][D/2], row `start` first. window <= 0: no sliding window.
+// draft_window > 0 (drafts only): each token also sees only its last draft_window keys, plus the
+// first `sink` positions ("attention sink"; knapspec/plan.py).
 template <typename T>
 KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* norm_w, float eps,
                            const int64_t* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
                            const float* cosp, const float* sinp, T* kc, T* vc, T* kt, T* vt,
                            int64_t cap, int64_t start, int64_t hq, int64_t hkv, int64_t D,
-                           int64_t window, const int64_t* w_o) {
+                           int64_t window, const int64_t* w_o, int64_t draft_window = 0, int64_t sink = 0) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
   const int64_t nblk = (cap + kBlk - 1) / kBlk, npair = (cap + 1) / 2;
@@ -432,24 +434,39 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   }
   // attention: work items (KV head, 256-key chunk), each over every token of the call
   const int64_t R = Tn * g, end = start + Tn;
-  const int64_t c_first = (window > 0 ? std::max<int64_t>(0, start - window + 1) : 0) / kChunk;
+  // --- draft windows: the keys a token sees start at lo(p) (the nearer of the two windows); with
+  // a draft window, one more work item per KV head covers the sink keys before lo(p)
+  auto lo_of = [&](int64_t p) {
+    int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    if (draft_window > 0) lo = std::max<int64_t>(lo, p - draft_window + 1);
+    return lo;
+  };
+  const bool sinks = draft_window > 0 && sink > 0;
+  // --- end draft windows
+  const int64_t c_first = lo_of(start) / kChunk;
   const int64_t c_last = (end - 1) / kChunk;
-  const int64_t nc = c_last - c_first + 1;
+  const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
   std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, hkv * nc, 1, [&](int64_t ia, int64_t ib) {
     std::vector<float> sbuf(g * kChunk), pbuf(g * kChunk);
     for (int64_t it = ia; it < ib; ++it) {
       const int64_t kvh = it / nc, ci = it % nc;
-      const int64_t k0 = (c_first + ci) * kChunk, k1 = std::min(end, k0 + kChunk);
+      const bool sink_item = sinks && ci == nc - 1;      // draft windows: keys [0, sink) before lo(p)
+      const int64_t k0 = sink_item ? 0 : (c_first + ci) * kChunk, k1 = std::min(end, k0 + kChunk);
       const T* ktk = kt + kvh * nblk * D * kBlk;
       const T* vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
       for (int64_t t = 0; t < Tn; ++t) {
         const int64_t p = start + t;
-        const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        const int64_t lo = lo_of(p);
         const int64_t r = it * R + t * g;
-        attend_token<T>(q.data() + t * nq + kvh * g * D, g, p, lo, ktk, vsk, D, k0, k1, scale,
-                        sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
+        if (sink_item)
+          attend_token<T>(q.data() + t * nq + kvh * g * D, g, std::min(p, std::min(sink, lo) - 1),
+                          window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, ktk, vsk, D, 0, k1, scale,
+                          sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
+        else
+          attend_token<T>(q.data() + t * nq + kvh * g * D, g, p, lo, ktk, vsk, D, k0, k1, scale,
+                          sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
       }
     }
   });
@@ -497,20 +514,21 @@ void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t nor
 void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t norm_w, double eps,
                int64_t w_qkv, int64_t b_qkv, int64_t q_norm, int64_t k_norm, int64_t cosp,
                int64_t sinp, int64_t kc, int64_t vc, int64_t kt, int64_t vt, int64_t cap,
-               int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window, int64_t w_o) {
+               int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window, int64_t w_o,
+               int64_t draft_window, int64_t sink) {
   if (bf16)
     attention_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, P<uint16_t>(norm_w),
                           static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv),
                           P<uint16_t>(q_norm), P<uint16_t>(k_norm), P<float>(cosp), P<float>(sinp),
                           reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc),
                           reinterpret_cast<uint16_t*>(kt), reinterpret_cast<uint16_t*>(vt), cap, start,
-                          hq, hkv, D, window, P<int64_t>(w_o));
+                          hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink);
   else
     attention_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, P<float>(norm_w),
                        static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
                        P<float>(k_norm), P<float>(cosp), P<float>(sinp), reinterpret_cast<float*>(kc),
                        reinterpret_cast<float*>(vc), reinterpret_cast<float*>(kt), nullptr, cap, start,
-                       hq, hkv, D, window, P<int64_t>(w_o));
+                       hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink);
 }
 
 
@@ -521,10 +539,11 @@ void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t
 enum Field { kAttnNorm, kQkv, kBqkv, kQNorm, kKNorm, kO, kMlpNorm, kGateUp, kDown, kKc, kVc, kKt, kVt,
              kWindow, kFields };
 
+// dwin (may be null): per layer, a draft window for its attention (0: none), with `sink` positions.
 template <typename T>
 void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uint8_t* run, int64_t L,
              const int64_t* layers, float eps, const float* cosp, const float* sinp, int64_t cap,
-             int64_t hq, int64_t hkv, int64_t D, int64_t I) {
+             int64_t hq, int64_t hkv, int64_t D, int64_t I, const int64_t* dwin = nullptr, int64_t sink = 0) {
   std::vector<T> a(x, x + Tn * H), b(Tn * H);
   for (int64_t s = 0; s < 2 * L; ++s) {
     if (!run[s]) continue;
@@ -533,7 +552,7 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
       attention_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kAttnNorm]), eps, P<int64_t>(f[kQkv]), P<float>(f[kBqkv]),
                      P<T>(f[kQNorm]), P<T>(f[kKNorm]), cosp, sinp, reinterpret_cast<T*>(f[kKc]),
                      reinterpret_cast<T*>(f[kVc]), reinterpret_cast<T*>(f[kKt]), reinterpret_cast<T*>(f[kVt]),
-                     cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]));
+                     cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]), dwin ? dwin[s / 2] : 0, sink);
     else
       mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<int64_t>(f[kGateUp]), I, P<int64_t>(f[kDown]));
     a.swap(b);
@@ -543,15 +562,15 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
 
 void stack(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t start, int64_t run,
            int64_t L, int64_t layers, double eps, int64_t cosp, int64_t sinp, int64_t cap, int64_t hq,
-           int64_t hkv, int64_t D, int64_t I) {
+           int64_t hkv, int64_t D, int64_t I, int64_t dwin, int64_t sink) {
   if (bf16)
     stack_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, start, P<uint8_t>(run), L,
                       P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap,
-                      hq, hkv, D, I);
+                      hq, hkv, D, I, P<int64_t>(dwin), sink);
   else
     stack_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, start, P<uint8_t>(run), L,
                    P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap, hq,
-                   hkv, D, I);
+                   hkv, D, I, P<int64_t>(dwin), sink);
 }
 
 }  // namespace ks

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..latency import LatencyModel
 from ..model import Model
 from ..plan import Plan
-from .base import REGISTRY, Draft, Outcome, RoundState, Strategy
+from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import Choice, KnapSpecStrategy, knapsack_dp
 from .pricing import best_length, verify_times
 
@@ -37,6 +37,7 @@ class CLaSpStrategy(KnapSpecStrategy):
     exit. Shares KnapSpec's collection of verified hidden states and its batched DP."""
 
     name = "clasp"
+    wants_hidden = True                     # the verifier's residual stream, every round
 
     def __init__(self, model: Model, *, skip_layers: int | None = None, d_max: int = 6, every: int = 8,
                  window: int = 4, threshold: float | None = None) -> None:
@@ -46,8 +47,30 @@ class CLaSpStrategy(KnapSpecStrategy):
             raise ValueError(f"CLaSp skips 1..{n - 1} layers, got {m}")
         self.skip_layers = m
         super().__init__(model, LatencyModel.analytic(n, attn=1.0, attn_per_token=0.0, mlp=1.0, head=1.0),
-                         window=window, d_max=d_max, every=every, regrow=1e9, min_cosine=-1.0,
+                         window=window, d_max=d_max, every=every, min_cosine=-1.0,
                          max_states=n + 1, threshold=threshold)
+
+    def start(self, state: RoundState) -> None:
+        self.reset()
+        self._cache = state.cache
+        self.collect_prompt(state)
+        self._replan(state)
+
+    def propose(self, state: RoundState) -> Draft:
+        self._cache = state.cache
+        if self.choice is None or state.round - self._last_dp_round >= self.every:
+            self._replan(state)
+        c = self.choice
+        assert c is not None
+        self._used.append(c)
+        if c.plan is None:
+            return AUTOREGRESSIVE
+        return Draft(plan=c.plan, max_len=c.d, threshold=self.threshold, source=self.name)
+
+    def _replan(self, state: RoundState) -> None:
+        _, c = self.optimise(state.context_length)
+        self._last_dp_round = state.round
+        self._set(c)
 
     @torch.inference_mode()
     def optimise(self, ctx: int) -> tuple[list[tuple[Plan, float, float]], Choice]:
@@ -64,8 +87,8 @@ class CLaSpStrategy(KnapSpecStrategy):
         def score(depth: int, X: torch.Tensor) -> torch.Tensor:
             return F.cosine_similarity(X.float(), ref[2 * depth][None], dim=-1).mean(-1)
 
-        def allow(i: int, run: tuple[bool, ...]) -> bool:
-            return run[0]                                        # layer 0 always runs
+        def allow(i: int, runs: torch.Tensor) -> torch.Tensor:
+            return runs[:, 0] != 0                               # layer 0 always runs
 
         states, _ = knapsack_dp([1] * n, hidden[0][None], step, score, allow=allow)
         ok = [s for s in states if s.saved >= self.skip_layers] or states

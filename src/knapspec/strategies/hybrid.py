@@ -40,17 +40,19 @@ so a greedy choice that once finds a kind of match unprofitable never drafts it 
 learns otherwise. Sampling keeps trying such matches in proportion to the remaining uncertainty.
 
 The KnapSpec planner costs a full-model pass over its window plus a dynamic program, so it starts
-late and backs off: the residual stream is collected (and captured during verification) only once
-``plan_after`` rounds in a row found no lookup match; a "no draft pays" verdict puts it back to
-sleep and doubles that number for its next start (up to 64; a verdict with a plan resets it). On hardware where
-layer-skip drafts never pay, the hybrid then costs what prompt lookup costs.
+late and backs off: it wakes only once ``plan_after`` rounds in a row found no lookup match; a "no
+draft pays" verdict puts it back to sleep and doubles that number for its next start (up to 64; a
+verdict with a plan resets it). On hardware where layer-skip drafts never pay, the hybrid then
+costs what prompt lookup costs. Nothing is captured during verification: the planner computes the
+residual stream it needs just before a dynamic program.
 
-That back-off is remembered across processes (``memory``: a small JSON file in the cache folder,
-keyed like the latency profile by model shape, device, dtype and threads), so that every new
-``knapspec generate`` does not pay the planner's first wake (a full-model pass over its window and
-the DP: ~0.2 s for the embedded model on a CPU) to learn again what the last one found. Created by
-name (the CLI, the API, the benchmark) the strategy uses the default file; ``memory="off"`` or
-deleting the file forgets it.
+That back-off is the planner's own memory (``memory.PlanMemory``: per context bucket, a small JSON
+file in the cache folder keyed like the latency profile by model shape, device, dtype and threads,
+shared with the ``knapspec`` strategy), so that every new ``knapspec generate`` does not pay the
+planner's first wake (a full-model pass over its window and the DP: ~0.2 s for the embedded model
+on a CPU) to learn again what the last one found; once awake, the planner itself decides from that
+memory before it runs a DP. Created by name (the CLI, the API, the benchmark) the strategy uses
+the default file; ``memory="off"`` or deleting the file forgets it.
 
 With a draft vocabulary (``draft_vocab``, see ``vocab.py``) every skip option also comes in one
 variant per subset size: the draft step is cheaper by the lm_head rows left out, and its acceptance
@@ -59,21 +61,19 @@ is tracked per size (prior: the full-vocabulary estimate times the subset's cove
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..latency import LatencyModel, profile_key
+from ..latency import LatencyModel
 from ..model import Model
-from ..storage import write_json_atomic
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
-from .knapspec import KnapSpecStrategy
+from .knapspec import DEFAULT_WINDOWS, KnapSpecStrategy, parse_windows, planner_memory
 from .lookup import MAX_POS, LookupAcceptance, NgramIndex
+from .memory import PlanMemory, bucket
 from .pricing import VerifyTimes
 from .vocab import DraftVocab
 
@@ -104,12 +104,13 @@ class HybridStrategy(Strategy):
                  max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
                  plan_after: int = 4, draft_vocab: DraftVocab | None = None, persist: bool = True,
                  threshold: float | None = None, seed: int = 0, min_lookup: int | None = None,
-                 memory: str | os.PathLike[str] | None = None, **planner: Any) -> None:
+                 memory: PlanMemory | str | os.PathLike[str] | None = None, **planner: Any) -> None:
         self.model = model
         # the acceptance estimates carry over to the next prompts (the benchmark and the API keep
         # one instance), instead of starting every generation from the Beta(1, 1) priors
         self.persists_across_prompts = persist
-        self.planner = KnapSpecStrategy(model, latency, d_max=d_max, **planner)
+        self.memory = memory if isinstance(memory, PlanMemory) else PlanMemory(memory)
+        self.planner = KnapSpecStrategy(model, latency, d_max=d_max, memory=self.memory, **planner)
         self.max_ngram, self.max_lookup, self.d_max = max_ngram, max_lookup, d_max
         self.skip_prior, self.use_skip, self.threshold = skip_prior, use_skip, threshold
         self.plan_after = plan_after
@@ -119,10 +120,9 @@ class HybridStrategy(Strategy):
         if min_lookup is None:
             min_lookup = 0 if getattr(model, "kernels", "") == "native" else 8
         self.min_lookup = min_lookup
-        self.memory = None if memory is None else Path(memory)
-        self._streak = self._recall()              # "no draft" verdicts in a row (the back-off level)
-        self._remembered = self.memory is not None and self.memory.is_file()   # a verdict on disk
-        self._plan_after_now = self._backoff(self._streak)
+        self._plan_after_now = plan_after
+        self._bucket = -1
+        self._wake_now = False
         self._active = False                       # the planner runs in this prompt
         self._rng = np.random.default_rng(seed)
         self._misses = 0
@@ -141,7 +141,7 @@ class HybridStrategy(Strategy):
     def latency(self) -> LatencyModel:
         return self.planner.latency
 
-    # ---- the planner's back-off, remembered ------------------------------------------------------------
+    # ---- the planner's back-off, remembered per context bucket -------------------------------------
     def _backoff(self, streak: int) -> int:
         """Lookup misses in a row that wake the planner after ``streak`` "no draft" verdicts in a
         row: ``plan_after``, doubled per verdict, at most 64."""
@@ -149,40 +149,26 @@ class HybridStrategy(Strategy):
             return self.plan_after
         return min(max(self.plan_after, 1) << min(streak, 7), 64)
 
-    def _recall(self) -> int:
-        if self.memory is None or not self.memory.is_file():
-            return 0
-        try:
-            streak = json.loads(self.memory.read_text())["no_draft_streak"]
-            if not isinstance(streak, int) or streak < 0:
-                raise ValueError(f"bad streak {streak!r}")
-            return streak
-        except (OSError, ValueError, KeyError, TypeError) as e:   # unreadable: start afresh
-            log.warning("ignoring the hybrid planner's memory %s (%s)", self.memory, e)
-            return 0
+    def _recall(self, ctx: int) -> None:
+        """The wait for the planner at this context's bucket, from the planner's memory."""
+        self._bucket = bucket(ctx)
+        self._plan_after_now = self._backoff(int(self.memory.get(self._bucket).get("streak", 0)))
 
-    def _remember(self) -> None:
-        if self.memory is None:
-            return
-        try:
-            write_json_atomic(self.memory, {"no_draft_streak": self._streak}, indent=None)
-            self._remembered = True
-        except OSError as e:                              # a read-only cache: keep going unremembered
-            log.debug("could not write %s: %s", self.memory, e)
+    @property
+    def _remembered(self) -> bool:
+        """Whether the memory holds a verdict at all (a file with at least one bucket)."""
+        return bool(self.memory.buckets())
 
     def prepare(self, *, progress: bool = False) -> bool:
         """The planner's latency profile; and, when this machine's verdict on layer-skip drafts is
         not remembered yet, a warm-up generation to learn it (the planner wakes at once there)."""
         self.planner.prepare(progress=progress)
-        if self.use_skip and self.memory is not None and not self._remembered:
-            self._plan_after_now = 0
+        if self.use_skip and self.memory.path is not None and not self._remembered:
+            self._wake_now = True
             return True
         return False
 
-    @property
-    def wants_hidden(self) -> bool:               # type: ignore[override]
-        """The verifier's residual stream is captured only while the planner runs."""
-        return self._active
+    wants_hidden = False                          # the planner computes what it needs when it runs
 
     # ---- estimates --------------------------------------------------------------------------------
     def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
@@ -220,10 +206,12 @@ class HybridStrategy(Strategy):
         c = self.planner.choice
         if self.use_skip and self._active and c is not None and c.plan is not None:
             vocabs: list[int | None] = [None] + (list(self.vocab.sizes) if self.vocab is not None else [])
+            step = self.verify_times.step_ratio()
             for v in vocabs:
                 a = self.skip_alpha(v)
                 scale = 1.0 if v is None else self.vocab.rows_for(v) / self.vocab.V
-                td = self.latency.predict(c.plan, ctx, 1, head_scale=scale)
+                # corrected like verification (the same kernels; see VerifyTimes.step_ratio)
+                td = step * self.latency.predict(c.plan, ctx, 1, head_scale=scale)
                 for d in range(1, self.d_max + 1):
                     e_skip = sum(a ** i for i in range(1, d + 1))
                     if not (k and self.min_lookup):
@@ -251,6 +239,10 @@ class HybridStrategy(Strategy):
         if self.vocab is not None:
             self.vocab.start(state.tokens[:state.n_prompt], capacity=state.remaining + 2)
         self._n_committed = state.n_prompt
+        self._recall(state.context_length)
+        if self._wake_now:                        # prepare's warm-up: the planner wakes at once
+            self._plan_after_now = 0
+            self._wake_now = False
 
     def propose(self, state: RoundState) -> Draft:
         if self.vocab is not None and len(state.tokens) > self._n_committed:
@@ -259,24 +251,21 @@ class HybridStrategy(Strategy):
         self._index.update(state.tokens)
         n_gram, cont = self._index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
         self._misses = 0 if cont else self._misses + 1
+        ctx = state.context_length
+        if bucket(ctx) != self._bucket and not self._active:
+            self._recall(ctx)
+        decided = len(self.planner.history)
         if self.use_skip and not self._active and self._misses >= self._plan_after_now:
-            # the residual stream of the last committed tokens (their KV is in the cache), then
-            # capture during verification from now on
-            self.planner.collect(state, len(state.tokens) - 1)
-            self._active = True
-        if self._active:
-            n_plans = len(self.planner.history)
-            self.planner.propose(state)            # plans now, then on the planner's own schedule
-            if len(self.planner.history) > n_plans:
-                pays = self.planner.choice is not None and self.planner.choice.plan is not None
-                streak = 0 if pays else self._streak + 1
-                if streak != self._streak or not self._remembered:
-                    self._streak = streak
-                    self._remember()
-                self._plan_after_now = self._backoff(streak)
-                if not pays:                       # sleep until that many misses in a row again
-                    self._active = False
-                    self._misses = 0
+            self._active = True                    # the planner decides now (memory, bound or DP)
+            self.planner.decide(state, "start")
+        elif self._active:
+            self.planner.propose(state)            # its own triggers: bucket change, acceptance
+        if len(self.planner.history) > decided:
+            pays = self.planner.choice is not None and self.planner.choice.plan is not None
+            self._recall(ctx)
+            if not pays:                           # sleep until that many misses in a row again
+                self._active = False
+                self._misses = 0
         k = min(len(cont), self.max_lookup)
         if not self._active and k <= self.min_lookup:
             # nothing to price: without the planner the only candidate is the whole lookup draft
@@ -333,25 +322,13 @@ class HybridStrategy(Strategy):
 def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
             threshold: float | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
-                                                    "every", "regrow", "min_cosine", "max_states", "resolution",
+                                                    "every", "min_cosine", "max_states", "resolution",
                                                     "alpha", "persist", "skip_prior", "seed",
-                                                    "min_lookup")}
+                                                    "min_lookup", "margin")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
-    memory = options.get("memory", "auto")
-    if memory == "auto":
-        memory = default_memory_path(model)
-    elif memory in ("off", None):
-        memory = None
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,
-                          memory=memory, **kw)
-
-
-def default_memory_path(model: Model) -> Path:
-    """Where the planner's back-off is remembered: keyed like the latency profile (model shape,
-    device, dtype, threads, torch version)."""
-    from ..latency import profile_path
-    p = profile_path(profile_key(model))
-    return p.parent.parent / "hybrid" / p.name
+                          memory=planner_memory(model, options.get("memory", "auto")),
+                          windows=parse_windows(options.get("windows", DEFAULT_WINDOWS)), **kw)
 
 
 def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:

@@ -1,27 +1,38 @@
-"""KnapSpec: choose the skipped attention/MLP sublayers as a knapsack, and the draft length by TPT.
+"""KnapSpec: choose the skipped, windowed and full attention/MLP sublayers as a knapsack, and the
+draft length by TPT; step aside (plain decoding, nothing captured, nothing planned) where no draft
+pays.
 
-Every few rounds the strategy re-plans from the verifier's residual stream on the last ``window``
-committed tokens (collected through ``Outcome.hidden``; before the first round, from the prompt's
-last tokens, computed read-only against the prefilled cache, so no round drafts blind):
-
-1. **Weights.** Each sublayer's time at the current context from the latency model (attention
-   grows with context, MLP does not), in integer units of ``1/resolution`` of the cheapest
-   sublayer, so the attention:MLP ratio keeps ``resolution`` steps of precision and is never capped.
-2. **DP** (:func:`knapsack_dp`) over the 2L sublayers in order. A state is (depth, time saved);
-   it keeps the best hidden states of the collected tokens (value: mean cosine similarity with the
-   full model's residual stream at that depth). Every live state goes on executed and skipped;
-   all executed states of one sublayer run in one batched call
-   (``Model.sublayer(..., write=False)``: each branch reads the committed prefix KV and attends
-   causally among its own tokens). States under ``min_cosine`` are dropped, and so are states
-   another state beats on both time saved and value (exact for additive values; see the tests).
+1. **Weights.** Each sublayer option's time saved at the current context from the latency model
+   (attention grows with context, MLP does not; a windowed attention costs what its sink and
+   window cost), in integer units of ``1/resolution`` of the cheapest sublayer, so the
+   attention:MLP ratio keeps ``resolution`` steps of precision and is never capped.
+2. **DP** (:func:`knapsack_dp`): a multiple-choice knapsack over the 2L sublayers in order. Each
+   attention sublayer is full, windowed (sink + last W keys, W from ``windows``) or skipped; each
+   MLP full or skipped. A state is (depth, time saved); it keeps the hidden states of the collected
+   tokens (value: mean cosine similarity with the full model's residual stream at that depth).
+   Every live state goes on with every option; all states of one option of one sublayer run in
+   one batched call (``Model.sublayer(..., write=False)``: each branch reads the committed prefix
+   KV and attends causally among its own tokens). States under ``min_cosine`` are dropped, and so
+   are states another state beats on both time saved and value (exact for additive values; see
+   the tests). The bookkeeping is vectorised (tensors of states, not Python loops).
 3. **Selection.** For each final state: α = top-1 agreement of its logits with the full model's on
    the collected tokens (or the cosine proxy), then the (plan, d) maximising
-   ``TPT = E(α, d) / (d·T_draft(plan) + T_verify(d+1))`` with times from the latency model. If no
-   draft beats a plain decoding step (``1 / T_verify(1)``), the strategy decodes without drafting
-   until the next re-plan.
-4. **Schedule.** Re-plan every ``every`` rounds and whenever the context has grown by
-   ``regrow`` (a fraction) since the last plan; after a no-draft verdict the interval doubles
-   (up to 8x ``every``) so that planning stays cheap where drafting does not pay.
+   ``TPT = E(α, d) / (d·T_draft(plan) + T_verify(d+1))``. If no draft beats a plain decoding step
+   (``1 / T_verify(1)``), the strategy decodes without drafting.
+4. **When to plan.** Verdicts are kept per context bucket (powers of two) in a
+   :class:`~knapspec.strategies.memory.PlanMemory`, across generations and (with a memory file)
+   processes. A decision is due at the start of a generation, when the context enters another
+   bucket, and when the acceptance measured while drafting no longer pays for the plan. Each
+   decision takes, in order: the bucket's remembered plan if it still pays at this context; the
+   remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
+   verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
+   (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; and only then the DP, on the
+   full model's residual stream over the last ``window`` committed tokens, computed read-only just
+   before it (nothing is captured during decoding, so plain steps keep the fused native path).
+5. **Latency checks.** Verification times are corrected online by the measured/predicted ratio
+   per width (:class:`~knapspec.strategies.pricing.VerifyTimes`), draft steps by the measured ratio
+   of the plan in use; a profile whose one-token steps are off by more than ``LatencyWatch.limit``
+   is logged once and dropped from the cache folder, so that the next process measures it again.
 """
 
 from __future__ import annotations
@@ -38,80 +49,96 @@ import torch.nn.functional as F
 from ..cache import KVCache
 from ..latency import LatencyModel, get_latency_model
 from ..model import Model
-from ..plan import Plan
+from ..plan import SINK, Plan
+from . import memory as plan_memory
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
-from .pricing import best_plan
+from .memory import PlanMemory, bucket
+from .pricing import LatencyWatch, VerifyTimes, best_length, best_plan
 
 log = logging.getLogger(__name__)
 
-
 # ---- the DP -------------------------------------------------------------------------------------
+SKIP, FULL = 0, 1           # options of an item; any other option value is the item's own (a window)
+
+
 @dataclass
 class DPState:
     saved: int                  # time saved, in weight units
     value: float                # value at the final depth
-    run: tuple[bool, ...]       # one entry per item: executed?
+    run: tuple[int, ...]        # one entry per item: the option taken (0 = skipped, 1 = full, W = window)
     index: int                  # row of this state in the final hidden batch
 
 
-def _pareto(saved: list[int], value: list[float]) -> list[int]:
-    """Indices of the states no other state beats on both time saved and value (ties: one kept)."""
-    order = sorted(range(len(saved)), key=lambda i: (-saved[i], -value[i]))
-    keep, best = [], float("-inf")
-    for i in order:
-        if value[i] > best:
-            keep.append(i)
-            best = value[i]
-    return sorted(keep, key=lambda i: saved[i])
+def pareto(saved: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Indices of the states no other state beats on both time saved and value (ties: one kept),
+    in increasing time saved."""
+    n = saved.shape[0]
+    if n == 0:
+        return saved.new_zeros(0, dtype=torch.long)
+    order = torch.argsort(value, descending=True, stable=True)            # value desc, then ...
+    order = order[torch.argsort(saved[order], descending=True, stable=True)]   # ... saved desc
+    v = value[order]
+    prev = torch.cat([v.new_full((1,), float("-inf")), torch.cummax(v, 0).values[:-1]])
+    keep = order[v > prev]
+    return keep.flip(0)
 
 
-def knapsack_dp(weights: Sequence[int], x0: torch.Tensor,
-                step: Callable[[int, torch.Tensor], torch.Tensor],
+Items = Sequence[Sequence[tuple[int, int]]]
+
+
+def knapsack_dp(items: Items | Sequence[int], x0: torch.Tensor,
+                step: Callable[..., torch.Tensor],
                 score: Callable[[int, torch.Tensor], torch.Tensor], *,
                 min_value: float | None = None, max_states: int | None = None,
-                allow: Callable[[int, tuple[bool, ...]], bool] | None = None,
+                allow: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                 ) -> tuple[list[DPState], torch.Tensor]:
-    """Approximate knapsack over items taken in order (the parallel DP).
+    """Approximate multiple-choice knapsack over items taken in order (the parallel DP).
 
-    ``x0`` is the state tensor before the first item (one row: ``[1, ...]``). For item ``s``,
-    ``step(s, X)`` applies it to a batch of states ``X: [N, ...]``; skipping it carries the row
-    unchanged and adds ``weights[s]`` to the time saved. ``score(depth, X) -> [N]`` is the value of
-    states after ``depth`` items. Per depth: one state per time-saved cell (the best value);
-    states below ``min_value`` dropped; Pareto pruning on (saved, value); at most ``max_states``
-    kept (spread over the time-saved axis). ``allow(s, run_so_far)`` may veto a partial path.
+    ``items[s]``: the options of item ``s`` as ``(option, weight)`` pairs; option 0 skips the item
+    (the state tensor carried unchanged), any other is applied by ``step(s, X, option)`` to a batch
+    of states ``X: [N, ...]``; ``weight`` is the time saved by that option. A plain list of ints
+    means the two options (1, 0) and (0, w) per item, with ``step(s, X)``. ``x0`` is the state
+    tensor before the first item (one row: ``[1, ...]``); ``score(depth, X) -> [N]`` is the value
+    of states after ``depth`` items. Per depth: states below ``min_value`` dropped (the path of
+    option 1 everywhere is never dropped); Pareto pruning on (saved, value), which keeps one state
+    per time-saved cell; at most ``max_states`` kept (spread over the time-saved axis).
+    ``allow(s, runs)`` may veto partial paths: ``runs: [N, s+1]`` option codes -> bool ``[N]``.
     Returns the final states (sorted by time saved) and their tensors.
     """
+    if items and isinstance(items[0], int):
+        plain = step
+        items = [[(FULL, 0)] + ([(SKIP, w)] if w > 0 else []) for w in items]   # type: ignore[union-attr]
+
+        def step(s: int, X: torch.Tensor, option: int) -> torch.Tensor:
+            return plain(s, X)
     X = x0
-    saved: list[int] = [0]
-    runs: list[tuple[bool, ...]] = [()]
-    for s, w in enumerate(weights):
-        Y = step(s, X)
-        cand_x = torch.cat([Y, X]) if w > 0 else Y
-        cand_saved = saved + ([v + w for v in saved] if w > 0 else [])
-        cand_run = [r + (True,) for r in runs] + ([r + (False,) for r in runs] if w > 0 else [])
-        vals = score(s + 1, cand_x).tolist()
-        cells: dict[int, int] = {}
-        for i, (sv, r) in enumerate(zip(cand_saved, cand_run)):
-            if allow is not None and not allow(s, r):
-                continue
-            if min_value is not None and vals[i] < min_value and any(not b for b in r):
-                continue            # the all-executed path is never pruned
-            j = cells.get(sv)
-            if j is None or vals[i] > vals[j]:
-                cells[sv] = i
-        idx = list(cells.values())
-        keep = [idx[k] for k in _pareto([cand_saved[i] for i in idx], [vals[i] for i in idx])]
-        if max_states is not None and len(keep) > max_states:
+    dev = x0.device
+    saved = torch.zeros(1, dtype=torch.long, device=dev)
+    runs = torch.zeros(1, 0, dtype=torch.long, device=dev)
+    vals = torch.zeros(1, dtype=torch.float64, device=dev)
+    for s, opts in enumerate(items):
+        xs, sv, rs = [], [], []
+        for opt, w in opts:
+            xs.append(X if opt == SKIP else step(s, X, opt))
+            sv.append(saved + w)
+            rs.append(torch.cat([runs, runs.new_full((runs.shape[0], 1), opt)], 1))
+        cand_x, cand_saved, cand_run = torch.cat(xs), torch.cat(sv), torch.cat(rs)
+        cand_vals = score(s + 1, cand_x).to(torch.float64)
+        ok = torch.ones(cand_saved.shape[0], dtype=torch.bool, device=dev)
+        if allow is not None:
+            ok &= allow(s, cand_run)
+        if min_value is not None:
+            ok &= (cand_vals >= min_value) | (cand_run == FULL).all(1)
+        idx = ok.nonzero().flatten()
+        keep = idx[pareto(cand_saved[idx], cand_vals[idx])]
+        if max_states is not None and keep.shape[0] > max_states:
             # keep both ends of the front and an even spread in between
-            pos = torch.linspace(0, len(keep) - 1, max_states).round().long().unique().tolist()
-            keep = [keep[p] for p in pos]
-        sel = torch.tensor(keep, device=cand_x.device)
-        X = cand_x.index_select(0, sel)
-        saved = [cand_saved[i] for i in keep]
-        runs = [cand_run[i] for i in keep]
-        last_vals = [vals[i] for i in keep]
-    states = [DPState(saved=sv, value=v, run=r, index=i)
-              for i, (sv, v, r) in enumerate(zip(saved, last_vals, runs))]
+            pos = torch.linspace(0, keep.shape[0] - 1, max_states).round().long().unique()
+            keep = keep[pos]
+        X = cand_x.index_select(0, keep)
+        saved, runs, vals = cand_saved[keep], cand_run[keep], cand_vals[keep]
+    states = [DPState(saved=int(sv), value=float(v), run=tuple(r), index=i)
+              for i, (sv, v, r) in enumerate(zip(saved.tolist(), vals.tolist(), runs.tolist()))]
     return states, X
 
 
@@ -124,18 +151,35 @@ class Choice:
     tpt: float                  # predicted tokens per second
     tpt_ar: float               # predicted tokens per second of plain decoding
     context: int
+    source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound)
+
+
+# the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
+# decisions taken from the memory
+MAX_BACKOFF = 64
+
+
+def backoff(streak: int) -> int:
+    """Decisions taken from the memory before the DP runs again, after ``streak`` "no draft"
+    verdicts in a row."""
+    return 0 if streak <= 0 else min(1 << min(streak, 6), MAX_BACKOFF)
 
 
 class KnapSpecStrategy(Strategy):
     """The KnapSpec planner (see the module docstring). ``latency`` is a fitted latency model for
-    this model on this device/dtype/threads."""
+    this model on this device/dtype/threads; ``windows``: the attention windows the DP may choose
+    (empty: full or skipped only); ``memory``: a :class:`PlanMemory`, a file for one, or None (this
+    instance's own, across its generations); ``every``: the fewest rounds between two DPs of one
+    generation (doubled per "no draft" verdict); ``margin``: how much higher than last measured
+    the TPT bound lets acceptance be."""
 
     name = "knapspec"
-    wants_hidden = True
+    wants_hidden = False
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, window: int = 8, d_max: int = 8,
-                 every: int = 64, regrow: float = 0.5, min_cosine: float = 0.5, max_states: int = 8,
-                 resolution: int = 8, alpha: str = "top1", threshold: float | None = None) -> None:
+                 every: int = 64, min_cosine: float = 0.5, max_states: int = 8, resolution: int = 8,
+                 alpha: str = "top1", threshold: float | None = None, windows: Sequence[int] = (),
+                 memory: PlanMemory | str | Any = None, margin: float = 0.1) -> None:
         if alpha not in ("top1", "cosine"):
             raise ValueError(f"alpha estimate must be 'top1' or 'cosine', got {alpha!r}")
         if latency is not None and latency.n_layers != model.cfg.n_layers:
@@ -144,12 +188,19 @@ class KnapSpecStrategy(Strategy):
                      ("max_states", max_states)):
             if v < 1:
                 raise ValueError(f"{k} must be >= 1, got {v}")
+        if any(int(w) < 2 for w in windows):
+            raise ValueError(f"attention windows must be at least 2 keys, got {list(windows)}")
         self.model, self._latency = model, latency
-        self.window, self.d_max, self.every, self.regrow = window, d_max, every, regrow
+        self.window, self.d_max, self.every = window, d_max, every
         self.min_cosine, self.max_states, self.resolution = min_cosine, max_states, resolution
-        self.alpha_mode, self.threshold = alpha, threshold
+        self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
+        self.windows = tuple(sorted({int(w) for w in windows}))
+        self.memory = memory if isinstance(memory, PlanMemory) else PlanMemory(memory)
+        self.verify_times = VerifyTimes(d_max + 2)
+        self.watch = LatencyWatch()
         self.choice: Choice | None = None
         self.history: list[Choice] = []
+        self.dp_runs = 0                               # DPs run by this instance (all generations)
         self._cache: KVCache | None = None
         self.reset()
 
@@ -166,15 +217,21 @@ class KnapSpecStrategy(Strategy):
         return False
 
     def reset(self) -> None:
-        """Forget the collected states, the plan and the plan history (a new generation)."""
+        """Forget the collected states, the plan and the plan history (a new generation); the
+        memory and the latency corrections stay."""
         self._chunks: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()  # (start, hidden, targets)
         self._n = 0
-        self._last_round = 0
-        self._last_ctx = 0
+        self._last_dp_round = -(1 << 30)
+        self._bucket = -1
+        self._streak_now = 0
         self.choice = None
         self.history = []
         self._used: list[Choice] = []              # the choice of every round
-        self._every_now = self.every
+        self._tried = 0.0                          # draft tokens decided / accepted with the current plan
+        self._acc = 0.0
+        self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
+        self._draft_obs = 0
+        self.verify_times.reset()
 
     # ---- collection -----------------------------------------------------------------------------
     def _add(self, start: int, hidden: torch.Tensor, targets: torch.Tensor) -> None:
@@ -196,10 +253,11 @@ class KnapSpecStrategy(Strategy):
         return self._chunks[0][0] + cut, hid[:, cut:], tgt[cut:]
 
     def start(self, state: RoundState) -> None:
-        """Collect the full model's residual stream on the prompt's last tokens and plan before
-        the first round."""
-        self.collect_prompt(state)
-        self._plan(state.context_length, state.round)
+        """A new generation: decide (from the memory, the bound, or the DP on the prompt's last
+        tokens) before the first round."""
+        self.reset()
+        self._cache = state.cache
+        self.decide(state, "start")
 
     def collect_prompt(self, state: RoundState) -> None:
         """The full model's residual stream on the prompt's last ``window`` tokens, computed
@@ -210,7 +268,8 @@ class KnapSpecStrategy(Strategy):
     def collect(self, state: RoundState, end: int) -> None:
         """Restart collection from the full model's residual stream on the ``window`` committed
         tokens before position ``end`` (whose KV the cache holds), computed read-only."""
-        self.reset()
+        self._chunks.clear()
+        self._n = 0
         self._cache = state.cache
         model = state.model
         k = min(self.window, end)
@@ -224,20 +283,16 @@ class KnapSpecStrategy(Strategy):
         targets = model.head(hidden[-1]).argmax(-1)
         self._add(p0, hidden, targets)
 
-    def observe(self, outcome: Outcome) -> None:
-        if outcome.hidden is None:
-            return
-        n = outcome.accepted + 1
-        targets = torch.tensor(outcome.target_tokens[:n], device=outcome.hidden.device)
-        self._add(outcome.context_length - 1, outcome.hidden, targets)
-
+    # ---- the protocol ---------------------------------------------------------------------------
     def propose(self, state: RoundState) -> Draft:
         ctx = state.context_length
         self._cache = state.cache
-        due = (state.round - self._last_round >= self._every_now
-               or ctx >= self._last_ctx * (1.0 + self.regrow))
-        if self.choice is None or due:
-            self._plan(ctx, state.round)
+        if self.choice is None:
+            self.decide(state, "start")
+        elif bucket(ctx) != self._bucket:
+            self.decide(state, "bucket")
+        elif self.choice.plan is not None and not self._still_pays(ctx):
+            self.decide(state, "acceptance")
         c = self.choice
         assert c is not None
         self._used.append(c)
@@ -245,83 +300,306 @@ class KnapSpecStrategy(Strategy):
             return AUTOREGRESSIVE
         return Draft(plan=c.plan, max_len=c.d, threshold=self.threshold, source="knapspec")
 
-    # ---- planning -------------------------------------------------------------------------------
+    def observe(self, outcome: Outcome) -> None:
+        if outcome.hidden is not None:             # a subclass that captures (CLaSp)
+            n = outcome.accepted + 1
+            targets = torch.tensor(outcome.target_tokens[:n], device=outcome.hidden.device)
+            self._add(outcome.context_length - 1, outcome.hidden, targets)
+        self.observe_times(outcome)
+        c = self.choice
+        if (c is not None and c.plan is not None and outcome.draft.plan is c.plan
+                and outcome.accepted >= outcome.n_lookup):          # the model's drafts were reached
+            self.observe_acceptance(outcome.drafted - outcome.n_lookup, outcome.accepted - outcome.n_lookup)
+
+    def observe_times(self, outcome: Outcome) -> None:
+        """Measured verification (and draft) times against the latency model's predictions."""
+        if outcome.verify_s <= 0:
+            return
+        ctx = outcome.context_length
+        self.verify_times.predict(self.latency, ctx)
+        self.verify_times.observe(outcome.drafted + 1, outcome.verify_s)
+        if outcome.drafted == 0:
+            verdict = self.watch.observe(outcome.verify_s, self.latency.predict(None, ctx, 1))
+            if verdict is not None:
+                self.watch.report(self.latency, verdict)
+        c = self.choice
+        model_steps = outcome.drafted - outcome.n_lookup
+        if c is not None and c.plan is not None and outcome.draft.plan is c.plan and model_steps > 0 \
+                and outcome.draft_s > 0:
+            pred = model_steps * self.latency.predict(c.plan, ctx, 1)
+            r = outcome.draft_s / pred
+            self._draft_obs += 1
+            self._draft_ratio += (r - self._draft_ratio) / min(self._draft_obs, 16)
+
+    def observe_acceptance(self, tried_drafts: int, accepted: int) -> None:
+        """Drafts of the current plan decided (the accepted ones and the first rejected) and
+        accepted in a round."""
+        if tried_drafts <= 0:
+            return
+        self._tried += min(tried_drafts, accepted + 1)
+        self._acc += max(accepted, 0)
+
+    def measured_alpha(self, prior: float = 8.0) -> float:
+        """The current plan's acceptance: measured while drafting, shrunk towards the predicted α
+        with the weight of ``prior`` tokens."""
+        c = self.choice
+        a0 = c.alpha if c is not None else 0.0
+        return (self._acc + prior * a0) / (self._tried + prior)
+
+    def _still_pays(self, ctx: int) -> bool:
+        """Whether the current plan, at the acceptance measured so far and the draft time
+        measured so far, still beats a plain step (checked once 16 drafts were decided)."""
+        c = self.choice
+        assert c is not None and c.plan is not None
+        if self._tried < 16 and self._draft_obs < 8:
+            return True
+        tv = self.verify_times.at(self.latency, ctx)
+        td = self.draft_time(c.plan, ctx)
+        _, v = best_length(self.measured_alpha(), td, tv, self.d_max)
+        return v > 1.0 / tv[0]
+
+    def draft_time(self, plan: Plan, ctx: int) -> float:
+        """A draft step's time with ``plan`` at ``ctx``: the prediction corrected by the ratio
+        measured on the current plan's draft steps (once 8 rounds drafted with it), else by the
+        ratio measured on full steps."""
+        c = self.choice
+        if c is not None and c.plan == plan and self._draft_obs >= 8:
+            scale = self._draft_ratio
+        else:
+            scale = self.verify_times.step_ratio()
+        return scale * self.latency.predict(plan, ctx, 1)
+
+    # ---- deciding -------------------------------------------------------------------------------
+    def tpt_bound(self, ctx: int, tv: list[float] | None = None) -> float:
+        """An upper bound on the TPT any plan can reach at ``ctx``, cheap to compute (no model
+        run). Always: the TPT at acceptance 1 of the cheapest draft step any plan allows (one
+        sublayer of layer 0, the head and the per-forward overhead), which holds for every plan.
+        Tighter where the DP ran before in this bucket (or the nearest bucket that has some): the
+        best TPT of its candidate plans re-priced at this context with their acceptance raised by
+        ``margin`` (the candidates are the DP's Pareto front of time saved and closeness, so this
+        bounds what the DP would find again unless acceptance moved by more than the margin)."""
+        lat = self.latency
+        tv = tv if tv is not None else self.verify_times.at(lat, ctx)
+        n = self.model.cfg.n_layers
+        t_min = min(self.draft_time(Plan.from_sublayer_skips(n, set(range(2 * n)) - {s}), ctx) for s in (0, 1))
+        _, structural = best_length(1.0, t_min, tv, self.d_max)
+        cands = self._nearest_candidates(bucket(ctx))
+        if cands is None:
+            return structural
+        best = 0.0
+        for text, a in cands:
+            try:
+                plan = Plan.parse(text, n)
+            except ValueError:
+                return structural
+            _, v = best_length(min(1.0, a + self.margin), self.draft_time(plan, ctx), tv, self.d_max)
+            best = max(best, v)
+        return min(best, structural)
+
+    def _nearest_candidates(self, b: int) -> list[tuple[str, float]] | None:
+        entries = self.memory.buckets()
+        have = [k for k, v in entries.items() if v.get("candidates") is not None]
+        if not have:
+            return None
+        k = min(have, key=lambda x: (abs(x - b), -x))
+        return [(str(t), float(a)) for t, a in entries[k]["candidates"]]
+
+    def decide(self, state: RoundState, trigger: str) -> None:
+        """Choose the plan for the rounds from here (see the module docstring, "When to plan")."""
+        ctx = state.context_length
+        b = bucket(ctx)
+        self._bucket = b
+        lat = self.latency
+        tv = self.verify_times.at(lat, ctx, exact=True)
+        t_ar = 1.0 / tv[0]
+        entry = self.memory.get(b)
+        n = self.model.cfg.n_layers
+        old = self.choice
+        if trigger == "acceptance" and old is not None and old.plan is not None:
+            # what drafting measured replaces the estimate, in the plan and in the candidates
+            a, text = round(self.measured_alpha(), 4), str(old.plan)
+            upd: dict[str, Any] = {}
+            if entry.get("plan") == text:
+                upd["alpha"] = a
+            if entry.get("candidates"):
+                upd["candidates"] = [[t, a if t == text else x] for t, x in entry["candidates"]]
+            if upd:
+                self.memory.update(b, **upd)
+                entry = self.memory.get(b)
+        self._tried = self._acc = 0.0
+        self._draft_ratio, self._draft_obs = 1.0, 0
+        # 1. the bucket's remembered plan, if it still pays here
+        if entry.get("plan") and trigger != "acceptance":
+            try:
+                plan = Plan.parse(entry["plan"], n)
+                a = float(entry.get("alpha", 0.0))
+                d, v = best_length(a, self.draft_time(plan, ctx), tv, self.d_max)
+                if v > t_ar:
+                    self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory"))
+                    return
+            except ValueError:
+                pass
+        # 2. a remembered "no draft" verdict, while the back-off lasts; and no second DP in one
+        #    generation before ``every << streak`` rounds
+        streak = int(entry.get("streak", 0))
+        gated = int(entry.get("gated", 0))
+        too_soon = state.round - self._last_dp_round < self.every << min(streak, 3)
+        if (streak > 0 and gated < backoff(streak)) or too_soon:
+            self.memory.update(b, gated=gated + 1)
+            self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx, source="memory"))
+            return
+        # 3. the cheap bound
+        bound = self.tpt_bound(ctx, tv)
+        if bound <= t_ar:                            # a verdict as good as the DP's: the back-off grows
+            self.memory.update(b, gated=0, streak=min(streak + 1, 7), plan=None)
+            self._set(Choice(plan=None, d=0, alpha=0.0, tpt=bound, tpt_ar=t_ar, context=ctx, source="bound"))
+            return
+        # 4. the DP, on the residual stream of the last committed tokens
+        self.collect(state, len(state.tokens) - 1)
+        cands, c = self.optimise(ctx)
+        self._last_dp_round = state.round
+        keep = sorted(cands, key=lambda x: -x[1])[:16]
+        if c.plan is None:
+            self.memory.update(b, streak=streak + 1, gated=0, plan=None,
+                               candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
+        else:
+            self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=round(c.alpha, 4), d=c.d,
+                               candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
+        self._set(c)
+
+    def _set(self, c: Choice) -> None:
+        self.choice = c
+        self.history.append(c)
+        if log.isEnabledFor(logging.DEBUG):
+            if c.plan is None:
+                log.debug("knapspec @ctx %d (%s): no draft (best draft TPT %.1f, decoding %.1f tok/s)",
+                          c.context, c.source, c.tpt, c.tpt_ar)
+            else:
+                log.debug("knapspec @ctx %d (%s): plan %s; alpha %.2f, d %d, predicted %.1f tok/s (decoding "
+                          "%.1f)", c.context, c.source, c.plan, c.alpha, c.d, c.tpt, c.tpt_ar)
+
+    # ---- the DP on the collected tokens -----------------------------------------------------------
+    def items(self, ctx: int) -> list[list[tuple[int, int]]]:
+        """Per sublayer, its options with their time saved in weight units: full (0 saved), each
+        window that saves time at ``ctx`` (attention only), skipped."""
+        lat = self.latency
+        times = lat.sublayer_times(ctx, 1)
+        unit = min(t for t in times if t > 0) / self.resolution if any(t > 0 for t in times) else 1.0
+        out = []
+        for s, t in enumerate(times):
+            opts = [(FULL, 0)]
+            if s % 2 == 0:
+                for w in self.windows:
+                    if ctx > w + SINK + self.window:
+                        saved = round((t - lat.window_time(s // 2, w, ctx, 1)) / unit)
+                        if saved > 0:
+                            opts.append((w, saved))
+            w0 = max(round(t / unit), 0)
+            if w0 > 0:
+                opts.append((SKIP, w0))
+            out.append(opts)
+        return out
+
     @torch.inference_mode()
     def optimise(self, ctx: int) -> tuple[list[tuple[Plan, float, float]], Choice]:
         """Run the DP on the collected tokens at context ``ctx``. Returns the candidates
         ``(plan, alpha, mean cosine)`` and the chosen (plan, d)."""
         model, lat = self.model, self.latency
+        self.dp_runs += 1
         start, hidden, targets = self._collected()
         ref = hidden.float()                                         # [2L+1, K, H]
-        times = lat.sublayer_times(ctx, 1)
-        unit = min(t for t in times if t > 0) / self.resolution if any(t > 0 for t in times) else 1.0
-        weights = [max(round(t / unit), 0) for t in times]
         cache = self._cache
         assert cache is not None, "optimise() runs inside a generation (after start())"
 
-        def step(s: int, X: torch.Tensor) -> torch.Tensor:
-            return model.sublayer(s, X, start, cache, write=False)
+        def step(s: int, X: torch.Tensor, option: int) -> torch.Tensor:
+            return model.sublayer(s, X, start, cache, write=False, window=option if option > FULL else 0)
 
         def score(depth: int, X: torch.Tensor) -> torch.Tensor:
             return F.cosine_similarity(X.float(), ref[depth][None], dim=-1).mean(-1)
 
-        def allow(s: int, run: tuple[bool, ...]) -> bool:
-            return s != 1 or run[0] or run[1]                        # never skip all of layer 0
+        def allow(s: int, runs: torch.Tensor) -> torch.Tensor:
+            if s != 1:
+                return torch.ones(runs.shape[0], dtype=torch.bool, device=runs.device)
+            return (runs[:, 0] != SKIP) | (runs[:, 1] != SKIP)        # never skip all of layer 0
 
-        states, X = knapsack_dp(weights, hidden[0][None], step, score, min_value=self.min_cosine,
+        states, X = knapsack_dp(self.items(ctx), hidden[0][None], step, score, min_value=self.min_cosine,
                                 max_states=self.max_states, allow=allow)
         cands: list[tuple[Plan, float, float]] = []
-        finals = [st for st in states if not all(st.run) and any(st.run)]
+        finals = [st for st in states if any(st.run) and not all(o == FULL for o in st.run)]
         if finals:
             Xf = X.index_select(0, torch.tensor([st.index for st in finals], device=X.device))
             top = model.head(Xf).argmax(-1)                          # [N, K]
             agree = (top == targets[None]).float().mean(-1).tolist()
             for st, a in zip(finals, agree):
                 alpha = a if self.alpha_mode == "top1" else max(0.0, min(1.0, st.value))
-                cands.append((Plan(run=st.run), alpha, st.value))
-        plan, d, v, v_ar = best_plan([(p, a) for p, a, _ in cands], lat, ctx, self.d_max)
+                cands.append((Plan.from_options(st.run), alpha, st.value))
+        tv = self.verify_times.at(lat, ctx, exact=True)
+        plan, d, v, v_ar = best_plan([(p, a) for p, a, _ in cands], lat, ctx, self.d_max, tv=tv,
+                                     draft_scale=self.verify_times.step_ratio())
         alpha = next((a for p, a, _ in cands if p is plan), 0.0)
         return cands, Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=v_ar, context=ctx)
 
-    def _plan(self, ctx: int, rnd: int) -> None:
-        _, c = self.optimise(ctx)
-        self.choice = c
-        self.history.append(c)
-        # back off while drafting does not pay (each no-draft verdict doubles the interval, up to
-        # 8x): re-planning then costs little where the answer keeps being "decode normally"
-        self._every_now = self.every if c.plan is not None else min(2 * self._every_now, 8 * self.every)
-        self._last_round, self._last_ctx = rnd, ctx
-        if log.isEnabledFor(logging.DEBUG):
-            if c.plan is None:
-                log.debug("knapspec plan @ctx %d: no draft (best draft TPT below decoding %.1f tok/s)",
-                          ctx, c.tpt_ar)
-            else:
-                a, m = list(c.plan.attn_skipped), list(c.plan.mlp_skipped)
-                log.debug("knapspec plan @ctx %d: skip attention %s, MLP %s; alpha %.2f, d %d, predicted "
-                          "%.1f tok/s (decoding %.1f)", ctx, a, m, c.alpha, c.d, c.tpt, c.tpt_ar)
-
     def describe(self) -> dict[str, Any]:
-        """Plans made, and the skipped shares of attention / MLP sublayers averaged over the
-        rounds that drafted with a plan (what the benchmark plots against context length)."""
+        """Plans made, and the skipped and windowed shares of attention / MLP sublayers averaged
+        over the rounds that drafted with a plan (what the benchmark plots against context)."""
         n = self.model.cfg.n_layers
         used = [c for c in self._used if c.plan is not None]
-        out: dict[str, Any] = {"strategy": self.name, "plans": len(self.history),
+
+        def share(f: Callable[[Plan], int]) -> float:
+            return sum(f(c.plan) for c in used) / (n * len(used)) if used else 0.0
+        out: dict[str, Any] = {"strategy": self.name, "plans": len(self.history), "dp_runs": self.dp_runs,
                                "draft_round_share": len(used) / len(self._used) if self._used else 0.0,
-                               "attn_skip_share": sum(len(c.plan.attn_skipped) for c in used) / (n * len(used))
-                               if used else 0.0,
-                               "mlp_skip_share": sum(len(c.plan.mlp_skipped) for c in used) / (n * len(used))
-                               if used else 0.0}
+                               "attn_skip_share": share(lambda p: len(p.attn_skipped)),
+                               "attn_window_share": share(lambda p: len(p.attn_windowed)),
+                               "mlp_skip_share": share(lambda p: len(p.mlp_skipped))}
+        if used:
+            wins = [w for c in used for w in c.plan.attn_windowed.values()]
+            if wins:
+                out["mean_window"] = sum(wins) / len(wins)
         if self._used:
             out["predicted_tps"] = sum(c.tpt for c in self._used) / len(self._used)
         if self.history:
             last = self.history[-1]
             out["last_plan"] = str(last.plan) if last.plan is not None else "none"
+            out["decided_by"] = [c.source for c in self.history]
         return out
 
 
 @REGISTRY.register("knapspec")
 def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
               threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("window", "every", "regrow", "min_cosine", "max_states",
-                                                    "resolution", "alpha")}
+    kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
+                                                    "resolution", "alpha", "margin")}
+    kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
+    kw["memory"] = planner_memory(model, options.get("memory", "auto"))
     return KnapSpecStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
+
+
+# The attention windows the planner may choose by default (keys besides the sink).
+DEFAULT_WINDOWS = (64, 256, 1024)
+
+
+def parse_windows(spec: Any) -> tuple[int, ...]:
+    """``"64/256"`` or ``"64+256"`` (option strings), a sequence of ints, or ``"off"``/``"none"``."""
+    if spec in (None, "off", "none", "", 0):
+        return ()
+    if isinstance(spec, int):
+        return (spec,)
+    if isinstance(spec, str):
+        try:
+            return tuple(int(x) for x in spec.replace("+", "/").split("/") if x)
+        except ValueError:
+            raise ValueError(f"bad attention windows {spec!r}: expected sizes like 64/256/1024, or off") from None
+    return tuple(int(x) for x in spec)
+
+
+def planner_memory(model: Model, spec: Any) -> PlanMemory:
+    """``"auto"``: this set-up's file in the cache folder; ``"off"``/None: in the process only;
+    a path; or a :class:`PlanMemory`."""
+    if isinstance(spec, PlanMemory):
+        return spec
+    if spec == "auto":
+        return PlanMemory(plan_memory.default_memory_path(model))
+    if spec in ("off", None):
+        return PlanMemory(None)
+    return PlanMemory(spec)

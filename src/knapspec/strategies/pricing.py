@@ -7,12 +7,17 @@ Times come from a latency model (``latency.py``); this module decides nothing an
 
 from __future__ import annotations
 
+import logging
+import statistics
+from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..plan import Plan
+
+log = logging.getLogger(__name__)
 
 
 def expected_tokens(alpha: float, d: int) -> float:
@@ -48,16 +53,17 @@ def best_length(alpha: float, t_draft: float, t_verify: Sequence[float], d_max: 
     return best, tpt(alpha, best, t_draft, t_verify[best])
 
 
-def best_plan(candidates: Sequence[tuple[Plan, float]], latency: Any, ctx: int, d_max: int,
-              ) -> tuple[Plan | None, int, float, float]:
+def best_plan(candidates: Sequence[tuple[Plan, float]], latency: Any, ctx: int, d_max: int, *,
+              tv: Sequence[float] | None = None, draft_scale: float = 1.0) -> tuple[Plan | None, int, float, float]:
     """Among ``(plan, alpha)`` candidates and plain decoding: ``(plan, d, tpt, tpt of plain
     decoding)`` with the highest predicted TPT at ``ctx`` (plan None, d 0 when no draft beats a
-    plain step)."""
-    tv = verify_times(latency, ctx, d_max + 1)
+    plain step). ``tv``: verification times (default: the latency model's); ``draft_scale``
+    multiplies the predicted draft step times."""
+    tv = tv if tv is not None else verify_times(latency, ctx, d_max + 1)
     t_ar = 1.0 / tv[0]
     best: tuple[Plan | None, int, float] = (None, 0, t_ar)
     for plan, alpha in candidates:
-        d, v = best_length(alpha, latency.predict(plan, ctx, 1), tv, d_max)
+        d, v = best_length(alpha, draft_scale * latency.predict(plan, ctx, 1), tv, d_max)
         if v > best[2]:
             best = (plan, d, v)
     return (*best, t_ar)
@@ -84,9 +90,10 @@ class VerifyTimes:
         """Forget the predictions (a new generation); the learnt ratios stay."""
         self.ctx = -1
 
-    def predict(self, latency: Any, ctx: int) -> list[float]:
-        """The latency model's times at ``ctx`` (refreshed when the context moved by ``refresh``)."""
-        if self.ctx < 0 or abs(ctx - self.ctx) >= self.refresh:
+    def predict(self, latency: Any, ctx: int, *, exact: bool = False) -> list[float]:
+        """The latency model's times at ``ctx`` (refreshed when the context moved by ``refresh``,
+        or at all with ``exact``)."""
+        if self.ctx < 0 or abs(ctx - self.ctx) >= (1 if exact else self.refresh):
             self.predicted = verify_times(latency, ctx, self.n_widths)
             self.ctx = ctx
         return self.predicted
@@ -105,18 +112,74 @@ class VerifyTimes:
             self._count[w] += 1
         self._log.clear()
 
-    def at(self, latency: Any, ctx: int) -> list[float]:
+    def at(self, latency: Any, ctx: int, *, exact: bool = False) -> list[float]:
         """``[k]``: the corrected time of a pass over ``k + 1`` tokens at ``ctx``: the prediction
         times the measured/predicted ratio of recent passes of that width (a weighted straight
         line through the widths measured at least 3 times; 1 before any)."""
-        pred = self.predict(latency, ctx)
+        pred = self.predict(latency, ctx, exact=exact)
+        return (np.asarray(pred) * self.ratios()).tolist()
+
+    def ratios(self) -> np.ndarray:
+        """``[k]``: the measured/predicted ratio of passes over ``k + 1`` tokens (see :meth:`at`)."""
         self._fold()
         seen = np.flatnonzero(self._count >= 3)
         if seen.size >= 2:                          # single widths are noisy
             wts = np.minimum(self._count[seen], 50.0)
             slope, icpt = np.polyfit(seen.astype(float), self._ratio[seen], 1, w=np.sqrt(wts))
-            ratio = np.clip(icpt + slope * np.arange(self.n_widths), 0.25, 4.0)
-            return (np.asarray(pred) * ratio).tolist()
+            return np.clip(icpt + slope * np.arange(self.n_widths), 0.25, 4.0)
         if seen.size == 1:
-            return [t * float(self._ratio[seen[0]]) for t in pred]
-        return list(pred)
+            return np.full(self.n_widths, float(self._ratio[seen[0]]))
+        return np.ones(self.n_widths)
+
+    def step_ratio(self) -> float:
+        """The measured/predicted ratio of a one-token step: what a draft step's prediction is
+        corrected by too (the same kernels; correcting only verification would make drafts look
+        cheaper than they are on a machine slower than its profile)."""
+        return float(self.ratios()[0])
+
+
+class LatencyWatch:
+    """Measured one-token steps against the latency model's predictions. Once ``n`` steps were
+    seen, a median ratio measured/predicted off by more than ``correct`` (25%) is a disagreement
+    (logged once; the strategies' :class:`VerifyTimes` correct their verification and draft times
+    by what they measure), and one beyond ``limit`` (2x either way) means the profile itself is
+    wrong: :meth:`report` logs it once and drops the cached profile, so that the next process
+    measures it again."""
+
+    _reported: ClassVar[set[str]] = set()     # profiles reported in this process
+
+    def __init__(self, n: int = 16, *, correct: float = 0.25, limit: float = 2.0) -> None:
+        self._log: deque[float] = deque(maxlen=n)
+        self.correct, self.limit = correct, limit
+        self.ratio: float | None = None           # the last median, once n steps were seen
+        self._seen = 0
+        self._told = False
+
+    def observe(self, measured: float, predicted: float) -> float | None:
+        """A measured one-token step; returns the median ratio when it is beyond ``limit``."""
+        if measured <= 0 or predicted <= 0:
+            return None
+        self._log.append(measured / predicted)
+        self._seen += 1
+        if len(self._log) < (self._log.maxlen or 1) or self._seen % 8:
+            return None
+        self.ratio = statistics.median(self._log)
+        if abs(self.ratio - 1.0) > self.correct and not self._told:
+            self._told = True
+            log.info("one-token steps take %.2fx the latency profile's prediction: predicted times are "
+                     "corrected by what is measured", self.ratio)
+        if self.ratio > self.limit or self.ratio < 1.0 / self.limit:
+            return self.ratio
+        return None
+
+    def report(self, latency: Any, ratio: float) -> None:
+        """Log once per profile that it is wrong, and drop it from the cache folder."""
+        key = repr(sorted(getattr(latency, "key", {}).items()))
+        if key in LatencyWatch._reported:
+            return
+        LatencyWatch._reported.add(key)
+        from ..latency import drop_cached
+        dropped = drop_cached(latency) if getattr(latency, "profile", None) is not None else False
+        log.warning("one-token steps take %.2fx the latency profile's prediction: the profile is wrong%s",
+                    ratio, " and was dropped from the cache folder (the next run measures it again)"
+                    if dropped else "")
