@@ -117,7 +117,7 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     assert not path.exists()
     s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
-    prompt = list(range(3, 40))                              # bucket 8 (< 512 tokens)
+    prompt = list(range(3, 40))                              # bucket 8 (< 384 tokens)
     eng.generate(prompt, s, max_new_tokens=8, stop_ids=())
     assert s.planner.dp_runs == 1 and s.planner.history[0].plan is None and s._plan_after_now == 6
 

@@ -394,3 +394,13 @@ def test_the_planner_chooses_windows_where_they_keep_the_states_close(tiny_root)
     assert any(p.attn_windowed for p, _, _ in cands)
     for p, _, _ in cands:
         assert lat.predict(p, 98, 1) <= lat.predict(None, 98, 1)
+
+
+def test_context_buckets_hold_the_usual_sizes_whole():
+    """A generation from a 4k (8k, 2k) prompt stays in one bucket: the boundaries lie at 3/4 of
+    powers of two."""
+    from knapspec.strategies.memory import bucket
+    assert bucket(1) == bucket(383) == 8 and bucket(384) == 9
+    for size, b in ((2048, 11), (4096, 12), (8192, 13)):
+        assert bucket(size - 200) == bucket(size) == bucket(size + 512) == b
+    assert bucket(3071) == 11 and bucket(3072) == 12 and bucket(6144) == 13

@@ -23,7 +23,8 @@ pays.
    :class:`~knapspec.strategies.memory.PlanMemory`, across generations and (with a memory file)
    processes. A decision is due at the start of a generation, when the context enters another
    bucket, and when the acceptance measured while drafting no longer pays for the plan. Each
-   decision takes, in order: the bucket's remembered plan if it still pays at this context; the
+   decision takes, in order: the plan in use if it still pays (entering another bucket); the
+   bucket's remembered plan if it still pays at this context; the
    remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
    verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
    (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; and only then the DP, on the
@@ -151,7 +152,8 @@ class Choice:
     tpt: float                  # predicted tokens per second
     tpt_ar: float               # predicted tokens per second of plain decoding
     context: int
-    source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound)
+    source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound) |
+                                # "carried" (the plan in use, still paying in a new bucket)
 
 
 # the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
@@ -426,6 +428,17 @@ class KnapSpecStrategy(Strategy):
             if upd:
                 self.memory.update(b, **upd)
                 entry = self.memory.get(b)
+        # 0. entering another bucket with a plan that still pays at the acceptance and draft time
+        #    measured so far: keep it (and remember it there when the bucket knows no plan)
+        if trigger == "bucket" and old is not None and old.plan is not None:
+            a = self.measured_alpha()
+            d, v = best_length(a, self.draft_time(old.plan, ctx), tv, self.d_max)
+            if v > t_ar:
+                if not entry.get("plan"):
+                    self.memory.update(b, plan=str(old.plan), alpha=round(a, 4), d=d, streak=0, gated=0)
+                self._set(Choice(plan=old.plan, d=d, alpha=old.alpha, tpt=v, tpt_ar=t_ar, context=ctx,
+                                 source="carried"))
+                return
         self._tried = self._acc = 0.0
         self._draft_ratio, self._draft_obs = 1.0, 0
         # 1. the bucket's remembered plan, if it still pays here

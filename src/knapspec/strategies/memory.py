@@ -16,7 +16,8 @@ per context bucket (powers of two, :func:`bucket`):
 * ``candidates``: the last program's candidate plans with their acceptance, which price an upper
   bound on what another run of the program could find (``KnapSpecStrategy.tpt_bound``).
 
-The hybrid strategy's planner uses the same file, so both strategies learn from each other.
+The hybrid strategy's planner uses the same file, so both strategies learn from each other. A
+file of another version is ignored (and replaced).
 ``path=None`` keeps the memory in the process only (tests, ``memory="off"``). This module decides
 nothing; it stores and reads.
 """
@@ -32,15 +33,17 @@ from ..storage import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# Context buckets: [0, 256) is bucket 8, then one bucket per power of two ([256, 512) is 8 as
-# well, [512, 1024) 9, ..., [4096, 8192) 12).
+# Context buckets: one per octave, with boundaries at 3/4 of a power of two (..., 1536, 3072,
+# 6144, 12288, ...), so that the usual sizes of a context (2k, 4k, 8k tokens and a little more or
+# less) sit inside a bucket, not on a boundary; everything below 384 tokens is one bucket.
 _MIN_BUCKET = 8
-VERSION = 1
+VERSION = 2
 
 
 def bucket(ctx: int) -> int:
-    """The context bucket of a context length: ``floor(log2(ctx))``, at least 8."""
-    return max(int(ctx).bit_length() - 1, _MIN_BUCKET)
+    """The context bucket of a context length: ``floor(log2(ctx * 4/3))``, at least 8
+    (4096 tokens: bucket 12 = [3072, 6144))."""
+    return max((int(ctx) * 4 // 3).bit_length() - 1, _MIN_BUCKET)
 
 
 def default_memory_path(model: Any) -> Path:
