@@ -109,11 +109,12 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     import json
 
     from knapspec.strategies import REGISTRY
-    from knapspec.strategies import memory as plan_memory
+    from knapspec.strategies.knapspec import DEFAULT_WINDOWS, planner_memory
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)
     slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
-    path = plan_memory.default_memory_path(m)
+    path = planner_memory(m, "auto", DEFAULT_WINDOWS).path   # one file per set of windows on offer
+    assert path != planner_memory(m, "auto", ()).path
     assert not path.exists()
     s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))

@@ -326,9 +326,10 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
                                                     "alpha", "persist", "skip_prior", "seed",
                                                     "min_lookup", "margin")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
+    windows = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,
-                          memory=planner_memory(model, options.get("memory", "auto")),
-                          windows=parse_windows(options.get("windows", DEFAULT_WINDOWS)), **kw)
+                          memory=planner_memory(model, options.get("memory", "auto"), windows),
+                          windows=windows, **kw)
 
 
 def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:

@@ -394,9 +394,15 @@ class KnapSpecStrategy(Strategy):
                 plan = Plan.parse(text, n)
             except ValueError:
                 return structural
+            if not self._offered(plan):
+                return structural
             _, v = best_length(min(1.0, a + self.margin), self.draft_time(plan, ctx), tv, self.d_max)
             best = max(best, v)
         return min(best, structural)
+
+    def _offered(self, plan: Plan) -> bool:
+        """Whether this planner could choose ``plan`` (its windows are among ``windows``)."""
+        return all(w in self.windows for w in plan.attn_windowed.values())
 
     def _nearest_candidates(self, b: int) -> list[tuple[str, float]] | None:
         entries = self.memory.buckets()
@@ -447,7 +453,7 @@ class KnapSpecStrategy(Strategy):
                 plan = Plan.parse(entry["plan"], n)
                 a = float(entry.get("alpha", 0.0))
                 d, v = best_length(a, self.draft_time(plan, ctx), tv, self.d_max)
-                if v > t_ar:
+                if v > t_ar and self._offered(plan):
                     self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory"))
                     return
             except ValueError:
@@ -584,7 +590,7 @@ def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: i
     kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
                                                     "resolution", "alpha", "margin")}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
-    kw["memory"] = planner_memory(model, options.get("memory", "auto"))
+    kw["memory"] = planner_memory(model, options.get("memory", "auto"), kw["windows"])
     return KnapSpecStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
 
 
@@ -606,13 +612,17 @@ def parse_windows(spec: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in spec)
 
 
-def planner_memory(model: Model, spec: Any) -> PlanMemory:
-    """``"auto"``: this set-up's file in the cache folder; ``"off"``/None: in the process only;
-    a path; or a :class:`PlanMemory`."""
+def planner_memory(model: Model, spec: Any, windows: Sequence[int] = ()) -> PlanMemory:
+    """``"auto"``: this set-up's file in the cache folder (one per set of attention windows the
+    planner may choose, so that planners with other choices do not share verdicts);
+    ``"off"``/None: in the process only; a path; or a :class:`PlanMemory`."""
     if isinstance(spec, PlanMemory):
         return spec
     if spec == "auto":
-        return PlanMemory(plan_memory.default_memory_path(model))
+        path = plan_memory.default_memory_path(model)
+        if windows:
+            path = path.with_name(f"{path.stem}-w{'-'.join(str(w) for w in sorted(windows))}{path.suffix}")
+        return PlanMemory(path)
     if spec in ("off", None):
         return PlanMemory(None)
     return PlanMemory(spec)
