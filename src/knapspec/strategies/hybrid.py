@@ -29,6 +29,10 @@ draft position (the probability that the token is accepted given that the ones b
 Beta(1, 1) prior); for skip drafts, per token. The draft with the highest
 ``E[tokens] / (model drafting time + verification time)`` wins.
 
+A reference (``RoundState.reference``: a predicted output) is a second source of lookup drafts:
+its match is taken when it is at least as long as the context's, and its acceptance is tracked
+apart from the context's matches.
+
 Verification times come from the latency model, corrected online: for each verification width
 the strategy keeps a running ratio of measured to predicted time, so a profile that mis-states how
 a pass grows with its width (a noisy profiling run, another load on the machine) cannot make it
@@ -73,7 +77,7 @@ from ..latency import LatencyModel, profile_key
 from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import KnapSpecStrategy
-from .lookup import NgramIndex
+from .lookup import NgramIndex, ReferenceIndex, best_continuation
 from .vocab import DraftVocab
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class HybridStrategy(Strategy):
     name = "hybrid"
     # plan in the warm-up too (its verdict on a short warm-up prompt is not remembered)
     warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0, "memory": "off"}
+    reproducible: ClassVar[bool] = False     # its choices follow measured verification times
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
@@ -125,9 +130,11 @@ class HybridStrategy(Strategy):
         self._active = False                       # the planner runs in this prompt
         self._rng = np.random.default_rng(seed)
         self._misses = 0
-        # lookup acceptance: successes / trials per (n-gram length, position)
-        self._lk_acc_a = np.ones((max_ngram + 1, MAX_POS))
-        self._lk_try_a = 2 * np.ones((max_ngram + 1, MAX_POS))
+        # lookup acceptance: successes / trials per (n-gram length, position); the last row is for
+        # matches in the reference (a predicted output), whatever their length
+        self._ref_group = max_ngram + 1
+        self._lk_acc_a = np.ones((max_ngram + 2, MAX_POS))
+        self._lk_try_a = 2 * np.ones((max_ngram + 2, MAX_POS))
         self._sk_acc = 0.0
         self._sk_try = 0.0
         self._pending: tuple[Option, int] | None = None
@@ -143,6 +150,7 @@ class HybridStrategy(Strategy):
         self._vr_log: list[tuple[int, float]] = []         # (width - 1, measured / predicted)
         self.counts: dict[str, int] = {}
         self._index = NgramIndex(max_ngram)          # the lookup matches
+        self._reference: ReferenceIndex | None = None
         self.vocab = draft_vocab
         self._vk: dict[int | None, list[float]] = {}     # per vocabulary size: [accepted, tried]
         self._n_committed = 0
@@ -233,7 +241,8 @@ class HybridStrategy(Strategy):
     def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
         """P(position j accepted | positions < j accepted) for an n-gram match: the posterior
         means, or with ``sample`` one draw from each Beta posterior (Thompson sampling)."""
-        acc, tried = self._lk_acc[min(n, self.max_ngram)], self._lk_try[min(n, self.max_ngram)]
+        g = min(n, self._ref_group)
+        acc, tried = self._lk_acc[g], self._lk_try[g]
         if sample:
             return self._rng.beta(acc, tried - acc + 1e-9)
         return acc / tried
@@ -318,6 +327,7 @@ class HybridStrategy(Strategy):
         self.counts = {}
         self._misses = 0
         self._index.reset()
+        self._reference = ReferenceIndex(state.reference, self.max_ngram) if state.reference else None
         self._pending = None
         self._times_ctx = -1
         self._vk = {}
@@ -331,6 +341,11 @@ class HybridStrategy(Strategy):
             self._n_committed = len(state.tokens)
         self._index.update(state.tokens)
         n_gram, cont = self._index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
+        from_ref = False
+        if self._reference is not None:          # a predicted output: its matches keep their own estimates
+            n_gram, cont, from_ref = best_continuation((n_gram, cont), self._reference.find(
+                state.tokens, max_ngram=self.max_ngram, max_len=self.max_lookup))
+            n_gram = self._ref_group if from_ref else n_gram
         self._misses = 0 if cont else self._misses + 1
         if self.use_skip and not self._active and self._misses >= self._plan_after_now:
             # the residual stream of the last committed tokens (their KV is in the cache), then
@@ -368,7 +383,8 @@ class HybridStrategy(Strategy):
             self.vocab.select(best.vocab)
             head, ids = self.vocab.head()
         return Draft(plan=plan, max_len=best.n_lookup + best.n_skip, tokens=tuple(cont[:best.n_lookup]),
-                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids)
+                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids,
+                     n_reference=best.n_lookup if from_ref else 0)
 
     def observe(self, outcome: Outcome) -> None:
         self.planner.observe(outcome)
@@ -380,7 +396,7 @@ class HybridStrategy(Strategy):
         if w < self._n_widths and self._times_ctx >= 0 and outcome.verify_s > 0:
             self._vr_log.append((w, outcome.verify_s / self._tv_pred[w]))
         acc, nl = outcome.accepted, outcome.n_lookup
-        g = min(n_gram, self.max_ngram)
+        g = min(n_gram, self._ref_group)
         k = min(nl, acc + 1)                       # lookup positions 0..k-1 were decided,
         if k:                                      # 0..min(k, acc)-1 of them accepted
             self._lk_log.append((g, k, min(k, acc)))
