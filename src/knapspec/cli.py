@@ -1,4 +1,4 @@
-"""Command line: ``knapspec generate | profile | bench {ar,verify,latency}``.
+"""Command line: ``knapspec generate | serve | profile | calibrate | bench {run,ar,verify,latency,tpt,serve}``.
 
 Wiring only: parse arguments, set up logging, call the library, print. User errors
 (ValueError, FileNotFoundError) become one line on stderr and exit code 2, no traceback.
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print generation statistics")
     g.add_argument("--json", action="store_true", help="print one JSON object (text + statistics)")
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: chat and text completions, "
+                                      "streamed or not; /metrics for Prometheus")
+    _add_model_args(sv)
+    _add_strategy_args(sv)
+    _add_serve_args(sv)
+
     pr = sub.add_parser("profile", help="measure the latency model of this model on this machine")
     _add_model_args(pr)
     pr.add_argument("--quick", action="store_true", help="a coarse grid (about 30 s)")
@@ -212,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    def port(s: str) -> int:
+        if not s.isdigit() or int(s) > 65535:
+            raise argparse.ArgumentTypeError(f"--port must be an integer in 0..65535 (0 = any free port), got {s!r}")
+        return int(s)
+
+    def queue(s: str) -> int:
+        if not s.isdigit():
+            raise argparse.ArgumentTypeError(f"--max-queue must be an integer >= 0, got {s!r}")
+        return int(s)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 = any free port, printed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $KNAPSPEC_API_KEY; none = open)")
+    p.add_argument("--max-queue", type=queue, default=64,
+                   help="requests that may wait while one generates; beyond that, 429 (default 64)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: the checkpoint's, e.g. smollm2-135m)")
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -257,6 +283,30 @@ def _generate(a: argparse.Namespace, llm: Any) -> int:
         print(res.text)
     if a.stats:
         print(f"[stats] {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    from .bench import frozen_gc
+    from .server.app import bind, create_app, run
+    _check_strategy(a.strategy)
+    sock = bind(a.host, a.port)                  # a port in use fails before the model loads
+    llm = _load_model(a)
+    app = create_app(llm, model_name=a.served_model_name, api_key=a.api_key or os.environ.get("KNAPSPEC_API_KEY"),
+                     max_queue=a.max_queue, strategy=a.strategy, strategy_options=_strategy_options(a),
+                     threshold=a.threshold)
+    state = app.state.server
+    state.warm_up()                              # also makes the strategy: bad options fail here
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    sys.stderr.write(f"knapspec: serving {state.name} at {url}/v1 (strategy {state.worker.make_strategy().name}, "
+                     f"{'API key required' if state.api_key else 'no API key'}); metrics at {url}/metrics; "
+                     "SIGTERM or Ctrl-C stops\n")
+    sys.stderr.flush()
+    with frozen_gc():    # what is loaded lives to the end: no full collection over it mid-decoding
+        run(app, sock, verbose=a.verbose)
     return 0
 
 
@@ -476,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "generate":
             return _cmd_generate(a)
+        if a.cmd == "serve":
+            return _cmd_serve(a)
         if a.cmd == "profile":
             return _cmd_profile(a)
         if a.cmd == "calibrate":
