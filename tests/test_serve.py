@@ -631,3 +631,32 @@ def test_knapspec_serve_command_and_sigterm(tiny_folder, cache, tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
     busy.close()
+
+
+# ---- the load generator -----------------------------------------------------------------------------
+def test_bench_serve_measures_streams_as_vllm_does(tiny):
+    from knapspec.server import bench as sb
+    prompts = ["the model of a draft", "a cache layer", "the report"]
+    want = [_expected(tiny, _chat(p), 6) for p in prompts]
+    with Live(tiny, strategy=SlowAR(0.01)) as srv:
+        results, dur = sb.run_load(srv.url, prompts, concurrency=2, max_tokens=6)
+        bad, _ = sb.run_load(srv.url, prompts[:1], concurrency=1, max_tokens=6, model="other")
+    assert [r.text for r in results] == [w.text for w in want]
+    assert [r.output_tokens for r in results] == [len(w.tokens) for w in want]
+    assert all(r.usage_reported and 0 < r.ttft < r.latency for r in results)
+    row = sb.summarize(results, dur, 2)
+    assert (row["completed"], row["failed"], row["max_concurrency"]) == (3, 0, 2)
+    assert row["total_output_tokens"] == sum(len(w.tokens) for w in want)
+    assert row["output_throughput"] == pytest.approx(row["total_output_tokens"] / dur)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in results if r.output_tokens > 1]
+    assert row["mean_tpot_ms"] == pytest.approx(1000 * sum(tpot) / len(tpot))
+    assert row["median_itl_ms"] >= 10                        # rounds take at least the strategy's 10 ms
+    assert row["p99_e2el_ms"] >= row["median_e2el_ms"] >= row["median_ttft_ms"]
+    assert not bad[0].ok and "404" in bad[0].error
+    assert "| knapspec x | 2 | 3 |" in sb.markdown([{**row, "backend": "knapspec x"}])
+
+    class P:
+        def __init__(self, c, i):
+            self.category, self.i = c, i
+    picked = sb.pick_prompts([P("a", 0), P("a", 1), P("b", 2), P("c", 3), P("b", 4)], 4)
+    assert [p.i for p in picked] == [0, 2, 3, 1]

@@ -183,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--plans", type=_positive_int("--plans"), default=6, help="candidate plans per prompt")
     tp.add_argument("--window", type=_positive_int("--window"), default=16, help="tokens the DP scores on")
     tp.add_argument("--data", default=None, help="data folder")
+    bs = bsub.add_parser("serve", help="concurrent streaming clients against knapspec serve (one server per "
+                                       "strategy) and llama.cpp's llama-server, measured as vllm bench serve")
+    _add_model_args(bs)
+    bs.add_argument("--strategies", default="hybrid,autoregressive",
+                    help="a knapspec server per strategy, comma-separated (default hybrid,autoregressive)")
+    bs.add_argument("--clients", default="1,4,32", help="concurrent streaming clients, comma-separated")
+    bs.add_argument("--num-prompts", type=_positive_int("--num-prompts"), default=32,
+                    help="requests per concurrency level: Spec-Bench questions, each category in turn")
+    bs.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=64, help="max_tokens per request")
+    bs.add_argument("--dataset", default="spec-bench", help="spec-bench, spec-bench:CATEGORY, gsm8k, ..., FILE.jsonl")
+    bs.add_argument("--data", default=None, help="data folder (default: $KNAPSPEC_DATA or ../shared/data)")
+    bs.add_argument("--llama-cpp", default=None,
+                    help="llama-server binary or a folder holding it (default: llama-server on PATH; skipped "
+                         "when none is found)")
+    bs.add_argument("--no-llama-cpp", action="store_true", help="do not run llama-server")
+    bs.add_argument("--base-url", default=None,
+                    help="measure this running OpenAI-compatible server only (e.g. http://127.0.0.1:8000)")
+    bs.add_argument("--api-key", default=None, help="for --base-url")
+    bs.add_argument("--out", default=None, help="write every measurement (and the texts) to this JSON file")
     rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
     _add_model_args(rn)
     rn.add_argument("--strategies", default=None,
@@ -481,9 +500,65 @@ def _cmd_bench_tpt(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(a: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from .bench import ints
+    from .datasets import data_dir, load_dataset
+    from .server import bench as sb
+    clients = ints(a.clients)
+    if not clients or min(clients) < 1:
+        raise ValueError(f"--clients must be integers >= 1, got {a.clients!r}")
+    strategies = [s for s in a.strategies.split(",") if s]
+    for s in strategies:
+        _check_strategy(s)
+    root = None if a.dataset.endswith(".jsonl") else data_dir(a.data)
+    prompts = [p.text for p in sb.pick_prompts(load_dataset(a.dataset, root=root), a.num_prompts)]
+    if len(prompts) < a.num_prompts:
+        log.warning("%s has %d prompts, fewer than --num-prompts %d", a.dataset, len(prompts), a.num_prompts)
+    rows: list[dict[str, Any]] = []
+    if a.base_url:
+        rows += sb.bench_backend(sb.Backend(a.base_url, a.base_url.rstrip("/")), prompts, clients=clients,
+                                 max_tokens=a.max_tokens, api_key=a.api_key)
+    else:
+        llama = None if a.no_llama_cpp else sb.find_llama_server(a.llama_cpp)
+        gguf = sb.gguf_of(a.model) if llama else None
+        if llama is None and not a.no_llama_cpp:
+            sys.stderr.write("knapspec: no llama-server found (--llama-cpp DIR or PATH): llama.cpp not measured\n")
+        elif llama is not None and gguf is None:
+            sys.stderr.write("knapspec: --model is not a GGUF file: llama.cpp not measured\n")
+        serve_args = ["--dtype", a.dtype, "--device", a.device, "--kernels", a.kernels]
+        serve_args += ["--model", a.model] if a.model else []
+        serve_args += ["--threads", str(a.threads)] if a.threads else []
+        serve_args += [] if a.exact is None else ["--exact" if a.exact else "--no-exact"]
+        with tempfile.TemporaryDirectory(prefix="knapspec-bench-serve-") as logs:
+            for s in strategies:
+                b = sb.start_knapspec(s, serve_args, Path(logs), max_queue=max(clients) + 1)
+                try:
+                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens)
+                finally:
+                    sb.stop(b)
+            if llama is not None and gguf is not None:
+                b = sb.start_llama_server(llama, gguf, Path(logs), threads=a.threads or os.cpu_count() or 1)
+                try:
+                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens)
+                finally:
+                    sb.stop(b)
+    print(sb.markdown(rows))
+    print("outputs equal to the first row's: " + ", ".join(f"{k} {v}/{len(prompts)}"
+                                                           for k, v in sb.same_texts(rows).items()))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"prompts": len(prompts), "max_tokens": a.max_tokens, "rows": rows},
+                                          indent=1) + "\n")
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     if a.bench_cmd == "run":
         return _cmd_bench_run(a)
+    if a.bench_cmd == "serve":
+        return _cmd_bench_serve(a)
     if a.bench_cmd == "tpt":
         return _cmd_bench_tpt(a)
     import statistics
