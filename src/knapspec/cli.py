@@ -518,9 +518,13 @@ def _cmd_bench_serve(a: argparse.Namespace) -> int:
     if len(prompts) < a.num_prompts:
         log.warning("%s has %d prompts, fewer than --num-prompts %d", a.dataset, len(prompts), a.num_prompts)
     rows: list[dict[str, Any]] = []
+
+    def progress(r: dict[str, Any]) -> None:
+        sys.stderr.write(f"{r['backend']}, {r['max_concurrency']} clients: {r['completed']} requests in "
+                         f"{r['duration_s']:.1f} s, {r['output_throughput']:.1f} output tok/s\n")
     if a.base_url:
         rows += sb.bench_backend(sb.Backend(a.base_url, a.base_url.rstrip("/")), prompts, clients=clients,
-                                 max_tokens=a.max_tokens, api_key=a.api_key)
+                                 max_tokens=a.max_tokens, api_key=a.api_key, on_row=progress)
     else:
         llama = None if a.no_llama_cpp else sb.find_llama_server(a.llama_cpp)
         gguf = sb.gguf_of(a.model) if llama else None
@@ -536,13 +540,13 @@ def _cmd_bench_serve(a: argparse.Namespace) -> int:
             for s in strategies:
                 b = sb.start_knapspec(s, serve_args, Path(logs), max_queue=max(clients) + 1)
                 try:
-                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens)
+                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens, on_row=progress)
                 finally:
                     sb.stop(b)
             if llama is not None and gguf is not None:
                 b = sb.start_llama_server(llama, gguf, Path(logs), threads=a.threads or os.cpu_count() or 1)
                 try:
-                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens)
+                    rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens, on_row=progress)
                 finally:
                     sb.stop(b)
     print(sb.markdown(rows))

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,9 @@ def stop(b: Backend) -> None:
 
 # ---- the benchmark ---------------------------------------------------------------------------------------
 def bench_backend(b: Backend, prompts: list[str], *, clients: list[int], max_tokens: int,
-                  model: str | None = None, api_key: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """One warm-up request, then the prompts at each concurrency."""
+                  model: str | None = None, api_key: str | None = None,
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """One warm-up request, then the prompts at each concurrency (``on_row``: told each result)."""
     warm, _ = run_load(b.url, prompts[:1], concurrency=1, max_tokens=8, model=model, api_key=api_key)
     if not warm[0].ok:
         raise ValueError(f"{b.name}: the warm-up request failed: {warm[0].error}")
@@ -245,9 +247,8 @@ def bench_backend(b: Backend, prompts: list[str], *, clients: list[int], max_tok
         results, dur = run_load(b.url, prompts, concurrency=n, max_tokens=max_tokens, model=model, api_key=api_key)
         row = {"backend": b.name, **summarize(results, dur, n), "texts": [r.text for r in results]}
         rows.append(row)
-        if progress:
-            sys.stderr.write(f"{b.name}, {n} clients: {row['completed']} requests in {dur:.1f} s, "
-                             f"{row['output_throughput']:.1f} output tok/s\n")
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
