@@ -544,7 +544,14 @@ def _cmd_bench_serve(a: argparse.Namespace) -> int:
                 finally:
                     sb.stop(b)
             if llama is not None and gguf is not None:
-                b = sb.start_llama_server(llama, gguf, Path(logs), threads=a.threads or os.cpu_count() or 1)
+                try:
+                    b = sb.start_llama_server(llama, gguf, Path(logs), threads=a.threads or os.cpu_count() or 1)
+                except ValueError as e:          # a broken build: report it, keep knapspec's figures
+                    log_text = Path(logs, "llama-server.log").read_text(errors="replace").strip().splitlines()
+                    sys.stderr.write(f"knapspec: llama.cpp not measured: {str(e).split(': see')[0]} "
+                                     f"(last log line: {log_text[-1] if log_text else 'none'})\n")
+                    b = None
+            if llama is not None and gguf is not None and b is not None:
                 try:
                     rows += sb.bench_backend(b, prompts, clients=clients, max_tokens=a.max_tokens, on_row=progress)
                 finally:
