@@ -48,6 +48,15 @@ inline int g_isa = kIsaAvx512;
 constexpr int64_t kQLanes = 16;     // rows per tile
 constexpr int kQRows = 4;           // activation rows per pass over a tile
 constexpr int64_t kQRunBytes = 12288;   // bytes of a tile per run of blocks when rows take several passes
+// Each block's bytes are prefetched this far ahead in the thread's stream of tiles (consecutive
+// tiles are contiguous). Measured over the embedded model's weights, one thread, one row (medians
+// of 30 interleaved sweeps): layers 7.8 ms without, 4.1-4.3 ms at 2-4 KB ahead; lm_head 1.39 against
+// 1.18 ms.
+constexpr int64_t kQPrefetchAhead = 4096;
+
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kQPrefetchAhead + l), _MM_HINT_T0);
+}
 
 struct FmtInfo {
   int64_t block, head, body;        // weights per block, tile bytes per block (head, body)
@@ -225,6 +234,7 @@ KS_VNNI void q4_tile_512(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const __m512 dw = half16(hp + u * head);
     const uint8_t* q = bp + u * body;
+    prefetch_ahead(q, body);
     __m512i hb = _mm512_setzero_si512();
     if constexpr (F == kQ5_0) {
       hb = ld512(q);
@@ -279,6 +289,7 @@ KS_VNNI void q8_0_tile_512(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const __m512 dw = half16(hp + u * 32);
     const uint8_t* q = bp + u * 512;
+    prefetch_ahead(q, 512);
     __m512i s0[C], s1[C];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
@@ -319,6 +330,7 @@ KS_VNNI void q4_k_tile_512(KS_Q_SIG) {
     const __m512 d = half16(hp + u * 64), dmin = half16(hp + u * 64 + 32);
     const uint8_t* sm = bp + u * 2304;
     const uint8_t* q = sm + 256;
+    prefetch_ahead(sm, 2304);
     for (int j = 0; j < 4; ++j) {
       __m512i sl[C], sh[C];
 #pragma GCC unroll 4
@@ -368,6 +380,7 @@ KS_VNNI void q6_k_tile_512(KS_Q_SIG) {
     const uint8_t* sc = bp + u * 3328;
     const uint8_t* ql = sc + 256;
     const uint8_t* qh = ql + 2048;
+    prefetch_ahead(sc, 3328);
     for (int n = 0; n < 2; ++n)
       for (int half = 0; half < 2; ++half) {
         __m512i s[4][C];
@@ -457,6 +470,7 @@ KS_AVX2 void q4_tile_256(KS_Q_SIG) {
   __m256 acc[C][2];
   acc_load_256<C>(acc, accm, first);
   for (int64_t u = u0; u < u1; ++u) {
+    prefetch_ahead(bp + u * body, body);
     for (int hh = 0; hh < 2; ++hh) {
       const __m256 dw = half8(hp + u * head + 16 * hh);
       const uint8_t* q = bp + u * body + 32 * hh;
@@ -508,6 +522,7 @@ KS_AVX2 void q8_0_tile_256(KS_Q_SIG) {
   __m256 acc[C][2];
   acc_load_256<C>(acc, accm, first);
   for (int64_t u = u0; u < u1; ++u) {
+    prefetch_ahead(bp + u * 512, 512);
     for (int hh = 0; hh < 2; ++hh) {
       const __m256 dw = half8(hp + u * 32 + 16 * hh);
       const uint8_t* q = bp + u * 512 + 32 * hh;
@@ -541,6 +556,7 @@ KS_AVX2 void q4_k_tile_256(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const uint8_t* sm = bp + u * 2304;
     const uint8_t* q = sm + 256;
+    prefetch_ahead(sm, 2304);
     for (int j = 0; j < 4; ++j)
       for (int hh = 0; hh < 2; ++hh) {
         const __m256 d = half8(hp + u * 64 + 16 * hh), dmin = half8(hp + u * 64 + 32 + 16 * hh);
@@ -588,6 +604,7 @@ KS_AVX2 void q6_k_tile_256(KS_Q_SIG) {
     const uint8_t* sc = bp + u * 3328;
     const uint8_t* ql = sc + 256;
     const uint8_t* qh = ql + 2048;
+    prefetch_ahead(sc, 3328);
     for (int n = 0; n < 2; ++n)
       for (int half = 0; half < 2; ++half)
         for (int hh = 0; hh < 2; ++hh) {
