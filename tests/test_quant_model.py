@@ -255,3 +255,14 @@ def test_embedded_quantized_strategies_equal_autoregressive_on_real_prompts(quan
         for strat in strategies:
             got = llm.engine.generate(ids, strat, max_new_tokens=40)
             assert got.tokens == ref, (row["question_id"], type(strat).__name__)
+
+
+def test_latency_profiles_of_quantized_and_dequantised_weights_are_kept_apart(tiny_root):
+    from knapspec.latency import profile_key
+    q = tiny_gguf_model("mixed", tiny_root)
+    f = GGUFCheckpoint(tiny_root / "tiny-mixed.gguf", "mixed").load_model(dtype=torch.bfloat16, quantized=False)
+    f.pack_weights()
+    f.set_row_invariant(True)
+    kq, kf = profile_key(q), profile_key(f)
+    assert kq["weights"] == "Q4_0+Q4_1+Q4_K+Q5_0+Q6_K+Q8_0" and "weights" not in kf
+    assert {k: v for k, v in kq.items() if k != "weights"} == kf

@@ -227,6 +227,12 @@ class Model:
         """Whether some weights are held in GGUF block types."""
         return _is_quant(self.embed) or any(_is_quant(w) for L in self.layers for w in L.tensors().values())
 
+    def weight_formats(self) -> tuple[str, ...]:
+        """The GGUF block types of the quantized weights, sorted (() when none)."""
+        ws = [self.embed, self._lm_head] + [w for L in self.layers for w in L.tensors().values()]
+        parts = [p for w in ws for p in (w if isinstance(w, tuple) else (w,)) if isinstance(p, QuantWeight)]
+        return tuple(sorted({p.btype.name for p in parts}))
+
     @property
     def lm_head(self) -> torch.Tensor | QuantWeight:
         return self.embed if self._lm_head is None else self._lm_head   # [V, H]
