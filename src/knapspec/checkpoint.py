@@ -327,6 +327,12 @@ class GGUFCheckpoint:
                     fused.append((names, f"model.layers.{i}.{fused_name}"))
         missing = sorted({t.type_name for t in by_name.values() if quantized
                           and formats.block_type(t.ggml_type) is None and t.type_name not in floats})
+        for name, t in by_name.items():          # nothing to run it with and nothing to dequantise it
+            if formats.block_type(t.ggml_type) is None and t.type_name not in floats:
+                why = _cannot_dequantise(t.ggml_type)
+                if why:
+                    raise ValueError(f"tensor {name} has type {t.type_name}, which knapspec can neither run "
+                                     f"nor dequantise ({why})")
         if missing:
             log.warning("no native kernel for %s: those weights (and the pieces a product fuses them with) are "
                         "dequantised to %s", ", ".join(missing), str(dtype).replace("torch.", ""))
@@ -367,6 +373,18 @@ class GGUFCheckpoint:
                                                              dtype=np.float32)).to(dtype)
             g.release(name)
         return Model.from_hf_tensors(cfg, tensors)
+
+
+def _cannot_dequantise(ggml_type: int) -> str | None:
+    """Why gguf cannot dequantise this type, or None when it can."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def _dequantise(g: GGUFFile, t: Any) -> np.ndarray:
