@@ -372,6 +372,7 @@ class GGUFCheckpoint:
                 tensors[hf_name] = torch.from_numpy(np.array(w if perm is None else w[perm],
                                                              dtype=np.float32)).to(dtype)
             g.release(name)
+        g.release_all()          # the metadata's pages too: nothing of the file stays resident
         return Model.from_hf_tensors(cfg, tensors)
 
 
