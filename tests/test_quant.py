@@ -229,3 +229,17 @@ def test_products_on_real_blocks_equal_dequantise_then_matmul(real_ggufs, isa):
                 bound = (np.abs(xd) @ np.abs(ref).T) * 1e-6 * (t.cols // 32) + 1e-30
                 assert (np.abs(y - xd @ ref.T) <= bound).all(), (name, t.type_name, rows)
     assert seen == {int(q) for q in QType} - {int(QType.Q4_0)}
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_rows_copied_from_another_weight_keep_their_bytes(n):
+    """A row subset copied tile bytes to tile bytes (the draft vocabulary's lm_head) equals the
+    same rows packed from the file's bytes, for a few rows (one by one) and many (by lanes)."""
+    rng = np.random.default_rng(8)
+    k = 64
+    raw = random_blocks(QType.Q8_0, 300, k, rng)
+    full = QuantWeight.from_raw(raw, QType.Q8_0, k)
+    pick = rng.choice(300, size=n, replace=False)
+    sub = QuantWeight.empty(QType.Q8_0, n, k)
+    sub.copy_rows(np.arange(n), full, pick)
+    assert np.array_equal(sub.tiles.numpy(), QuantWeight.from_raw(raw[pick], QType.Q8_0, k).tiles.numpy())

@@ -320,8 +320,22 @@ class QuantWeight:
         lanes = _lane_map(self.qtype, self.k)
         idx = [np.flatnonzero(lanes == j) for j in range(LANES)]
         dst, s = self.tiles.numpy(), src.tiles.numpy()
-        for r, t in zip(np.asarray(rows).reshape(-1).tolist(), np.asarray(src_rows).reshape(-1).tolist()):
-            dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        src_rows = np.asarray(src_rows, dtype=np.int64).reshape(-1)
+        if rows.size < 64:             # a few rows (the draft vocabulary's appends): one by one
+            for r, t in zip(rows.tolist(), src_rows.tolist()):
+                dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]
+            return
+        # many rows: gathered by source lane into rows of lane bytes, scattered by destination lane
+        tmp = np.empty((rows.size, idx[0].size), dtype=np.uint8)
+        for j in range(LANES):
+            sel = np.flatnonzero(src_rows % LANES == j)
+            if sel.size:
+                tmp[sel] = s[(src_rows[sel] // LANES)[:, None], idx[j][None, :]]
+        for j in range(LANES):
+            sel = np.flatnonzero(rows % LANES == j)
+            if sel.size:
+                dst[(rows[sel] // LANES)[:, None], idx[j][None, :]] = tmp[sel]
 
     def head_rows(self, n: int) -> QuantWeight:
         """The first ``n`` rows (a view: the same tiles)."""
