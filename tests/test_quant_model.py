@@ -266,3 +266,17 @@ def test_latency_profiles_of_quantized_and_dequantised_weights_are_kept_apart(ti
     kq, kf = profile_key(q), profile_key(f)
     assert kq["weights"] == "Q4_0+Q4_1+Q4_K+Q5_0+Q6_K+Q8_0" and "weights" not in kf
     assert {k: v for k, v in kq.items() if k != "weights"} == kf
+
+
+def test_without_avx2_a_gguf_is_dequantised_with_one_warning(tiny_root, monkeypatch, caplog):
+    import knapspec
+    path = tiny_root / "tiny-q4_1.gguf"
+    if not path.is_file():
+        write_tiny_gguf("q4_1", path)
+    monkeypatch.setattr(native, "quant_available", lambda: "this CPU lacks AVX2 (with FMA and F16C)")
+    with caplog.at_level(logging.WARNING):
+        llm = knapspec.load(path)
+    assert not llm.model.quantized and llm.model.dtype == torch.bfloat16
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "lacks AVX2" in warnings[0].getMessage()
+    assert len(llm.generate([5, 6, 7], max_new_tokens=3, strategy="autoregressive").tokens) == 3
