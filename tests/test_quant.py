@@ -243,3 +243,14 @@ def test_rows_copied_from_another_weight_keep_their_bytes(n):
     sub = QuantWeight.empty(QType.Q8_0, n, k)
     sub.copy_rows(np.arange(n), full, pick)
     assert np.array_equal(sub.tiles.numpy(), QuantWeight.from_raw(raw[pick], QType.Q8_0, k).tiles.numpy())
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_the_native_repacking_gives_the_reference_bytes(qtype):
+    from knapspec.formats import pack
+    native = _need_kernels()
+    rng = np.random.default_rng(9)
+    b = BLOCK_TYPES[qtype].block
+    for n, k in ((37, b * 3), (16, b), (5, b * 2)):
+        raw = random_blocks(qtype, n, k, rng, extreme=True)
+        assert np.array_equal(native.pack(raw, qtype, k).numpy(), pack(raw, qtype, k).numpy()), (n, k)

@@ -349,9 +349,12 @@ class GGUFCheckpoint:
 
         tensors: dict[str, Any] = {}
         done: set[str] = set()
+        from . import native
+        packer = native.pack if keep and native.quant_available() is None else formats.pack
         for names, fused_name in fused:          # one stream of tiles, packed straight into place
             t0 = by_name[names[0]]
-            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols)
+            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols,
+                                                              packer)
             for n in names:
                 g.release(n)
             done.update(names)
@@ -360,7 +363,7 @@ class GGUFCheckpoint:
             if hf_name is None or name in done:
                 continue
             if name in keep:
-                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols)
+                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols, packer)
             else:
                 try:
                     w = _dequantise(g, t)

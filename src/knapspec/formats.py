@@ -28,6 +28,7 @@ This module knows no kernel and no model; it decides nothing about which kernel 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -265,11 +266,12 @@ class QuantWeight:
         self.bias = bias
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, qtype: QType, k: int) -> QuantWeight:
-        return cls(BLOCK_TYPES[QType(qtype)], raw.shape[0], k, pack(raw, qtype, k))
+    def from_raw(cls, raw: np.ndarray, qtype: QType, k: int, packer: Callable | None = None) -> QuantWeight:
+        """``packer``: another implementation of :func:`pack` (the native one), else this module's."""
+        return cls(BLOCK_TYPES[QType(qtype)], raw.shape[0], k, (packer or pack)(raw, qtype, k))
 
     @classmethod
-    def stacked(cls, parts: list[np.ndarray], qtype: QType, k: int) -> QuantWeight:
+    def stacked(cls, parts: list[np.ndarray], qtype: QType, k: int, packer: Callable | None = None) -> QuantWeight:
         """The rows of several tensors of one block type in one weight, each packed straight into
         its share of the tiles (every part but the last a whole number of tiles)."""
         bt = BLOCK_TYPES[QType(qtype)]
@@ -279,7 +281,7 @@ class QuantWeight:
         t0 = 0
         for p in parts:
             t1 = t0 + -(-p.shape[0] // LANES)
-            pack(p, qtype, k, out=tiles[t0:t1])
+            (packer or pack)(p, qtype, k, out=tiles[t0:t1])
             t0 = t1
         return cls(bt, n, k, tiles)
 
