@@ -102,7 +102,7 @@ def _strategies(m, d: int, skipped: set[int], ranking: list[int]):
         "del": REGISTRY.create("del", m, max_draft=d, latency=_lat(n)),
         "knapspec": KnapSpecStrategy(m, _lat(n), min_cosine=-1.0, every=2, d_max=d),
         "hybrid": HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=2, d_max=d,
-                                 plan_after=0, draft_vocab=vocab, memory="off"),
+                                 plan_after=0, draft_vocab=vocab),
         "swift": SWIFTStrategy(m, skip_ratio=0.4, window=8, batch=2, max_trials=4, d_max=d, seed=0),
         "draft-verify": DraftVerifyStrategy(plan, d_max=d, threshold=0.0),
         "knn-ssd": KNNSSDStrategy(np.eye(2, m.cfg.hidden_size), [plan, Plan.from_sublayer_skips(n, [2])], d_max=d),
@@ -249,7 +249,7 @@ def test_embedded_quantized_strategies_equal_autoregressive_on_real_prompts(quan
     for row in spec_bench(2):
         ids = llm.encode(row["turns"][0], chat=True)
         ref = llm.engine.generate(ids, max_new_tokens=40).tokens
-        strategies = [HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=4, memory="off"),
+        strategies = [HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=4),
                       PromptLookupStrategy(max_draft=6),
                       StaticStrategy(Plan.parse("a5,a9,a13,a17,a21,m27", n), max_draft=6, threshold=0.3)]
         for strat in strategies:
