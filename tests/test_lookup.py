@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from conftest import PATHS, drafting_property, tiny_model
 from knapspec.engine import Engine
-from knapspec.strategies.lookup import NgramIndex, PromptLookupStrategy, find_continuation
+from knapspec.strategies.lookup import (
+    NgramIndex,
+    PromptLookupStrategy,
+    ReferenceIndex,
+    best_continuation,
+    find_continuation,
+)
 
 
 def test_longest_ngram_wins_and_most_recent_occurrence():
@@ -69,3 +75,51 @@ def test_ngram_index_answers_like_the_scan(seq, steps, max_ngram, min_ngram, max
         want = find_continuation(np.array(seq[:end]), max_ngram=max_ngram, min_ngram=min_ngram,
                                  max_len=max_len)
         assert idx.find(max_ngram=max_ngram, min_ngram=min_ngram, max_len=max_len) == want
+
+
+def test_reference_index_follows_the_reference_in_order():
+    # "1 2" occurs twice in the reference; the cursor picks the copy after the last answer
+    ref = [1, 2, 3, 4, 1, 2, 5, 6]
+    idx = ReferenceIndex(ref, max_ngram=3)
+    assert idx.find([9, 1, 2], max_ngram=3, max_len=2) == (2, [3, 4])      # first copy
+    assert idx.find([9, 1, 2, 3, 4, 1, 2], max_ngram=2, max_len=3) == (2, [3, 4, 1])   # at/after the cursor
+    idx.cursor = 5
+    assert idx.find([7, 1, 2], max_ngram=2, max_len=3) == (2, [5, 6])      # second copy, after the cursor
+    idx.cursor = 8
+    assert idx.find([7, 1, 2], max_ngram=2, max_len=3) == (2, [5, 6])      # none after: the nearest before
+    assert idx.find([7, 9], max_ngram=3) == (0, [])
+    assert ReferenceIndex([], 3).find([1, 2], max_ngram=3) == (0, [])
+    assert best_continuation((2, [8]), (2, [9])) == (2, [9], True)          # ties go to the reference
+    assert best_continuation((3, [8]), (2, [9])) == (3, [8], False)
+    assert best_continuation((0, []), (0, [])) == (0, [], False)
+
+
+def _copier(name: str, m):
+    from knapspec.latency import LatencyModel
+    from knapspec.strategies.hybrid import HybridStrategy
+    if name == "lookup":
+        return PromptLookupStrategy()
+    lat = LatencyModel.analytic(m.cfg.n_layers, attn=1e-3, attn_per_token=1e-6, mlp=1.5e-3, head=1e-5,
+                                width_factor=0.02)          # no profiling in a test
+    return HybridStrategy(m, lat, use_skip=False)
+
+
+@pytest.mark.parametrize("name", ["lookup", "hybrid"])
+def test_a_reference_equal_to_the_output_is_drafted_and_accepted(tiny_root, name):
+    """A predicted output is only a source of drafts: the output is the model's own, and a correct
+    prediction is drafted and accepted (counted in reference_drafted / reference_accepted); a wrong
+    one is rejected without changing a token."""
+    m = tiny_model("qwen2", tiny_root)
+    eng = Engine(m)
+    prompt = [5, 9, 13, 7, 11, 3]
+    ref = eng.generate(prompt, max_new_tokens=40).tokens
+    got = eng.generate(prompt, _copier(name, m), max_new_tokens=40, reference=ref)
+    assert got.tokens == ref
+    assert got.stats.reference_accepted >= 30 and got.stats.reference_drafted >= got.stats.reference_accepted
+    assert got.stats.rounds <= 12                      # long accepted drafts: few rounds
+    wrong = [(t + 1) % m.cfg.vocab_size for t in ref]
+    bad = eng.generate(prompt, _copier(name, m), max_new_tokens=40, reference=wrong)
+    assert bad.tokens == ref
+    assert bad.stats.reference_accepted < bad.stats.reference_drafted
+    plain = eng.generate(prompt, _copier(name, m), max_new_tokens=40)
+    assert plain.stats.reference_drafted == plain.stats.reference_accepted == 0

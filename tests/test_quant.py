@@ -202,3 +202,55 @@ def test_one_product_over_parts_of_different_block_types_with_a_bias(isa):
     y = native.quant_linear(x, p)
     pieces = [native.quant_linear(x, native.QPacked(w)) for w in parts]
     assert torch.equal(y, torch.cat(pieces, dim=1) + bias)
+
+
+def test_products_on_real_blocks_equal_dequantise_then_matmul(real_ggufs, isa):
+    """The first 48 rows of one tensor of each type in the two real files (SmolLM2: Q4_1, Q8_0;
+    Gemma 3 270M: Q4_K, Q5_0, Q6_K, Q8_0), 1 and 7 rows of activations."""
+    import torch
+
+    from knapspec.gguffile import GGUFFile
+    native = _need_kernels()
+    rng = np.random.default_rng(7)
+    seen = set()
+    for path in real_ggufs:
+        g = GGUFFile(path)
+        for name, t in g.tensors.items():
+            if t.ggml_type in seen or t.ggml_type not in {int(q) for q in QType} or len(t.shape) < 2:
+                continue
+            seen.add(t.ggml_type)
+            raw = np.array(g.data(name)[:48])
+            w = QuantWeight.from_raw(raw, QType(t.ggml_type), t.cols)
+            ref = dequantize(raw, QType(t.ggml_type), t.cols).astype(np.float64)
+            for rows in (1, 7):
+                x = torch.from_numpy(rng.standard_normal((rows, t.cols)).astype(np.float32))
+                y = native.quant_linear(x, native.QPacked(w)).numpy()
+                xd = quantize_activations(x.numpy())
+                bound = (np.abs(xd) @ np.abs(ref).T) * 1e-6 * (t.cols // 32) + 1e-30
+                assert (np.abs(y - xd @ ref.T) <= bound).all(), (name, t.type_name, rows)
+    assert seen == {int(q) for q in QType} - {int(QType.Q4_0)}
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_rows_copied_from_another_weight_keep_their_bytes(n):
+    """A row subset copied tile bytes to tile bytes (the draft vocabulary's lm_head) equals the
+    same rows packed from the file's bytes, for a few rows (one by one) and many (by lanes)."""
+    rng = np.random.default_rng(8)
+    k = 64
+    raw = random_blocks(QType.Q8_0, 300, k, rng)
+    full = QuantWeight.from_raw(raw, QType.Q8_0, k)
+    pick = rng.choice(300, size=n, replace=False)
+    sub = QuantWeight.empty(QType.Q8_0, n, k)
+    sub.copy_rows(np.arange(n), full, pick)
+    assert np.array_equal(sub.tiles.numpy(), QuantWeight.from_raw(raw[pick], QType.Q8_0, k).tiles.numpy())
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_the_native_repacking_gives_the_reference_bytes(qtype):
+    from knapspec.formats import pack
+    native = _need_kernels()
+    rng = np.random.default_rng(9)
+    b = BLOCK_TYPES[qtype].block
+    for n, k in ((37, b * 3), (16, b), (5, b * 2)):
+        raw = random_blocks(qtype, n, k, rng, extreme=True)
+        assert np.array_equal(native.pack(raw, qtype, k).numpy(), pack(raw, qtype, k).numpy()), (n, k)

@@ -102,7 +102,7 @@ def _strategies(m, d: int, skipped: set[int], ranking: list[int]):
         "del": REGISTRY.create("del", m, max_draft=d, latency=_lat(n)),
         "knapspec": KnapSpecStrategy(m, _lat(n), min_cosine=-1.0, every=2, d_max=d),
         "hybrid": HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=2, d_max=d,
-                                 plan_after=0, draft_vocab=vocab, memory="off"),
+                                 plan_after=0, draft_vocab=vocab),
         "swift": SWIFTStrategy(m, skip_ratio=0.4, window=8, batch=2, max_trials=4, d_max=d, seed=0),
         "draft-verify": DraftVerifyStrategy(plan, d_max=d, threshold=0.0),
         "knn-ssd": KNNSSDStrategy(np.eye(2, m.cfg.hidden_size), [plan, Plan.from_sublayer_skips(n, [2])], d_max=d),
@@ -249,9 +249,34 @@ def test_embedded_quantized_strategies_equal_autoregressive_on_real_prompts(quan
     for row in spec_bench(2):
         ids = llm.encode(row["turns"][0], chat=True)
         ref = llm.engine.generate(ids, max_new_tokens=40).tokens
-        strategies = [HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=4, memory="off"),
+        strategies = [HybridStrategy(m, _lat(n), alpha="cosine", min_cosine=0.0, every=4),
                       PromptLookupStrategy(max_draft=6),
                       StaticStrategy(Plan.parse("a5,a9,a13,a17,a21,m27", n), max_draft=6, threshold=0.3)]
         for strat in strategies:
             got = llm.engine.generate(ids, strat, max_new_tokens=40)
             assert got.tokens == ref, (row["question_id"], type(strat).__name__)
+
+
+def test_latency_profiles_of_quantized_and_dequantised_weights_are_kept_apart(tiny_root):
+    from knapspec.latency import profile_key
+    q = tiny_gguf_model("mixed", tiny_root)
+    f = GGUFCheckpoint(tiny_root / "tiny-mixed.gguf", "mixed").load_model(dtype=torch.bfloat16, quantized=False)
+    f.pack_weights()
+    f.set_row_invariant(True)
+    kq, kf = profile_key(q), profile_key(f)
+    assert kq["weights"] == "Q4_0+Q4_1+Q4_K+Q5_0+Q6_K+Q8_0" and "weights" not in kf
+    assert {k: v for k, v in kq.items() if k != "weights"} == kf
+
+
+def test_without_avx2_a_gguf_is_dequantised_with_one_warning(tiny_root, monkeypatch, caplog):
+    import knapspec
+    path = tiny_root / "tiny-q4_1.gguf"
+    if not path.is_file():
+        write_tiny_gguf("q4_1", path)
+    monkeypatch.setattr(native, "quant_available", lambda: "this CPU lacks AVX2 (with FMA and F16C)")
+    with caplog.at_level(logging.WARNING):
+        llm = knapspec.load(path)
+    assert not llm.model.quantized and llm.model.dtype == torch.bfloat16
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "lacks AVX2" in warnings[0].getMessage()
+    assert len(llm.generate([5, 6, 7], max_new_tokens=3, strategy="autoregressive").tokens) == 3

@@ -90,16 +90,23 @@ class LLM:
 
     # ---- text <-> ids ---------------------------------------------------------------------------
     def encode(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("this model's tokenizer has no chat template: drop --chat")
             msgs = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.encode_chat(msgs)
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation (``[{"role": ..., "content": ...}, ...]``) in the model's chat template,
+        ready for the assistant's answer."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: drop --chat")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -148,12 +155,20 @@ class LLM:
                    max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                    threshold: float = DEFAULT_THRESHOLD, stats: GenerationStats | None = None,
-                   **strategy_options: Any) -> Iterator[list[int]]:
+                   reference: str | list[int] | None = None, **strategy_options: Any) -> Iterator[list[int]]:
+        """Yield the committed new tokens of each round. ``reference``: a predicted output (text or
+        ids), a source of drafts for the strategies that copy (lookup, hybrid); the output is the
+        model's own whatever it says."""
         sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         strat = self.make_strategy(strategy, **strategy_options)
         ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat)
+        if isinstance(reference, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer files: pass the reference as token ids")
+            reference = list(self.tokenizer(reference, add_special_tokens=False)["input_ids"])
         return self.engine.stream(ids, strat, max_new_tokens=max_new_tokens, sampling=sp,
-                                  stop_ids=self.stop_ids, threshold=threshold, stats=stats)
+                                  stop_ids=self.stop_ids, threshold=threshold, stats=stats,
+                                  reference=reference or ())
 
     def generate(self, prompt: str | list[int], **kw: Any) -> Result:
         stats = GenerationStats()

@@ -327,6 +327,12 @@ class GGUFCheckpoint:
                     fused.append((names, f"model.layers.{i}.{fused_name}"))
         missing = sorted({t.type_name for t in by_name.values() if quantized
                           and formats.block_type(t.ggml_type) is None and t.type_name not in floats})
+        for name, t in by_name.items():          # nothing to run it with and nothing to dequantise it
+            if formats.block_type(t.ggml_type) is None and t.type_name not in floats:
+                why = _cannot_dequantise(t.ggml_type)
+                if why:
+                    raise ValueError(f"tensor {name} has type {t.type_name}, which knapspec can neither run "
+                                     f"nor dequantise ({why})")
         if missing:
             log.warning("no native kernel for %s: those weights (and the pieces a product fuses them with) are "
                         "dequantised to %s", ", ".join(missing), str(dtype).replace("torch.", ""))
@@ -343,9 +349,12 @@ class GGUFCheckpoint:
 
         tensors: dict[str, Any] = {}
         done: set[str] = set()
+        from . import native
+        packer = native.pack if keep and native.quant_available() is None else formats.pack
         for names, fused_name in fused:          # one stream of tiles, packed straight into place
             t0 = by_name[names[0]]
-            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols)
+            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols,
+                                                              packer)
             for n in names:
                 g.release(n)
             done.update(names)
@@ -354,7 +363,7 @@ class GGUFCheckpoint:
             if hf_name is None or name in done:
                 continue
             if name in keep:
-                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols)
+                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols, packer)
             else:
                 try:
                     w = _dequantise(g, t)
@@ -366,7 +375,20 @@ class GGUFCheckpoint:
                 tensors[hf_name] = torch.from_numpy(np.array(w if perm is None else w[perm],
                                                              dtype=np.float32)).to(dtype)
             g.release(name)
+        g.release_all()          # the metadata's pages too: nothing of the file stays resident
         return Model.from_hf_tensors(cfg, tensors)
+
+
+def _cannot_dequantise(ggml_type: int) -> str | None:
+    """Why gguf cannot dequantise this type, or None when it can."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def _dequantise(g: GGUFFile, t: Any) -> np.ndarray:

@@ -72,6 +72,8 @@ class GenerationStats:
     plan_s: float = 0.0
     total_s: float = 0.0
     stopped: str = ""            # "eos" | "length"
+    reference_drafted: int = 0   # drafts copied from the reference (a predicted output), verified
+    reference_accepted: int = 0  # of which accepted
 
     @property
     def acceptance_rate(self) -> float:
@@ -138,8 +140,11 @@ class Engine:
     def stream(self, prompt: list[int], strategy: Strategy | None = None, *, max_new_tokens: int = 128,
                sampling: SamplingParams | None = None, stop_ids: tuple[int, ...] | list[int] = (),
                threshold: float = DEFAULT_THRESHOLD, stats: GenerationStats | None = None,
+               reference: list[int] | tuple[int, ...] = (),
                ) -> Iterator[list[int]]:
-        """Yield the committed new tokens of each round. ``stats`` is filled in as it runs."""
+        """Yield the committed new tokens of each round. ``stats`` is filled in as it runs (before
+        each yield). ``reference``: a predicted output, offered to the strategy as a source of
+        drafts (``RoundState.reference``); the output stays the model's own."""
         model, cfg = self.model, self.model.cfg
         strategy = strategy or Strategy()
         sampling = sampling or SamplingParams()
@@ -152,7 +157,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the "
                              f"model's context of {cfg.max_position} tokens: shorten the prompt or "
                              "lower --max-new-tokens")
-        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        bad = [t for t in (*prompt, *reference) if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary 0..{cfg.vocab_size - 1}")
         stops = frozenset(stop_ids)
@@ -183,7 +188,8 @@ class Engine:
 
         state = RoundState(model=model, cache=cache, tokens=tokens, n_prompt=len(prompt), round=0,
                            sampling=sampling, remaining=max_new_tokens - 1,
-                           prompt_embedding=None if embed_sum is None else embed_sum / len(prompt))
+                           prompt_embedding=None if embed_sum is None else embed_sum / len(prompt),
+                           reference=tuple(reference))
         ta = self._now()
         strategy.start(state)
         st.plan_s += self._now() - ta
@@ -220,6 +226,9 @@ class Engine:
             st.drafted += d
             st.accepted += n
             st.draft_rounds += d > 0
+            if draft.n_reference:                      # the reference's tokens lead the drafts
+                st.reference_drafted += min(d, draft.n_reference)
+                st.reference_accepted += min(n, draft.n_reference)
             # stop at the first stop token and at the length limit
             cut = next((i + 1 for i, t in enumerate(new) if t in stops), None)
             if cut is not None:

@@ -28,6 +28,7 @@ This module knows no kernel and no model; it decides nothing about which kernel 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -265,11 +266,12 @@ class QuantWeight:
         self.bias = bias
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, qtype: QType, k: int) -> QuantWeight:
-        return cls(BLOCK_TYPES[QType(qtype)], raw.shape[0], k, pack(raw, qtype, k))
+    def from_raw(cls, raw: np.ndarray, qtype: QType, k: int, packer: Callable | None = None) -> QuantWeight:
+        """``packer``: another implementation of :func:`pack` (the native one), else this module's."""
+        return cls(BLOCK_TYPES[QType(qtype)], raw.shape[0], k, (packer or pack)(raw, qtype, k))
 
     @classmethod
-    def stacked(cls, parts: list[np.ndarray], qtype: QType, k: int) -> QuantWeight:
+    def stacked(cls, parts: list[np.ndarray], qtype: QType, k: int, packer: Callable | None = None) -> QuantWeight:
         """The rows of several tensors of one block type in one weight, each packed straight into
         its share of the tiles (every part but the last a whole number of tiles)."""
         bt = BLOCK_TYPES[QType(qtype)]
@@ -279,7 +281,7 @@ class QuantWeight:
         t0 = 0
         for p in parts:
             t1 = t0 + -(-p.shape[0] // LANES)
-            pack(p, qtype, k, out=tiles[t0:t1])
+            (packer or pack)(p, qtype, k, out=tiles[t0:t1])
             t0 = t1
         return cls(bt, n, k, tiles)
 
@@ -320,8 +322,22 @@ class QuantWeight:
         lanes = _lane_map(self.qtype, self.k)
         idx = [np.flatnonzero(lanes == j) for j in range(LANES)]
         dst, s = self.tiles.numpy(), src.tiles.numpy()
-        for r, t in zip(np.asarray(rows).reshape(-1).tolist(), np.asarray(src_rows).reshape(-1).tolist()):
-            dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        src_rows = np.asarray(src_rows, dtype=np.int64).reshape(-1)
+        if rows.size < 64:             # a few rows (the draft vocabulary's appends): one by one
+            for r, t in zip(rows.tolist(), src_rows.tolist()):
+                dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]
+            return
+        # many rows: gathered by source lane into rows of lane bytes, scattered by destination lane
+        tmp = np.empty((rows.size, idx[0].size), dtype=np.uint8)
+        for j in range(LANES):
+            sel = np.flatnonzero(src_rows % LANES == j)
+            if sel.size:
+                tmp[sel] = s[(src_rows[sel] // LANES)[:, None], idx[j][None, :]]
+        for j in range(LANES):
+            sel = np.flatnonzero(rows % LANES == j)
+            if sel.size:
+                dst[(rows[sel] // LANES)[:, None], idx[j][None, :]] = tmp[sel]
 
     def head_rows(self, n: int) -> QuantWeight:
         """The first ``n`` rows (a view: the same tiles)."""

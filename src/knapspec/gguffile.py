@@ -223,6 +223,12 @@ class GGUFFile:
         if b > a and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
+    def release_all(self) -> None:
+        """Drop every page of the file from this process's resident set (they stay cached; a
+        later read maps them again)."""
+        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED, 0, len(self._mm) // mmap.PAGESIZE * mmap.PAGESIZE)
+
     def close(self) -> None:
         try:
             self._buf.release()

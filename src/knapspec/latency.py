@@ -86,6 +86,9 @@ def profile_key(model: Any) -> dict[str, Any]:
     key = {"model": hashlib.sha256(repr(shape).encode()).hexdigest()[:16], "device": f"{dev.type}:{dev_name}",
            "dtype": str(model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "packed": bool(getattr(model, "packed", False))}
+    formats = model.weight_formats() if getattr(model, "quantized", False) else ()
+    if formats:                                     # a GGUF's block types time differently
+        key["weights"] = "+".join(formats)
     if getattr(model, "row_invariant", False):     # exact mode times differently (only when on, so
         key["row_invariant"] = True                 # that profiles made before it stay valid)
     kernels = getattr(model, "kernels", "plain")

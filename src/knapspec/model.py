@@ -23,7 +23,7 @@ attention. The model never reads files, samples, times or loops over tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,13 @@ class _Layer:
     w_gate_up: Weight                  # [2 I, H]
     w_down: Weight                     # [H, I]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # counts assignments to any layer's fields: a stack table built at the current count needs
+    # no re-check of its tensors (Model._native_stack_table)
+    assignments: ClassVar[int] = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        type(self).assignments += 1
 
     def tensors(self) -> dict[str, torch.Tensor | QuantWeight | None]:
         return {k: getattr(self, k) for k in ("attn_norm", "wqkv", "bqkv", "q_norm", "k_norm", "wo",
@@ -234,6 +241,12 @@ class Model:
     def quantized(self) -> bool:
         """Whether some weights are held in GGUF block types."""
         return _is_quant(self.embed) or any(_is_quant(w) for L in self.layers for w in L.tensors().values())
+
+    def weight_formats(self) -> tuple[str, ...]:
+        """The GGUF block types of the quantized weights, sorted (() when none)."""
+        ws = [self.embed, self._lm_head] + [w for L in self.layers for w in L.tensors().values()]
+        parts = [p for w in ws for p in (w if isinstance(w, tuple) else (w,)) if isinstance(p, QuantWeight)]
+        return tuple(sorted({p.btype.name for p in parts}))
 
     @property
     def lm_head(self) -> torch.Tensor | QuantWeight:
@@ -470,11 +483,15 @@ class Model:
         """The table of pointers :func:`native.stack` reads (weights, norms, packs, this cache's
         tensors, windows), built once per (weights, cache) and rebuilt when a layer's tensor was
         replaced; None when a layer does not run natively (then the sublayers go one by one)."""
+        held = getattr(cache, "_native_stack", None)
+        stamp = (id(self), self._pack_gen, _Layer.assignments, *map(id, self.layers))
+        if held is not None and held[3] == stamp:         # nothing assigned since: the same tensors
+            return held[2]
         refs = tuple(t for L in self.layers for t in (L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm,
                                                        L.wo, L.mlp_norm, L.w_gate_up, L.w_down))
-        held = getattr(cache, "_native_stack", None)
         if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
                 and all(a is b for a, b in zip(held[1], refs))):
+            cache._native_stack = (*held[:3], stamp)
             return held[2]
         def ptr(v: torch.Tensor | None) -> int:
             return 0 if v is None else v.data_ptr()
@@ -494,7 +511,7 @@ class Model:
         assert table.shape[1] == len(native.STACK_FIELDS)
         # the refs keep the tensors behind the pointers alive; the packs live in self._packs until
         # the next pack_weights, which moves _pack_gen on
-        cache._native_stack = ((id(self), self._pack_gen), refs, table)
+        cache._native_stack = ((id(self), self._pack_gen), refs, table, stamp)
         return table
 
     def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple,

@@ -85,17 +85,18 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
                     res[name].append(f(new_tokens))
             ours_tps = statistics.median(res["ours"])
             hf_tps = statistics.median(res["hf"])
-            elt = llm.model.embed.element_size()
+            elt = torch.empty(0, dtype=llm.model.dtype).element_size()      # the KV cache's
             kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (ctx + new_tokens // 2) * elt
-            per_token = llm.model.weight_bytes() - cfg.vocab_size * cfg.hidden_size * elt * (
-                0 if cfg.tie_embeddings else 1)   # the input embedding is a row lookup, not a read
-            per_token += kv_bytes
+            # the weights as stored (a GGUF's block types at --dtype auto); the input embedding is
+            # a row lookup, not a read
+            per_token = llm.model.streamed_bytes() + kv_bytes
             bw = statistics.median(bws)
             roof = bw / per_token
             # share: median over the runs of (run's tok/s) / (roofline at that run's bandwidth); and,
             # the strictest reading, the median tok/s against the highest bandwidth seen
             share = statistics.median(t * per_token / b for t, b in zip(res["ours"], bws))
-            rows.append(dict(dtype=dt, context=ctx, ours_tok_s=ours_tps, hf_tok_s=hf_tps,
+            rows.append(dict(dtype=dt if dt != "auto" or not llm.model.quantized else "auto (GGUF types)",
+                             context=ctx, ours_tok_s=ours_tps, hf_tok_s=hf_tps,
                              ratio=ours_tps / hf_tps, bandwidth_gb_s=bw / 1e9,
                              bytes_per_token_mb=per_token / 1e6, roofline_tok_s=roof,
                              roofline_share=share,

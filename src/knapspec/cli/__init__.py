@@ -1,8 +1,8 @@
-"""Command line: ``knapspec generate | profile | calibrate | bench {run,ar,verify,latency,tpt}``.
+"""Command line: ``knapspec generate | serve | profile | calibrate | bench {run,peers,serve,ar,verify,latency,tpt}``.
 
 Wiring only: parse arguments, set up logging, call the library, print. User errors
 (ValueError, FileNotFoundError) become one line on stderr and exit code 2, no traceback.
-Each subcommand's arguments and handler live in its module (``generate.py``, ``bench.py``); the
+Each subcommand's arguments and handler live in its module (``generate.py``, ``serve.py``, ``bench.py``); the
 options they share in ``options.py``.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, generate
+from . import bench, generate, serve
 from .options import Parser
 
 log = logging.getLogger("knapspec")
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     generate.add_parsers(sub)
+    serve.add_parsers(sub)
     bench.add_parsers(sub)
     return p
 

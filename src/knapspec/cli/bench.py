@@ -60,6 +60,8 @@ def add_parsers(sub: Any) -> None:
                     help="also time a cold start of each (new process to first token) and its peak memory")
     pe.add_argument("--data", default=None, help=DATA_HELP)
     pe.add_argument("--out", default="bench-peers", help="folder for runs.jsonl and table.md")
+    from .serve import add_bench_parser
+    add_bench_parser(bsub)
     rn = bsub.add_parser("run", help="strategies side by side on real data: JSONL, table, plots")
     add_model_args(rn)
     rn.add_argument("--strategies", default=None,
@@ -249,6 +251,9 @@ def _cmd_bench_peers(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench_cmd == "serve":
+        from .serve import cmd_bench_serve
+        return cmd_bench_serve(a)
     if a.bench_cmd == "peers":
         return _cmd_bench_peers(a)
     if a.bench_cmd == "run":

@@ -48,6 +48,15 @@ inline int g_isa = kIsaAvx512;
 constexpr int64_t kQLanes = 16;     // rows per tile
 constexpr int kQRows = 4;           // activation rows per pass over a tile
 constexpr int64_t kQRunBytes = 12288;   // bytes of a tile per run of blocks when rows take several passes
+// Each block's bytes are prefetched this far ahead in the thread's stream of tiles (consecutive
+// tiles are contiguous). Measured over the embedded model's weights, one thread, one row (medians
+// of 30 interleaved sweeps): layers 7.8 ms without, 4.1-4.3 ms at 2-4 KB ahead; lm_head 1.39 against
+// 1.18 ms.
+constexpr int64_t kQPrefetchAhead = 4096;
+
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kQPrefetchAhead + l), _MM_HINT_T0);
+}
 
 struct FmtInfo {
   int64_t block, head, body;        // weights per block, tile bytes per block (head, body)
@@ -225,6 +234,7 @@ KS_VNNI void q4_tile_512(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const __m512 dw = half16(hp + u * head);
     const uint8_t* q = bp + u * body;
+    prefetch_ahead(q, body);
     __m512i hb = _mm512_setzero_si512();
     if constexpr (F == kQ5_0) {
       hb = ld512(q);
@@ -279,6 +289,7 @@ KS_VNNI void q8_0_tile_512(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const __m512 dw = half16(hp + u * 32);
     const uint8_t* q = bp + u * 512;
+    prefetch_ahead(q, 512);
     __m512i s0[C], s1[C];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
@@ -319,6 +330,7 @@ KS_VNNI void q4_k_tile_512(KS_Q_SIG) {
     const __m512 d = half16(hp + u * 64), dmin = half16(hp + u * 64 + 32);
     const uint8_t* sm = bp + u * 2304;
     const uint8_t* q = sm + 256;
+    prefetch_ahead(sm, 2304);
     for (int j = 0; j < 4; ++j) {
       __m512i sl[C], sh[C];
 #pragma GCC unroll 4
@@ -368,6 +380,7 @@ KS_VNNI void q6_k_tile_512(KS_Q_SIG) {
     const uint8_t* sc = bp + u * 3328;
     const uint8_t* ql = sc + 256;
     const uint8_t* qh = ql + 2048;
+    prefetch_ahead(sc, 3328);
     for (int n = 0; n < 2; ++n)
       for (int half = 0; half < 2; ++half) {
         __m512i s[4][C];
@@ -457,6 +470,7 @@ KS_AVX2 void q4_tile_256(KS_Q_SIG) {
   __m256 acc[C][2];
   acc_load_256<C>(acc, accm, first);
   for (int64_t u = u0; u < u1; ++u) {
+    prefetch_ahead(bp + u * body, body);
     for (int hh = 0; hh < 2; ++hh) {
       const __m256 dw = half8(hp + u * head + 16 * hh);
       const uint8_t* q = bp + u * body + 32 * hh;
@@ -508,6 +522,7 @@ KS_AVX2 void q8_0_tile_256(KS_Q_SIG) {
   __m256 acc[C][2];
   acc_load_256<C>(acc, accm, first);
   for (int64_t u = u0; u < u1; ++u) {
+    prefetch_ahead(bp + u * 512, 512);
     for (int hh = 0; hh < 2; ++hh) {
       const __m256 dw = half8(hp + u * 32 + 16 * hh);
       const uint8_t* q = bp + u * 512 + 32 * hh;
@@ -541,6 +556,7 @@ KS_AVX2 void q4_k_tile_256(KS_Q_SIG) {
   for (int64_t u = u0; u < u1; ++u) {
     const uint8_t* sm = bp + u * 2304;
     const uint8_t* q = sm + 256;
+    prefetch_ahead(sm, 2304);
     for (int j = 0; j < 4; ++j)
       for (int hh = 0; hh < 2; ++hh) {
         const __m256 d = half8(hp + u * 64 + 16 * hh), dmin = half8(hp + u * 64 + 32 + 16 * hh);
@@ -588,6 +604,7 @@ KS_AVX2 void q6_k_tile_256(KS_Q_SIG) {
     const uint8_t* sc = bp + u * 3328;
     const uint8_t* ql = sc + 256;
     const uint8_t* qh = ql + 2048;
+    prefetch_ahead(sc, 3328);
     for (int n = 0; n < 2; ++n)
       for (int half = 0; half < 2; ++half)
         for (int hh = 0; hh < 2; ++hh) {
@@ -837,7 +854,130 @@ inline void dequant_row(int64_t f, const uint8_t* tiles, int64_t K, int64_t r, f
   }
 }
 
+// ---- repacking (the same bytes as knapspec/formats.py's numpy packing, which is the reference) -----
+
+// One part of a block's repacked bytes: kScale2: fp16 scales (count of them) lane by lane in the
+// head; kRun4: 4-byte runs (count) of the 16 rows side by side; kByte1: single bytes (count) of the
+// 16 rows side by side; kQ5Bits: Q5_0's fifth bits regrouped (one 4-byte run); kK4Scales: Q4_K's
+// 6-bit scales and minimums, one byte each (16 bytes).
+enum PartKind { kScale2, kRun4, kByte1, kQ5Bits, kK4Scales };
+struct Part {
+  PartKind kind;
+  int src, count;     // byte offset in the file's block, number of items
+  bool flip;          // Q8_0: values stored as q + 128
+};
+
+inline int parts_of(int64_t f, Part* p) {
+  switch (f) {
+    case kQ4_0: p[0] = {kScale2, 0, 1, false}; p[1] = {kRun4, 2, 4, false}; return 2;
+    case kQ4_1: p[0] = {kScale2, 0, 2, false}; p[1] = {kRun4, 4, 4, false}; return 2;
+    case kQ5_0: p[0] = {kScale2, 0, 1, false}; p[1] = {kQ5Bits, 2, 1, false}; p[2] = {kRun4, 6, 4, false}; return 3;
+    case kQ8_0: p[0] = {kScale2, 0, 1, false}; p[1] = {kRun4, 2, 8, true}; return 2;
+    case kQ4_K: p[0] = {kScale2, 0, 2, false}; p[1] = {kK4Scales, 4, 16, false}; p[2] = {kRun4, 16, 32, false}; return 3;
+    case kQ6_K:
+      p[0] = {kScale2, 208, 1, false}; p[1] = {kByte1, 192, 16, false}; p[2] = {kRun4, 0, 32, false};
+      p[3] = {kRun4, 128, 16, false};
+      return 4;
+    default: return 0;
+  }
+}
+
+// rows [0, n) of raw (row_bytes each) -> tiles (ceil(n/16) of them; rows past n are zero)
+inline void repack_rows(int64_t f, const uint8_t* raw, int64_t n, int64_t K, uint8_t* out) {
+  const FmtInfo fi = fmt_info(f);
+  const int64_t nb = K / fi.block, tb = tile_bytes(fi, K), hb = head_bytes(fi, K);
+  int64_t nbytes = 0;
+  switch (f) {
+    case kQ4_0: nbytes = 18; break;
+    case kQ4_1: nbytes = 20; break;
+    case kQ5_0: nbytes = 22; break;
+    case kQ8_0: nbytes = 34; break;
+    case kQ4_K: nbytes = 144; break;
+    default: nbytes = 210; break;
+  }
+  const int64_t row_bytes = nb * nbytes;
+  Part parts[4];
+  const int np = parts_of(f, parts);
+  static const uint8_t zero_row[4096] = {};
+  const int64_t tiles = (n + kQLanes - 1) / kQLanes;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> zero(row_bytes, 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = out + t * tb;
+      std::memset(tile + nb * fi.head, 0, hb - nb * fi.head);      // the head's padding
+      const uint8_t* rows[kQLanes];
+      for (int64_t j = 0; j < kQLanes; ++j) {
+        const int64_t r = t * kQLanes + j;
+        rows[j] = r < n ? raw + r * row_bytes : (row_bytes <= 4096 ? zero_row : zero.data());
+      }
+      for (int64_t u = 0; u < nb; ++u) {
+        uint8_t* head = tile + u * fi.head;
+        uint8_t* body = tile + hb + u * fi.body;
+        for (int pi = 0; pi < np; ++pi) {
+          const Part& p = parts[pi];
+          switch (p.kind) {
+            case kScale2:
+              for (int c = 0; c < p.count; ++c)
+                for (int64_t j = 0; j < kQLanes; ++j)
+                  std::memcpy(head + (c * kQLanes + j) * 2, rows[j] + u * nbytes + p.src + 2 * c, 2);
+              break;
+            case kRun4:
+              for (int c = 0; c < p.count; ++c)
+                for (int64_t j = 0; j < kQLanes; ++j) {
+                  uint32_t w;
+                  std::memcpy(&w, rows[j] + u * nbytes + p.src + 4 * c, 4);
+                  if (p.flip) w ^= 0x80808080u;
+                  std::memcpy(body + (c * kQLanes + j) * 4, &w, 4);
+                }
+              body += p.count * kQLanes * 4;
+              break;
+            case kByte1:
+              for (int c = 0; c < p.count; ++c)
+                for (int64_t j = 0; j < kQLanes; ++j) body[c * kQLanes + j] = rows[j][u * nbytes + p.src + c];
+              body += p.count * kQLanes;
+              break;
+            case kQ5Bits:         // bit v of byte c <- the file's bit 16 (v & 1) + 4 (v >> 1) + c
+              for (int64_t j = 0; j < kQLanes; ++j) {
+                uint32_t qh;
+                std::memcpy(&qh, rows[j] + u * nbytes + p.src, 4);
+                for (int c = 0; c < 4; ++c) {
+                  uint8_t b = 0;
+                  for (int v = 0; v < 8; ++v) b |= static_cast<uint8_t>(((qh >> (16 * (v & 1) + 4 * (v >> 1) + c)) & 1u) << v);
+                  body[4 * j + c] = b;
+                }
+              }
+              body += kQLanes * 4;
+              break;
+            case kK4Scales:       // 8 scales then 8 minimums, 6 bits each
+              for (int64_t j = 0; j < kQLanes; ++j) {
+                const uint8_t* q = rows[j] + u * nbytes + p.src;
+                for (int i = 0; i < 8; ++i) {
+                  uint8_t sc, mn;
+                  if (i < 4) {
+                    sc = q[i] & 63;
+                    mn = q[i + 4] & 63;
+                  } else {
+                    sc = static_cast<uint8_t>((q[i + 4] & 15) | ((q[i - 4] >> 6) << 4));
+                    mn = static_cast<uint8_t>((q[i + 4] >> 4) | ((q[i] >> 6) << 4));
+                  }
+                  body[i * kQLanes + j] = sc;
+                  body[(8 + i) * kQLanes + j] = mn;
+                }
+              }
+              body += 16 * kQLanes;
+              break;
+          }
+        }
+      }
+    }
+  });
+}
+
 // ---- entry points (pointers as integers; knapspec/native/__init__.py checks shapes) ---------------
+
+inline void repack(int64_t f, int64_t raw, int64_t n, int64_t K, int64_t out) {
+  repack_rows(f, reinterpret_cast<const uint8_t*>(raw), n, K, reinterpret_cast<uint8_t*>(out));
+}
 
 inline void set_isa(int64_t isa) { g_isa = static_cast<int>(isa); }
 

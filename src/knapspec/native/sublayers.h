@@ -118,6 +118,7 @@ KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_
 }
 
 constexpr int64_t kChunk = 256;   // keys per work item of the attention
+constexpr int64_t kSerialKeys = 1536;   // (keys x KV heads x tokens) below which one thread attends
 constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 
 // The attention reads its own copies of the cache, laid out for products with one key (scores) or
@@ -448,7 +449,11 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
   std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, hkv * nc, 1, [&](int64_t ia, int64_t ib) {
+  // Small attention (a few hundred keys in all) runs on this thread: splitting a few microseconds
+  // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
+  // computed the same way either way.
+  const int64_t keys = (end - c_first * kChunk) * hkv * Tn;
+  at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
     std::vector<float> sbuf(g * kChunk), pbuf(g * kChunk);
     for (int64_t it = ia; it < ib; ++it) {
       const int64_t kvh = it / nc, ci = it % nc;

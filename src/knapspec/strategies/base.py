@@ -3,9 +3,11 @@
 Before each round the engine calls ``strategy.propose(state)`` and gets a :class:`Draft`: the plan
 to draft with and the maximum draft length (0 = autoregressive step), optionally tokens proposed
 without running the model (prompt lookup), which model drafting then continues. After
-verification it calls ``strategy.observe(outcome)``. A strategy never runs the decoding loop and
-never copies the forward; it may run the model's sublayers for planning (KnapSpec's DP) through
-``state.model`` and read, never write, ``state.cache``.
+verification it calls ``strategy.observe(outcome)``. A strategy may also copy drafts from a
+``RoundState.reference`` (a predicted output), saying how many in ``Draft.n_reference``. A
+strategy never runs the decoding loop and never copies the forward; it may run the model's
+sublayers for planning (KnapSpec's DP) through ``state.model`` and read, never write,
+``state.cache``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Draft:
     head: torch.Tensor | None = None       # lm_head rows for draft-only vocabulary truncation
     head_ids: torch.Tensor | None = None   # vocabulary ids of those rows [V']
     source: str = ""                # label for statistics ("lookup", "skip", ...)
+    n_reference: int = 0            # how many of ``tokens`` (a prefix) were copied from RoundState.reference
 
 
 AUTOREGRESSIVE = Draft(plan=None, max_len=0)
@@ -50,6 +53,8 @@ class RoundState:
     remaining: int                  # new tokens still allowed
     prompt_embedding: torch.Tensor | None = None   # mean final-norm hidden state over the prompt [H]
                                                    # (only for strategies with wants_prompt_embedding)
+    reference: tuple[int, ...] = ()  # a predicted output (e.g. OpenAI's Predicted Outputs): more
+                                     # text to copy lookup drafts from; read at ``start``
 
     @property
     def context_length(self) -> int:
@@ -77,6 +82,10 @@ class Strategy:
     wants_hidden: ClassVar[bool] = False
     wants_prompt_embedding: ClassVar[bool] = False
     persists_across_prompts: ClassVar[bool] = False   # learns across generations (the benchmark keeps it)
+    # a fresh instance drafts the same tokens for the same committed tokens: no measured times, no
+    # state from files that change. Then a seeded sampled generation repeats exactly (the random
+    # draws of speculative sampling depend on what was drafted)
+    reproducible: ClassVar[bool] = True
     # options for the benchmark's warm-up instance, so that it runs the code paths (and pays the
     # one-off first-call costs) that later prompts may take
     warm_up_options: ClassVar[dict[str, Any]] = {}

@@ -29,6 +29,10 @@ draft position (the probability that the token is accepted given that the ones b
 Beta(1, 1) prior); for skip drafts, per token. The draft with the highest
 ``E[tokens] / (model drafting time + verification time)`` wins.
 
+A reference (``RoundState.reference``: a predicted output) is a second source of lookup drafts:
+its match is taken when it is at least as long as the context's, and its acceptance is tracked
+apart from the context's matches.
+
 Verification times come from the latency model, corrected online: for each verification width
 the strategy keeps a running ratio of measured to predicted time, so a profile that mis-states how
 a pass grows with its width (a noisy profiling run, another load on the machine) cannot make it
@@ -72,7 +76,7 @@ from ..latency import LatencyModel
 from ..model import Model
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .knapspec import DEFAULT_WINDOWS, KnapSpecStrategy, parse_windows, planner_memory
-from .lookup import MAX_POS, LookupAcceptance, NgramIndex
+from .lookup import MAX_POS, LookupAcceptance, NgramIndex, ReferenceIndex, best_continuation
 from .memory import PlanMemory, bucket
 from .pricing import VerifyTimes
 from .vocab import DraftVocab
@@ -99,6 +103,7 @@ class HybridStrategy(Strategy):
     name = "hybrid"
     # plan in the warm-up too (its verdict on a short warm-up prompt is not remembered)
     warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0, "memory": "off"}
+    reproducible: ClassVar[bool] = False     # its choices follow measured verification times
 
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, max_ngram: int = 3,
                  max_lookup: int = 8, d_max: int = 8, skip_prior: float = 4.0, use_skip: bool = True,
@@ -126,13 +131,17 @@ class HybridStrategy(Strategy):
         self._active = False                       # the planner runs in this prompt
         self._rng = np.random.default_rng(seed)
         self._misses = 0
-        self.lookup_estimates = LookupAcceptance(max_ngram)
+        # lookup acceptance per (n-gram length, position); the last group is for matches in the
+        # reference (a predicted output), whatever their length
+        self._ref_group = max_ngram + 1
+        self.lookup_estimates = LookupAcceptance(self._ref_group)
         self._sk_acc = 0.0
         self._sk_try = 0.0
         self._pending: tuple[Option, int] | None = None
         self.verify_times = VerifyTimes(max_lookup + d_max + 2)
         self.counts: dict[str, int] = {}
         self._index = NgramIndex(max_ngram)          # the lookup matches
+        self._reference: ReferenceIndex | None = None
         self.vocab = draft_vocab
         self._vk: dict[int | None, list[float]] = {}     # per vocabulary size: [accepted, tried]
         self._n_committed = 0
@@ -233,6 +242,7 @@ class HybridStrategy(Strategy):
         self.counts = {}
         self._misses = 0
         self._index.reset()
+        self._reference = ReferenceIndex(state.reference, self.max_ngram) if state.reference else None
         self._pending = None
         self.verify_times.reset()
         self._vk = {}
@@ -250,6 +260,11 @@ class HybridStrategy(Strategy):
             self._n_committed = len(state.tokens)
         self._index.update(state.tokens)
         n_gram, cont = self._index.find(max_ngram=self.max_ngram, max_len=self.max_lookup)
+        from_ref = False
+        if self._reference is not None:          # a predicted output: its matches keep their own estimates
+            n_gram, cont, from_ref = best_continuation((n_gram, cont), self._reference.find(
+                state.tokens, max_ngram=self.max_ngram, max_len=self.max_lookup))
+            n_gram = self._ref_group if from_ref else n_gram
         self._misses = 0 if cont else self._misses + 1
         ctx = state.context_length
         if bucket(ctx) != self._bucket and not self._active:
@@ -284,7 +299,8 @@ class HybridStrategy(Strategy):
             self.vocab.select(best.vocab)
             head, ids = self.vocab.head()
         return Draft(plan=plan, max_len=best.n_lookup + best.n_skip, tokens=tuple(cont[:best.n_lookup]),
-                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids)
+                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids,
+                     n_reference=best.n_lookup if from_ref else 0)
 
     def observe(self, outcome: Outcome) -> None:
         self.planner.observe(outcome)

@@ -3,10 +3,16 @@
 Each round, find the most recent earlier occurrence of the last ``n`` committed tokens (``n`` from
 ``max_ngram`` down to ``min_ngram``) in the prompt and the output so far, and propose the tokens
 that followed it (at most ``max_draft``). Without a match the round is a plain decoding step.
+
+A reference (``RoundState.reference``: a predicted output, e.g. OpenAI's Predicted Outputs) is
+searched too, by :class:`ReferenceIndex`; its continuation is drafted when its n-gram match is at
+least as long as the context's. It is only a source of drafts: verification keeps the output the
+model's own.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 import numpy as np
@@ -80,6 +86,47 @@ class NgramIndex:
         return 0, []
 
 
+class ReferenceIndex:
+    """Every occurrence of every n-gram (n = 1..``max_ngram``) of a fixed reference sequence, and
+    a cursor where the last answer's continuation began. ``find`` answers with the continuation of
+    the first occurrence at or after the cursor, else of the nearest one before it: an output that
+    follows its reference in order (an edited file, a rewritten paragraph) is then matched to the
+    aligned copy of an n-gram the reference repeats, not to whichever copy came last."""
+
+    def __init__(self, reference: list[int] | tuple[int, ...], max_ngram: int) -> None:
+        self.reference = list(reference)
+        self.max_ngram = max_ngram
+        self.cursor = 0
+        # _next[n][ngram] = indices of the tokens that follow its occurrences, ascending
+        self._next: list[dict] = [{} for _ in range(max_ngram + 1)]
+        r = self.reference
+        for p in range(1, len(r)):
+            for n in range(1, min(max_ngram, p) + 1):
+                self._next[n].setdefault(r[p - 1] if n == 1 else tuple(r[p - n:p]), []).append(p)
+
+    def find(self, tokens: list[int], *, max_ngram: int, min_ngram: int = 1,
+             max_len: int = 8) -> tuple[int, list[int]]:
+        """``(n, continuation)`` for the longest suffix of ``tokens`` found in the reference
+        (``(0, [])`` when none); moves the cursor to the continuation's start."""
+        total = len(tokens)
+        for n in range(min(max_ngram, self.max_ngram, total), max(min_ngram, 1) - 1, -1):
+            hits = self._next[n].get(tokens[-1] if n == 1 else tuple(tokens[total - n:]))
+            if hits:
+                i = bisect_left(hits, self.cursor)
+                self.cursor = hits[i] if i < len(hits) else hits[i - 1]
+                return n, self.reference[self.cursor:self.cursor + max_len]
+        return 0, []
+
+
+def best_continuation(context: tuple[int, list[int]], reference: tuple[int, list[int]]
+                      ) -> tuple[int, list[int], bool]:
+    """``(n, continuation, from_reference)``: the reference's match when it is at least as long
+    as the context's (the reference is the output the caller predicted), else the context's."""
+    if reference[1] and reference[0] >= context[0]:
+        return reference[0], reference[1], True
+    return context[0], context[1], False
+
+
 class PromptLookupStrategy(Strategy):
     name = "lookup"
 
@@ -90,22 +137,30 @@ class PromptLookupStrategy(Strategy):
             raise ValueError(f"max draft length must be >= 1, got {max_draft}")
         self.max_ngram, self.min_ngram, self.max_draft = max_ngram, min_ngram, max_draft
         self.index = NgramIndex(max_ngram)
+        self.reference: ReferenceIndex | None = None
         self.matches = 0
         self.rounds = 0
 
     def start(self, state: RoundState) -> None:
         self.index.reset()
         self.matches = self.rounds = 0
+        self.reference = ReferenceIndex(state.reference, self.max_ngram) if state.reference else None
 
     def propose(self, state: RoundState) -> Draft:
         self.rounds += 1
         self.index.update(state.tokens)
-        n, cont = self.index.find(max_ngram=self.max_ngram, min_ngram=self.min_ngram,
-                                  max_len=self.max_draft)
+        found = self.index.find(max_ngram=self.max_ngram, min_ngram=self.min_ngram, max_len=self.max_draft)
+        ref = False
+        if self.reference is not None:
+            n, cont, ref = best_continuation(found, self.reference.find(
+                state.tokens, max_ngram=self.max_ngram, min_ngram=self.min_ngram, max_len=self.max_draft))
+        else:
+            n, cont = found
         if not cont:
             return AUTOREGRESSIVE
         self.matches += 1
-        return Draft(plan=None, max_len=len(cont), tokens=tuple(cont), source=f"lookup{n}")
+        return Draft(plan=None, max_len=len(cont), tokens=tuple(cont),
+                     source=f"reference{n}" if ref else f"lookup{n}", n_reference=len(cont) if ref else 0)
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "match_share": self.matches / self.rounds if self.rounds else 0.0}
@@ -129,15 +184,17 @@ class LookupAcceptance:
     caches, where numpy's per-call machinery cost ~40 us a round); the log is folded into the
     counts when they are read, or when it grows long."""
 
-    def __init__(self, max_ngram: int) -> None:
-        self.max_ngram = max_ngram
-        self._acc = np.ones((max_ngram + 1, MAX_POS))
-        self._tried = 2 * np.ones((max_ngram + 1, MAX_POS))
+    def __init__(self, max_group: int) -> None:
+        """Groups ``0..max_group``: n-gram lengths (a caller may add groups of its own above them,
+        e.g. matches in a reference text)."""
+        self.max_group = max_group
+        self._acc = np.ones((max_group + 1, MAX_POS))
+        self._tried = 2 * np.ones((max_group + 1, MAX_POS))
         self.log: list[tuple[int, int, int]] = []      # (n-gram, positions decided, accepted)
 
     def record(self, n_gram: int, decided: int, accepted: int) -> None:
         if decided:
-            self.log.append((min(n_gram, self.max_ngram), decided, min(decided, accepted)))
+            self.log.append((min(n_gram, self.max_group), decided, min(decided, accepted)))
             if len(self.log) >= 512:                   # bounded, for a long-lived strategy
                 self._fold()
 
@@ -155,20 +212,20 @@ class LookupAcceptance:
 
     @property
     def acc(self) -> np.ndarray:
-        """Accepted counts (plus the prior) ``[max_ngram + 1, MAX_POS]``."""
+        """Accepted counts (plus the prior) ``[max_group + 1, MAX_POS]``."""
         self._fold()
         return self._acc
 
     @property
     def tried(self) -> np.ndarray:
-        """Decided counts (plus the prior) ``[max_ngram + 1, MAX_POS]``."""
+        """Decided counts (plus the prior) ``[max_group + 1, MAX_POS]``."""
         self._fold()
         return self._tried
 
     def probs(self, n_gram: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """P(position j accepted | positions < j accepted) for an ``n_gram`` match: the posterior
         means, or with ``rng`` one draw from each Beta posterior (Thompson sampling)."""
-        g = min(n_gram, self.max_ngram)
+        g = min(n_gram, self.max_group)
         acc, tried = self.acc[g], self.tried[g]
         if rng is not None:
             return rng.beta(acc, tried - acc + 1e-9)
