@@ -59,7 +59,7 @@ def exact_span(pos: int, capacity: int) -> int:
 
 
 def exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Exact mode's attention (``Model.set_row_invariant``) for rows that share one key span S:
     ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
     ``mask`` with its rows already padded to a multiple of ``MIN_ROWS`` -> ``[B, Hkv, R, D]``. The
@@ -73,7 +73,7 @@ def exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     rows = mask.shape[0]
     if rows > r:                          # padded rows: zeros, dropped after
         qg = torch.cat([qg, shared_zeros(qg, (b, h, rows - r, d))], dim=2)
-    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=scale)
     return o if rows == r else o[:, :, :r]
 
 
@@ -158,7 +158,7 @@ def exact_pass_attention(masks: Masks, i: int, q: torch.Tensor, start: int, cach
         qg = q[:, :, a:e].reshape(b, hkv, g * (e - a), d)
         keys, vals = cache.view(i, span)
         mask = masks.sdpa(i, start + a, e - a, span, g, pad_rows=MIN_ROWS)
-        outs.append(exact_attention(qg, keys, vals, mask).reshape(b, hq, e - a, d))
+        outs.append(exact_attention(qg, keys, vals, mask, masks.cfg.attn_scale).reshape(b, hq, e - a, d))
         a = e
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -172,7 +172,7 @@ def branch_attention(masks: Masks, i: int, qg: torch.Tensor, k: torch.Tensor, v:
     t = k.shape[2]
     g = gt // t
     pk, pv = cache.view(i, start)                                    # [1, Hkv, P, D]
-    qf = qg.float() * (1.0 / math.sqrt(d))
+    qf = qg.float() * (masks.cfg.attn_scale or 1.0 / math.sqrt(d))
     # prefix scores with the branches folded into the rows: [Hkv, B*G*T, P] (K read once)
     q_rows = qf.transpose(0, 1).reshape(hkv, b * gt, d)
     s_pre = (q_rows @ pk[0].float().transpose(-1, -2)).reshape(hkv, b, gt, start).transpose(0, 1)

