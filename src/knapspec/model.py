@@ -489,7 +489,8 @@ class Model:
             if packs is not None:
                 if s % 2:
                     L = self.layers[s // 2]
-                    return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3])
+                    return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3],
+                                      act=self.cfg.hidden_act, post_norm=L.post_mlp_norm)
                 if write and x.shape[0] == 1 and x.shape[1] <= _NATIVE_ATTENTION_MAX_TOKENS:
                     return self._native_attention(s // 2, x, start, cache, packs)
         if s % 2 == 0:
@@ -517,7 +518,8 @@ class Model:
         if held is not None and held[3] == stamp:         # nothing assigned since: the same tensors
             return held[2]
         refs = tuple(t for L in self.layers for t in (L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm,
-                                                       L.wo, L.mlp_norm, L.w_gate_up, L.w_down))
+                                                       L.wo, L.mlp_norm, L.w_gate_up, L.w_down,
+                                                       L.post_attn_norm, L.post_mlp_norm))
         if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
                 and all(a is b for a, b in zip(held[1], refs))):
             cache._native_stack = (*held[:3], stamp)
@@ -535,7 +537,8 @@ class Model:
                          ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
                          down.desc.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
-                         self.cfg.window(i) or 0])
+                         self.cfg.window(i) or 0, ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
+                         int(self.rope_of(i) is not self.rope)])
         table = torch.tensor(rows, dtype=torch.int64)
         assert table.shape[1] == len(native.STACK_FIELDS)
         # the refs keep the tensors behind the pointers alive; the packs live in self._packs until
@@ -549,14 +552,15 @@ class Model:
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
         cache.check_room(start, t)
-        cos, sin = self.rope.native(start, t)
+        cos, sin = self.rope_of(i).native(start, t)
         cache.native_layout()
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
                                 k_cache=cache.k[i], v_cache=cache.v[i], k_blocks=cache.kt[i],
                                 v_pairs=None if cache.vt is None else cache.vt[i], n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                window=cfg.window(i), o=packs[1])
+                                window=cfg.window(i), o=packs[1], scale=cfg.attn_scale,
+                                post_norm=L.post_attn_norm)
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
@@ -600,9 +604,11 @@ class Model:
             cfg = self.cfg
             cos, sin = self.rope.native(start, t)
             mask = self._run_all if run is None else torch.tensor(run, dtype=torch.uint8)
+            cos_l, sin_l = (None, None) if self.rope_local is None else self.rope_local.native(start, t)
             x = native.stack(x, start, mask, table, eps=cfg.rms_norm_eps, cos=cos, sin=sin,
                              capacity=cache.capacity, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size)
+                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
+                             cos_local=cos_l, sin_local=sin_l, act=cfg.hidden_act, scale=cfg.attn_scale)
         else:
             for s in range(2 * self.cfg.n_layers):
                 if run is None or run[s]:
