@@ -150,7 +150,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     if a.out and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give a file name, e.g. {a.out}/calibration.json")
     llm = load_model(a)
-    ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
+    ids = [llm.encode_prompt(p.text, chat=p.chat) for p in prompts]
     if a.strategy == "draft-verify":
         from ..strategies.draft_verify import calibrate
         rec = calibrate(llm, ids, trials=a.trials or 30, new_tokens=a.new_tokens or 24, seed=a.seed,
