@@ -75,6 +75,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     opts = strategy_options(a)          # before loading: a misplaced option fails at once
     llm = load_model(a)
+    if a.chat and not llm.can_chat:          # before any one-time work (a base model, e.g. Gemma 3 270M)
+        raise ValueError("this model's tokenizer has no chat template: drop --chat")
     from ..bench import frozen_gc
     # one-time work (latency profile, a strategy's first verdict) before the timed generation
     llm.prepare(a.strategy, progress=True, **opts)
