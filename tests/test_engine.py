@@ -36,7 +36,7 @@ def _plans(n_layers: int):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma3"])
 def test_greedy_speculative_equals_autoregressive(kind, path, tiny_root):
     m = tiny_model(kind, tiny_root, path)
     eng = Engine(m)
@@ -80,8 +80,11 @@ def test_cache_after_rejections_equals_autoregressive_cache(tiny_root):
         torch.testing.assert_close(spec_cache.v[layer][:, :, :n], ar_cache.v[layer][:, :, :n], atol=1e-5, rtol=1e-5)
 
 
-def _small_vocab_model(vocab: int = 12) -> Model:
-    hf = build_tiny_hf("llama", seed=3, vocab_size=vocab, initializer_range=0.4, num_hidden_layers=2)
+def _small_vocab_model(vocab: int = 12, kind: str = "llama") -> Model:
+    extra = {}
+    if kind == "gemma3":       # a local layer whose window (2) the 6 positions of a sample outgrow, and a global one
+        extra = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=2)
+    hf = build_tiny_hf(kind, seed=3, vocab_size=vocab, initializer_range=0.4, num_hidden_layers=2, **extra)
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     return Model.from_hf_tensors(cfg, {k: v.detach().clone() for k, v in hf.state_dict().items()})
 
@@ -115,15 +118,16 @@ def _chi2(samples: np.ndarray, expected_p: np.ndarray) -> float:
     return float(chisquare(obs, ex * obs.sum() / ex.sum()).pvalue)
 
 
-@pytest.mark.parametrize("sp, vocab_trunc", [
-    (SamplingParams(temperature=1.0, seed=11), False),
-    (SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=12), False),
-    (SamplingParams(temperature=1.0, seed=13), True),
+@pytest.mark.parametrize("sp, vocab_trunc, kind", [
+    (SamplingParams(temperature=1.0, seed=11), False, "llama"),
+    (SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=12), False, "llama"),
+    (SamplingParams(temperature=1.0, seed=13), True, "llama"),
+    (SamplingParams(temperature=1.0, seed=14), True, "gemma3"),
 ])
-def test_speculative_sampling_is_exact(sp, vocab_trunc):
+def test_speculative_sampling_is_exact(sp, vocab_trunc, kind):
     """Joint distribution of generated tokens 2 and 3 (drawn in a speculative round with a poor
     draft) against the exact autoregressive distribution: chi-square over 20k samples."""
-    m = _small_vocab_model()
+    m = _small_vocab_model(kind=kind)
     prompt = [3, 7, 1]
     V = m.cfg.vocab_size
     exact = _exact_joint(m, prompt, sp, 3).sum(axis=0)        # marginalise token 1 -> [V, V]
@@ -180,12 +184,12 @@ def _hybrid_for_sampling(m: Model):
                           d_max=2, max_lookup=2, min_lookup=0, persist=False, memory=None)
 
 
-@pytest.mark.parametrize("name", ["lookup", "hybrid"])
-def test_speculative_sampling_is_exact_with_lookup_and_hybrid_drafts(name):
+@pytest.mark.parametrize("name, kind", [("lookup", "llama"), ("hybrid", "llama"), ("hybrid", "gemma3")])
+def test_speculative_sampling_is_exact_with_lookup_and_hybrid_drafts(name, kind):
     """As above, with the drafts that the default strategies make: lookup drafts (one-hot draft
     distributions, copied from the context) and the hybrid's mix of lookups and layer-skip drafts."""
     from knapspec.strategies.lookup import PromptLookupStrategy
-    m = _small_vocab_model()
+    m = _small_vocab_model(kind=kind)
     prompt = [3, 7, 1, 3, 7, 1, 3, 7]          # repetitive: most continuations have a match
     V = m.cfg.vocab_size
     sp = SamplingParams(temperature=1.0, seed=21)

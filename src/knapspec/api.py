@@ -98,6 +98,16 @@ class LLM:
             raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
         return list(self.tokenizer(prompt)["input_ids"])
 
+    @property
+    def can_chat(self) -> bool:
+        """Whether the tokenizer has a chat template (a base model's, e.g. Gemma 3 270M's, has none)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_prompt(self, text: str, *, chat: bool) -> list[int]:
+        """A dataset's prompt: in the chat template when it is a chat prompt and the model has one,
+        else the plain text (a base model completes it)."""
+        return self.encode(text, chat=chat and self.can_chat)
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (``[{"role": ..., "content": ...}, ...]``) in the model's chat template,
         ready for the assistant's answer."""

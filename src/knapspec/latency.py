@@ -15,7 +15,9 @@ The model fitted from it (:class:`LatencyModel`): attention time of layer i at w
 coefficient is refitted, so the line stays a least-squares line), MLP time of layer i at width w a
 constant, lm_head and overhead per width, windowed attention of layer i a constant per window;
 widths between profiled ones are interpolated. Layers are fitted one by one, so heterogeneous
-layers (sliding windows, different sizes) come out right.
+layers (sliding windows, different sizes) come out right; a sliding-window layer's context is its
+window at most (Gemma 3's local layers: their cost stops growing there, while the global layers'
+keeps growing), in the fit and in every prediction.
 ``predict(plan, context, n_tokens)`` is the time of one forward with that plan.
 
 A transient (another process taking the cores for a moment) must not poison the profile, which is
@@ -312,22 +314,38 @@ class LatencyModel:
     fit_error: dict[str, float] = field(default_factory=dict)
     profile: Profile | None = None
     win_attn: dict[str, list[float]] = field(default_factory=dict)   # window -> [layer], width 1
+    windows: list[int] = field(default_factory=list)   # [layer] sliding window, 0 = none ([] = none slides)
 
     # ---- fitting ----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, p: Profile) -> LatencyModel:
-        c = np.asarray(p.contexts, dtype=float)
+    def fit(cls, p: Profile, windows: tuple[int | None, ...] | list[int | None] = ()) -> LatencyModel:
+        """``windows``: each layer's sliding window (None or 0: none), ``ModelConfig.sliding_window``."""
         L, W = len(p.attn), len(p.widths)
+        wins = [int(x or 0) for x in windows] if any(windows) else []
+        c_all = np.asarray(p.contexts, dtype=float)
         A = np.asarray(p.attn, dtype=float)                       # [layer, width, context]
         M = np.asarray(p.mlp, dtype=float)
         attn_a = [[0.0] * W for _ in range(L)]
         attn_b = [[0.0] * W for _ in range(L)]
         errs: list[float] = []
         mlp = [[0.0] * W for _ in range(L)]
+        # transients are looked for among layers alike: the same sliding window (a model's global
+        # layers grow with the context, its local layers do not)
+        groups: dict[int, list[int]] = {}
+        for i in range(L):
+            groups.setdefault(wins[i] if wins else 0, []).append(i)
+
+        def outliers(rows: np.ndarray) -> np.ndarray:
+            out = np.zeros_like(rows, dtype=bool)
+            for members in groups.values():
+                if len(members) >= 3:
+                    out[members] = _layer_outliers(rows[members])
+            return out
         for w in range(W):
-            out_a = _layer_outliers(A[:, w]) if L >= 3 else np.zeros_like(A[:, w], dtype=bool)
-            out_m = _layer_outliers(M[:, w]) if L >= 3 else np.zeros_like(M[:, w], dtype=bool)
+            out_a, out_m = outliers(A[:, w]), outliers(M[:, w])
             for i in range(L):
+                # a sliding-window layer's keys: the window at most
+                c = np.minimum(c_all, wins[i]) if wins and wins[i] else c_all
                 a, b = robust_line(c, A[i, w], ~out_a[i])
                 attn_a[i][w], attn_b[i][w] = a, b
                 errs += [abs(a + b * cc - y) / y for cc, y in zip(c, A[i, w]) if y > 0]
@@ -335,7 +353,7 @@ class LatencyModel:
                 mlp[i][w] = float(np.median(M[i, w][keep]))
         mlp_err = [abs(mlp[i][w] - y) / y for i in range(L) for w in range(W) for y in p.mlp[i][w] if y > 0]
         head = [float(np.median(p.head[w])) for w in range(W)]
-        over = [robust_line(c, np.asarray(p.overhead[w], dtype=float)) for w in range(W)]
+        over = [robust_line(c_all, np.asarray(p.overhead[w], dtype=float)) for w in range(W)]
         win: dict[str, list[float]] = {}
         for key, rows in (p.win_attn or {}).items():
             per_layer = [[v for v in r if v is not None] for r in rows]
@@ -348,7 +366,7 @@ class LatencyModel:
               "mlp_mape": float(np.mean(mlp_err)) if mlp_err else 0.0}
         return cls(key=p.key, widths=list(p.widths), n_layers=L, attn_a=attn_a, attn_b=attn_b, mlp=mlp,
                    head=head, over_a=[o[0] for o in over], over_b=[o[1] for o in over], fit_error=fe,
-                   profile=p, win_attn=win)
+                   profile=p, win_attn=win, windows=wins)
 
     @classmethod
     def analytic(cls, n_layers: int, *, attn: float, attn_per_token: float, mlp: float, head: float,
@@ -380,9 +398,14 @@ class LatencyModel:
             memo[n] = cols
         return cols
 
+    def context_of(self, layer: int, ctx: int) -> int:
+        """The keys layer ``layer`` attends over at context ``ctx`` (its sliding window at most)."""
+        w = self.windows[layer] if self.windows else 0
+        return min(ctx, w) if w else ctx
+
     def attn_time(self, layer: int, ctx: int, n: int = 1) -> float:
         a, b = self._at(n)[:2]
-        return max(a[layer] + b[layer] * ctx, 0.0)
+        return max(a[layer] + b[layer] * self.context_of(layer, ctx), 0.0)
 
     def mlp_time(self, layer: int, n: int = 1) -> float:
         return self._at(n)[2][layer]
@@ -416,7 +439,7 @@ class LatencyModel:
         a, b, m = self._at(n)[:3]
         out = []
         for i in range(self.n_layers):
-            out += [max(a[i] + b[i] * ctx, 0.0), m[i]]
+            out += [max(a[i] + b[i] * self.context_of(i, ctx), 0.0), m[i]]
         return out
 
     def predict(self, plan: Plan | None, ctx: int, n_tokens: int = 1, *, head_scale: float = 1.0) -> float:
@@ -432,7 +455,7 @@ class LatencyModel:
                 if win and win[2 * i]:
                     t += self.window_time(i, win[2 * i], ctx, n_tokens)
                 else:
-                    t += max(a[i] + b[i] * ctx, 0.0)
+                    t += max(a[i] + b[i] * self.context_of(i, ctx), 0.0)
             if run is None or run[2 * i + 1]:
                 t += m[i]
         return t
@@ -459,6 +482,11 @@ _MEMO: dict[str, LatencyModel] = {}
 def profile_path(key: dict[str, Any]) -> Path:
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / "latency" / f"{h}.json"
+
+
+def _sliding(model: Any) -> tuple[int | None, ...]:
+    """Each layer's sliding window (``()`` when none slides, or for a stand-in without a config)."""
+    return tuple(getattr(getattr(model, "cfg", None), "sliding_window", ()) or ())
 
 
 def check(model: Any, lm: LatencyModel, *, repeats: int = 5, warmup: int = 1,
@@ -493,7 +521,7 @@ def profile(model: Any, *, contexts: list[int], widths: tuple[int, ...] | list[i
     measuring the disagreeing contexts again."""
     prof = measure(model, contexts=contexts, widths=widths, repeats=repeats, progress=progress,
                    windows=tuple(windows), clock=clock)
-    lm = LatencyModel.fit(prof)
+    lm = LatencyModel.fit(prof, _sliding(model))
     for attempt in range(retries + 1):
         ratios = check(model, lm, clock=clock)
         off = [ctx for ctx, r in ratios.items() if abs(r - 1.0) > CHECK_TOLERANCE]
@@ -523,7 +551,7 @@ def profile(model: Any, *, contexts: list[int], widths: tuple[int, ...] | list[i
                 prof.head[w][ci] = again.head[w][j]
                 prof.overhead[w][ci] = again.overhead[w][j]
         prof.remeasured += len(off)
-        lm = LatencyModel.fit(prof)
+        lm = LatencyModel.fit(prof, _sliding(model))
     return lm, False
 
 

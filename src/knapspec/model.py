@@ -16,8 +16,15 @@ Weights are float tensors, or GGUF block types held as they are (``formats.Quant
 embedding rows are dequantised on lookup, and the activations, norms and KV cache use the model's
 float dtype (:attr:`Model.dtype`). Supported: Llama
 2/3/3.1/3.2 (incl. llama3 and linear rope scaling), Mistral (sliding window),
-Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2; tied or untied embeddings; grouped-query
-attention. The model never reads files, samples, times or loops over tokens.
+Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2, Gemma 3 (see below); tied or untied
+embeddings; grouped-query attention. The model never reads files, samples, times or loops over tokens.
+
+Gemma 3 in the same sublayers: its attention sublayer is ``x + post_norm(o_proj(attn(norm(x))))``
+and its MLP ``x + post_norm(down(gelu_tanh(gate) * up))`` (the post-norms inside the sublayer, so
+a skipped sublayer stays the identity); scores scaled by ``query_pre_attn_scalar ** -0.5``, the
+sliding-window (local) layers with their own rotary base, embeddings times ``sqrt(hidden)``. Its
+RMSNorm scales by ``1 + w``: the 1 is added to the weights once, when the model is built, so every
+norm runs as Llama's.
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ class _Layer:
     w_gate_up: Weight                  # [2 I, H]
     w_down: Weight                     # [H, I]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    post_attn_norm: torch.Tensor | None = None   # [H] (Gemma 3's post-norms; None elsewhere)
+    post_mlp_norm: torch.Tensor | None = None    # [H]
     # counts assignments to any layer's fields: a stack table built at the current count needs
     # no re-check of its tensors (Model._native_stack_table)
     assignments: ClassVar[int] = 0
@@ -131,7 +140,8 @@ class _Layer:
 
     def tensors(self) -> dict[str, torch.Tensor | QuantWeight | None]:
         return {k: getattr(self, k) for k in ("attn_norm", "wqkv", "bqkv", "q_norm", "k_norm", "wo",
-                                              "mlp_norm", "w_gate_up", "w_down")}
+                                              "mlp_norm", "w_gate_up", "w_down", "post_attn_norm",
+                                              "post_mlp_norm")}
 
 
 class Model:
@@ -147,6 +157,8 @@ class Model:
         self._dtype = embed.dtype if isinstance(embed, torch.Tensor) else final_norm.dtype
         self._lm_head = lm_head             # [V, H], None when tied
         self._inv_freq = rope_inv_freq(cfg)              # [D/2] float32
+        # sliding-window layers with their own rotary base (Gemma 3), else None
+        self._inv_freq_local = rope_inv_freq(cfg, local=True) if cfg.local_rope_theta is not None else None
         self._tables()                                   # rotary tables and masks (dtype, device)
         self.packed = False
         self.kernels = "plain"            # pack_weights: "native", "onednn" or "plain"
@@ -164,18 +176,31 @@ class Model:
     def _tables(self) -> None:
         """Rotary tables and attention masks for the current dtype and device (rebuilt by ``to``)."""
         self.rope = RotaryTable(self._inv_freq, dtype=self.dtype, device=self.device)
+        self.rope_local = (None if self._inv_freq_local is None else
+                           RotaryTable(self._inv_freq_local, dtype=self.dtype, device=self.device))
         self.masks = Masks(self.cfg, dtype=self.dtype, device=self.device)
+
+    def rope_of(self, layer: int) -> RotaryTable:
+        """The rotary table of ``layer`` (local layers of Gemma 3 have their own)."""
+        return self.rope_local if self.rope_local is not None and self.cfg.local_rope(layer) else self.rope
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, Any]) -> Model:
+    def from_hf_tensors(cls, cfg: ModelConfig, t: dict[str, Any], *, norms_added: bool = False) -> Model:
         """Build from a Hugging Face state dict (names as in ``LlamaForCausalLM``; values float
         tensors or quantized weights). Fused ``self_attn.qkv_proj.weight`` and
-        ``mlp.gate_up_proj.weight`` are taken instead of their pieces when present."""
+        ``mlp.gate_up_proj.weight`` are taken instead of their pieces when present.
+        ``norms_added``: Gemma's norm weights hold ``1 + w`` already (as a GGUF file stores them)."""
         def get(name: str) -> torch.Tensor:
             if name not in t:
                 raise ValueError(f"checkpoint lacks tensor {name!r}; is it a {cfg.arch.value} model?")
             return t[name]
+
+        def norm(name: str) -> torch.Tensor:
+            """A norm's weight as the model multiplies by it: Gemma's ``1 + w``, added in float32
+            as transformers does, then in the weight's dtype."""
+            w = get(name)
+            return (1.0 + w.float()).to(w.dtype) if cfg.norm_offset and not norms_added else w
 
         layers = []
         for i in range(cfg.n_layers):
@@ -188,16 +213,20 @@ class Model:
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             fused_qkv, fused_gu = t.get(p + "self_attn.qkv_proj.weight"), t.get(p + "mlp.gate_up_proj.weight")
+            # Gemma 3 names its four norms by place; Llama's "post_attention_layernorm" is the MLP's norm
+            mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
             layers.append(_Layer(
-                attn_norm=get(p + "input_layernorm.weight"),
+                attn_norm=norm(p + "input_layernorm.weight"),
                 wqkv=_cat([q, k, v]) if fused_qkv is None else fused_qkv, bqkv=bqkv,
-                q_norm=get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
-                k_norm=get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
+                q_norm=norm(p + "self_attn.q_norm.weight") if cfg.qk_norm else None,
+                k_norm=norm(p + "self_attn.k_norm.weight") if cfg.qk_norm else None,
                 wo=get(p + "self_attn.o_proj.weight"),
-                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                mlp_norm=norm(p + f"{mlp_norm}.weight"),
                 w_gate_up=(_cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
                            if fused_gu is None else fused_gu),
                 w_down=get(p + "mlp.down_proj.weight"),
+                post_attn_norm=norm(p + "post_attention_layernorm.weight") if cfg.post_norms else None,
+                post_mlp_norm=norm(p + "post_feedforward_layernorm.weight") if cfg.post_norms else None,
             ))
         embed = get("model.embed_tokens.weight")
         head = None
@@ -205,7 +234,7 @@ class Model:
             head = t.get("lm_head.weight")
             if head is None:
                 raise ValueError("checkpoint lacks 'lm_head.weight' and tie_word_embeddings is false")
-        return cls(cfg, layers, embed, get("model.norm.weight"), head)
+        return cls(cfg, layers, embed, norm("model.norm.weight"), head)
 
     def to(self, *args: Any, **kwargs: Any) -> Model:
         """Move/cast every float weight (keeps tied embeddings tied). Quantized weights stay as they
@@ -393,9 +422,14 @@ class Model:
 
     # ---- pieces ----------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg.embed_scale
         if isinstance(self.embed, QuantWeight):                          # rows dequantised on lookup
+            if scale != 1.0:         # Gemma: scaled in float32 (as llama.cpp does), then rounded
+                return (native.dequant_rows(self.embed, tokens) * scale).to(self.dtype)
             return native.dequant_rows(self.embed, tokens, self.dtype)   # [B, T, H]
-        return F.embedding(tokens, self.embed)                           # [B, T, H]
+        x = F.embedding(tokens, self.embed)                              # [B, T, H]
+        # Gemma: the scale in the weights' dtype, as transformers multiplies
+        return x if scale == 1.0 else x * torch.tensor(scale, dtype=x.dtype)
 
     def attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, *,
                   write: bool = True, window: int = 0) -> torch.Tensor:
@@ -412,7 +446,7 @@ class Model:
         hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
         qkv = self.linear(h, L.wqkv, L.bqkv)                                # [B, T, (Hq+2Hkv)*D]
-        cos, sin = self.rope.torch(start, t)                                # [T, D]
+        cos, sin = self.rope_of(i).torch(start, t)                          # [T, D]
         cos, sin = cos[:, None], sin[:, None]                            # [T, 1, D]
         if L.q_norm is None:
             # queries and keys are adjacent in qkv: one rotary pass over both
@@ -439,17 +473,25 @@ class Model:
             elif write:
                 keys, vals = cache.view(i, start + t)                    # [B, Hkv, S, D]
                 mask = self.masks.sdpa(i, start, t, keys.shape[2], g)   # [G*T, S] or None
-                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)   # [B, Hkv, G*T, D]
+                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask,
+                                                   scale=cfg.attn_scale)           # [B, Hkv, G*T, D]
             else:
                 o = branch_attention(self.masks, i, qg, k, v, start, cache, window)
         o = o.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
-        return x + self.linear(o, L.wo)
+        y = self.linear(o, L.wo)
+        if L.post_attn_norm is not None:                                  # Gemma 3
+            y = rms_norm(y, L.post_attn_norm, cfg.rms_norm_eps)
+        return x + y
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cfg, L = self.cfg, self.layers[i]
         h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
         gate, up = self.linear(h, L.w_gate_up).chunk(2, dim=-1)             # [B, T, I] each
-        return x + self.linear(F.silu(gate) * up, L.w_down)
+        act = F.silu(gate) if cfg.hidden_act == "silu" else F.gelu(gate, approximate="tanh")
+        y = self.linear(act * up, L.w_down)
+        if L.post_mlp_norm is not None:                                   # Gemma 3
+            y = rms_norm(y, L.post_mlp_norm, cfg.rms_norm_eps)
+        return x + y
 
     def sublayer(self, s: int, x: torch.Tensor, start: int, cache: KVCache, *,
                  write: bool = True, window: int = 0) -> torch.Tensor:
@@ -460,7 +502,8 @@ class Model:
             if packs is not None:
                 if s % 2:
                     L = self.layers[s // 2]
-                    return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3])
+                    return native.mlp(x, L.mlp_norm, self.cfg.rms_norm_eps, packs[2], packs[3],
+                                      act=self.cfg.hidden_act, post_norm=L.post_mlp_norm)
                 if write and x.shape[0] == 1 and x.shape[1] <= _NATIVE_ATTENTION_MAX_TOKENS:
                     return self._native_attention(s // 2, x, start, cache, packs, window)
         if s % 2 == 0:
@@ -488,7 +531,8 @@ class Model:
         if held is not None and held[3] == stamp:         # nothing assigned since: the same tensors
             return held[2]
         refs = tuple(t for L in self.layers for t in (L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm,
-                                                       L.wo, L.mlp_norm, L.w_gate_up, L.w_down))
+                                                       L.wo, L.mlp_norm, L.w_gate_up, L.w_down,
+                                                       L.post_attn_norm, L.post_mlp_norm))
         if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
                 and all(a is b for a, b in zip(held[1], refs))):
             cache._native_stack = (*held[:3], stamp)
@@ -506,7 +550,8 @@ class Model:
                          ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
                          down.desc.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
-                         self.cfg.window(i) or 0])
+                         self.cfg.window(i) or 0, ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
+                         int(self.rope_of(i) is not self.rope)])
         table = torch.tensor(rows, dtype=torch.int64)
         assert table.shape[1] == len(native.STACK_FIELDS)
         # the refs keep the tensors behind the pointers alive; the packs live in self._packs until
@@ -522,7 +567,7 @@ class Model:
         cfg, L = self.cfg, self.layers[i]
         t = x.shape[1]
         cache.check_room(start, t)
-        cos, sin = self.rope.native(start, t)
+        cos, sin = self.rope_of(i).native(start, t)
         cache.native_layout()
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
@@ -530,7 +575,8 @@ class Model:
                                 v_pairs=None if cache.vt is None else cache.vt[i], n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1], draft_window=draft_window,
-                                sink=SINK if draft_window else 0)
+                                sink=SINK if draft_window else 0, scale=cfg.attn_scale,
+                                post_norm=L.post_attn_norm)
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
@@ -576,10 +622,12 @@ class Model:
             cos, sin = self.rope.native(start, t)
             mask = self._run_all if run is None else torch.tensor(run, dtype=torch.uint8)
             dwin = torch.tensor(win[0::2], dtype=torch.int64) if win else None    # drafts' windows
+            cos_l, sin_l = (None, None) if self.rope_local is None else self.rope_local.native(start, t)
             x = native.stack(x, start, mask, table, eps=cfg.rms_norm_eps, cos=cos, sin=sin,
                              capacity=cache.capacity, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                              head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
-                             draft_windows=dwin, sink=SINK if win else 0)
+                             draft_windows=dwin, sink=SINK if win else 0,
+                             cos_local=cos_l, sin_local=sin_l, act=cfg.hidden_act, scale=cfg.attn_scale)
         else:
             for s in range(2 * self.cfg.n_layers):
                 if run is None or run[s]:

@@ -234,7 +234,7 @@ def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, 
     jobs = [(c, p) for c in contexts for p in load_dataset(f"long-docs:{c}", root=root, tokenizer=llm.tokenizer, n=n)]
     bar = tqdm(total=len(jobs) * (plans + 1), disable=not progress, desc="tpt", unit="run")
     for ctx, p in jobs:
-        ids = llm.encode(p.text, chat=p.chat)
+        ids = llm.encode_prompt(p.text, chat=p.chat)
         cache = m.new_cache(len(ids) + 1)
         prefill(m, ids, cache, logits=False)
         strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0,

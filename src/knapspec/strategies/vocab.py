@@ -31,15 +31,26 @@ from ..formats import QuantWeight
 from ..model import Model
 
 SIZES = (1024, 2048, 4096, 8192, 16384)
+# larger subsets, offered where they are at most a quarter of the vocabulary: Gemma 3's 262,144
+# tokens (its tied lm_head is ~70% of the 270M model's weight bytes), where 16k frequent tokens
+# may cover too little of some outputs and 32k-64k rows still save most of the head
+LARGE_SIZES = (32768, 65536)
+
+
+def sizes_for(vocab_size: int) -> tuple[int, ...]:
+    """The candidate subset sizes for a vocabulary of ``vocab_size`` tokens."""
+    return SIZES + tuple(s for s in LARGE_SIZES if 4 * s <= vocab_size)
 
 
 class DraftVocab:
     """A growing draft vocabulary over a fixed frequency ranking (``ranked``: token ids, most
-    frequent first). ``size`` = how many frequent tokens are included (None = full vocabulary)."""
+    frequent first). ``size`` = how many frequent tokens are included (None = full vocabulary);
+    ``sizes``: the candidates (default :func:`sizes_for` the model's vocabulary)."""
 
-    def __init__(self, model: Model, ranked: list[int] | np.ndarray, *, sizes: tuple[int, ...] = SIZES,
+    def __init__(self, model: Model, ranked: list[int] | np.ndarray, *, sizes: tuple[int, ...] | None = None,
                  prior: float = 8.0) -> None:
         V = model.cfg.vocab_size
+        sizes = sizes_for(V) if sizes is None else sizes
         ranked = [int(t) for t in ranked if 0 <= int(t) < V]
         if not ranked:
             raise ValueError("the vocabulary ranking is empty")
