@@ -330,3 +330,14 @@ def tiny_gguf_model(kind: str, tmp_root: Path, dtype=None):
         m.set_row_invariant(True)
         _TINY_GGUF_CACHE[key] = m
     return _TINY_GGUF_CACHE[key]
+
+
+def one_slow_attention(n_layers: int, layer: int, seconds: float = 0.2):
+    """An analytic latency model (attention 1 ms, MLP 1.5 ms, every width 2% dearer) in which
+    layer ``layer``'s attention costs ``seconds``: a plan that skips it pays wherever it keeps a
+    fair acceptance, so the KnapSpec planner drafts from the real residual stream whatever this
+    machine's speed (pick a layer whose skipping the model tolerates)."""
+    from knapspec.latency import LatencyModel
+    lat = LatencyModel.analytic(n_layers, attn=1e-3, attn_per_token=1e-7, mlp=1.5e-3, head=1e-4, width_factor=0.02)
+    lat.attn_a[layer] = [a * seconds / 1e-3 for a in lat.attn_a[layer]]
+    return lat

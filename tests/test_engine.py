@@ -128,7 +128,7 @@ def _chi2(samples: np.ndarray, expected_p: np.ndarray) -> float:
 ])
 def test_speculative_sampling_is_exact(sp, vocab_trunc, kind):
     """Joint distribution of generated tokens 2 and 3 (drawn in a speculative round with a poor
-    draft) against the exact autoregressive distribution: chi-square over 20k samples."""
+    draft) against the exact autoregressive distribution: chi-square over 10k samples."""
     m = _small_vocab_model(kind=kind)
     prompt = [3, 7, 1]
     V = m.cfg.vocab_size
@@ -139,7 +139,7 @@ def test_speculative_sampling_is_exact(sp, vocab_trunc, kind):
     if vocab_trunc:          # draft-only vocabulary: 7 of the 12 tokens, zero probability elsewhere
         ids = torch.tensor([0, 2, 3, 5, 7, 8, 11])
         strat.draft = Draft(plan=poor, max_len=2, threshold=0.0, head=m.lm_head[ids], head_ids=ids)
-    n = 20000
+    n = 10000
     samples = np.empty(n, dtype=np.int64)
     drafted = accepted = 0
     for i in range(n):

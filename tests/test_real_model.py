@@ -46,10 +46,10 @@ PLANS = [                  # mild plans: high acceptance keeps this float32 test
 def test_fixed_plans_are_lossless_on_spec_bench(embedded, ar_refs):
     rows, all_ids, refs = ar_refs
     n = embedded.model.cfg.n_layers
-    for text in PLANS:
+    for k, text in enumerate(PLANS):                # each plan on 5 of the 10 prompts, in turn
         strat = StaticStrategy(Plan.parse(text, n), max_draft=4, threshold=0.5)
         drafted = accepted = 0
-        for r, ids, ref in zip(rows, all_ids, refs):
+        for r, ids, ref in list(zip(rows, all_ids, refs))[k % 2::2]:
             g = embedded.engine.generate(ids, strat, max_new_tokens=128)
             assert g.tokens == ref, f"plan {text}, question {r['question_id']}"
             drafted += g.stats.drafted
@@ -59,12 +59,12 @@ def test_fixed_plans_are_lossless_on_spec_bench(embedded, ar_refs):
 
 def test_knapspec_planner_is_lossless_on_spec_bench(embedded, ar_refs):
     """The planner's plans (from the real residual stream) keep the output identical. The latency
-    model is analytic here (cheap drafts) so that the planner drafts whatever this machine does."""
-    from knapspec.latency import LatencyModel
+    model is analytic here, with layer 20's attention (which this model tolerates skipping best)
+    priced far above the rest, so that the planner drafts whatever this machine does."""
+    from conftest import one_slow_attention
     from knapspec.strategies.knapspec import KnapSpecStrategy
     rows, all_ids, refs = ar_refs
-    lat = LatencyModel.analytic(embedded.model.cfg.n_layers, attn=1e-3, attn_per_token=1e-7, mlp=1.5e-3,
-                                head=1e-4, width_factor=0.02)
+    lat = one_slow_attention(embedded.model.cfg.n_layers, 20)
     drafted = accepted = 0
     for r, ids, ref in list(zip(rows, all_ids, refs))[:3]:
         strat = KnapSpecStrategy(embedded.model, lat, every=16)

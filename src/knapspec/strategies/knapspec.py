@@ -314,8 +314,9 @@ class KnapSpecStrategy(Strategy):
             self.observe_acceptance(outcome.drafted - outcome.n_lookup, outcome.accepted - outcome.n_lookup)
 
     def observe_times(self, outcome: Outcome) -> None:
-        """Measured verification (and draft) times against the latency model's predictions."""
-        if outcome.verify_s <= 0:
+        """Measured verification (and draft) times against the latency model's predictions. An
+        analytic model (given constants: what-if planning, tests) is taken as given, not corrected."""
+        if outcome.verify_s <= 0 or self.latency.key.get("analytic"):
             return
         ctx = outcome.context_length
         self.verify_times.predict(self.latency, ctx)
