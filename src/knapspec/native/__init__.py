@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -154,12 +155,16 @@ def _module() -> ModuleType | None:
     try:
         build.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
+        log.warning("building the native kernels (once per version and machine, about a minute); cached in %s",
+                    build)
+        t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mod = load(name=name, sources=[str(_MAIN)], build_directory=str(build),
                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
+        log.warning("native kernels built in %.0f s (cached)", time.perf_counter() - t0)
         return mod
     except Exception as e:          # no compiler, no ninja, a failed build: oneDNN's kernels stay
         msg = str(e).strip().splitlines()
