@@ -155,7 +155,7 @@ def _module() -> ModuleType | None:
     try:
         build.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
-        log.warning("building the native kernels (once per version and machine, about a minute); cached in %s",
+        log.warning("building the native kernels (once for this version and machine); cached in %s",
                     build)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
