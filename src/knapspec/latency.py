@@ -368,6 +368,13 @@ class LatencyModel:
                    head=head, over_a=[o[0] for o in over], over_b=[o[1] for o in over], fit_error=fe,
                    profile=p, win_attn=win, windows=wins)
 
+    @property
+    def given(self) -> bool:
+        """Constants given by the caller (:meth:`analytic`: what-if planning, unit costs, tests), not
+        measured on this machine: strategies take them as they are and never correct them by
+        measured times."""
+        return bool(self.key.get("analytic"))
+
     @classmethod
     def analytic(cls, n_layers: int, *, attn: float, attn_per_token: float, mlp: float, head: float,
                  overhead: float = 0.0, width_factor: float = 0.0,

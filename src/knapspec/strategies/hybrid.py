@@ -308,7 +308,7 @@ class HybridStrategy(Strategy):
             return
         opt, n_gram = self._pending
         self._pending = None
-        if not self.planner.latency.key.get("analytic"):       # given constants are taken as given
+        if not self.planner.latency.given:                    # an analytic model is not corrected
             self.verify_times.observe(outcome.drafted + 1, outcome.verify_s)
         acc, nl = outcome.accepted, outcome.n_lookup
         # lookup positions 0..k-1 were decided, 0..min(k, acc)-1 of them accepted

@@ -315,8 +315,8 @@ class KnapSpecStrategy(Strategy):
 
     def observe_times(self, outcome: Outcome) -> None:
         """Measured verification (and draft) times against the latency model's predictions. An
-        analytic model (given constants: what-if planning, tests) is taken as given, not corrected."""
-        if outcome.verify_s <= 0 or self.latency.key.get("analytic"):
+        analytic model is taken as given (:attr:`LatencyModel.given`)."""
+        if outcome.verify_s <= 0 or self.latency.given:
             return
         ctx = outcome.context_length
         self.verify_times.predict(self.latency, ctx)
