@@ -149,13 +149,20 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-# ---- routes -----------------------------------------------------------------------------------------
-async def chat_completions(request: Request) -> Response:
+async def _accept(request: Request, kind: type) -> tuple[float, ServerState, Any]:
+    """What every generation route does first: its arrival time, the key, the body as ``kind``,
+    the model name."""
     arrival = time.perf_counter()
     st = _state(request)
     st.authorize(request)
-    req = validate(ChatRequest, parse_body(await request.body()))
+    req = validate(kind, parse_body(await request.body()))
     st.check_model(req.model)
+    return arrival, st, req
+
+
+# ---- routes -----------------------------------------------------------------------------------------
+async def chat_completions(request: Request) -> Response:
+    arrival, st, req = await _accept(request, ChatRequest)
     messages, prediction = chat_messages(req), prediction_text(req)
     ids, reference = await asyncio.to_thread(st._encode_chat, messages, prediction)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -165,11 +172,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    arrival = time.perf_counter()
-    st = _state(request)
-    st.authorize(request)
-    req = validate(CompletionRequest, parse_body(await request.body()))
-    st.check_model(req.model)
+    arrival, st, req = await _accept(request, CompletionRequest)
     prompt = completion_prompt(req)
     if isinstance(prompt, str):
         ids = await asyncio.to_thread(st._encode_text, prompt)
