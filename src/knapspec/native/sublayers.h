@@ -151,50 +151,68 @@ constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 //   values, float32:  the cache itself, [Hkv][capacity][D]
 // (knapspec/cache.py keeps them; the torch path writes them through KVCache.write.)
 
-// Scores of G query rows (one token's heads: q, rows D apart) against NB 16-key blocks (kb: the
-// first block), times `scale`, into s (rows kChunk apart). Lane j of a block sums its key's products
-// over the dimensions in order, whatever the number of rows or blocks in the call.
+// A cursor over memory to bring into L2 a few lines at a time while the products run (the next
+// stretch of the cache a work item reads), so that reading the cache overlaps the arithmetic.
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  KS_TARGET inline void step(int lines) {
+    for (int i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
+// The keys and values are products' inputs in float32: bfloat16 pairs split into their even and
+// odd halves (a shift and a mask; exact), then fused multiply-adds. (VDPBF16PS, the one-instruction
+// bfloat16 pair product, issues at half the rate of two float32 FMAs on the CPUs measured, so it
+// is not used here.)
+KS_TARGET inline __m512 even_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+KS_TARGET inline __m512 odd_bf16(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Scores of G query rows (q: float32, rows D apart) against NB 16-key blocks (kb: the first
+// block), times `scale`, into s (rows kChunk apart). Lane j of a block sums its key's products over
+// the dimensions in order, whatever the rows or blocks in the call.
 // (Named registers, not arrays: with arrays GCC reloaded every key vector for every row.)
 #define KS_4(X) X(0) X(1) X(2) X(3)
 template <typename T, int G, int NB>
-KS_TARGET inline void scores(const T* q, int64_t D, const T* kb, float scale, float* s) {
+KS_TARGET inline void scores(const float* q, int64_t D, const T* kb, float scale, float* s, Prefetch& pf) {
 #define KS_SDECL(r) __m512 s##r##0 = _mm512_setzero_ps(), s##r##1 = s##r##0, s##r##2 = s##r##0, s##r##3 = s##r##0;
   KS_4(KS_SDECL)
 #undef KS_SDECL
   const int64_t bstride = D * kBlk;                 // elements per block
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  using KV = std::conditional_t<bf16, __m512bh, __m512>;
   const int64_t steps = bf16 ? D / 2 : D;
   for (int64_t dp = 0; dp < steps; ++dp) {
+    pf.step(NB);
     const T* kp = kb + dp * (bf16 ? 2 : 1) * kBlk;
-    KV k0, k1, k2, k3;
-    if constexpr (bf16) {
-      k0 = (__m512bh)_mm512_loadu_si512(kp);
-      if constexpr (NB > 1) k1 = (__m512bh)_mm512_loadu_si512(kp + bstride);
-      if constexpr (NB > 2) k2 = (__m512bh)_mm512_loadu_si512(kp + 2 * bstride);
-      if constexpr (NB > 3) k3 = (__m512bh)_mm512_loadu_si512(kp + 3 * bstride);
-    } else {
-      k0 = _mm512_loadu_ps(kp);
-      if constexpr (NB > 1) k1 = _mm512_loadu_ps(kp + bstride);
-      if constexpr (NB > 2) k2 = _mm512_loadu_ps(kp + 2 * bstride);
-      if constexpr (NB > 3) k3 = _mm512_loadu_ps(kp + 3 * bstride);
+    __m512 e0, e1, e2, e3, o0, o1, o2, o3;          // bfloat16: dimensions 2dp (e), 2dp+1 (o)
+#define KS_KLOAD(b)                                                                    \
+    if constexpr (NB > b) {                                                            \
+      if constexpr (bf16) {                                                            \
+        const __m512i raw = _mm512_loadu_si512(kp + b * bstride);                      \
+        e##b = even_bf16(raw);                                                         \
+        o##b = odd_bf16(raw);                                                          \
+      } else {                                                                         \
+        e##b = _mm512_loadu_ps(kp + b * bstride);                                      \
+      }                                                                                \
     }
+    KS_4(KS_KLOAD)
+#undef KS_KLOAD
 #define KS_SROW(r)                                                                     \
     if constexpr (G > r) {                                                             \
+      const float* qr = q + r * D + dp * (bf16 ? 2 : 1);                               \
+      const __m512 qe = _mm512_set1_ps(qr[0]);                                         \
+      s##r##0 = _mm512_fmadd_ps(e0, qe, s##r##0);                                      \
+      if constexpr (NB > 1) s##r##1 = _mm512_fmadd_ps(e1, qe, s##r##1);                \
+      if constexpr (NB > 2) s##r##2 = _mm512_fmadd_ps(e2, qe, s##r##2);                \
+      if constexpr (NB > 3) s##r##3 = _mm512_fmadd_ps(e3, qe, s##r##3);                \
       if constexpr (bf16) {                                                            \
-        int32_t pair;                                                                  \
-        std::memcpy(&pair, q + r * D + 2 * dp, 4);                                     \
-        const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);                         \
-        s##r##0 = _mm512_dpbf16_ps(s##r##0, k0, qb);                                   \
-        if constexpr (NB > 1) s##r##1 = _mm512_dpbf16_ps(s##r##1, k1, qb);             \
-        if constexpr (NB > 2) s##r##2 = _mm512_dpbf16_ps(s##r##2, k2, qb);             \
-        if constexpr (NB > 3) s##r##3 = _mm512_dpbf16_ps(s##r##3, k3, qb);             \
-      } else {                                                                         \
-        const __m512 qb = _mm512_set1_ps(q[r * D + dp]);                               \
-        s##r##0 = _mm512_fmadd_ps(k0, qb, s##r##0);                                    \
-        if constexpr (NB > 1) s##r##1 = _mm512_fmadd_ps(k1, qb, s##r##1);              \
-        if constexpr (NB > 2) s##r##2 = _mm512_fmadd_ps(k2, qb, s##r##2);              \
-        if constexpr (NB > 3) s##r##3 = _mm512_fmadd_ps(k3, qb, s##r##3);              \
+        const __m512 qo = _mm512_set1_ps(qr[1]);                                       \
+        s##r##0 = _mm512_fmadd_ps(o0, qo, s##r##0);                                    \
+        if constexpr (NB > 1) s##r##1 = _mm512_fmadd_ps(o1, qo, s##r##1);              \
+        if constexpr (NB > 2) s##r##2 = _mm512_fmadd_ps(o2, qo, s##r##2);              \
+        if constexpr (NB > 3) s##r##3 = _mm512_fmadd_ps(o3, qo, s##r##3);              \
       }                                                                                \
     }
     KS_4(KS_SROW)
@@ -213,106 +231,81 @@ KS_TARGET inline void scores(const T* q, int64_t D, const T* kb, float scale, fl
 }
 
 template <typename T, int G>
-KS_TARGET inline void scores_nb(const T* q, int64_t D, const T* kb, float scale, float* s, int64_t nb) {
+KS_TARGET inline void scores_nb(const float* q, int64_t D, const T* kb, float scale, float* s, int64_t nb,
+                               Prefetch& pf) {
   switch (nb) {
-    case 1: scores<T, G, 1>(q, D, kb, scale, s); break;
-    case 2: scores<T, G, 2>(q, D, kb, scale, s); break;
-    case 3: scores<T, G, 3>(q, D, kb, scale, s); break;
-    default: scores<T, G, 4>(q, D, kb, scale, s); break;
+    case 1: scores<T, G, 1>(q, D, kb, scale, s, pf); break;
+    case 2: scores<T, G, 2>(q, D, kb, scale, s, pf); break;
+    case 3: scores<T, G, 3>(q, D, kb, scale, s, pf); break;
+    default: scores<T, G, 4>(q, D, kb, scale, s, pf); break;
   }
 }
 
-// Probabilities times values for G rows (one token's heads) over the keys [j0, j1) of the chunk
-// (j0 even in bfloat16): o[r] (float32, D) = sum_j p[r][j] v[j], one output dimension per lane, the
-// keys in order (bfloat16: two at a time, probabilities already rounded to bfloat16 in pb).
-// NV: 16-dimension groups in this call (at most 8: a head of D > 128 dimensions runs in passes,
-// vt and o offset to the pass's first dimension); D: the head's dimensions (the rows' stride).
-template <int G, int NV>
-KS_TARGET inline void values_bf16(const uint16_t* pb, const uint16_t* vt, int64_t j0, int64_t j1, float* o,
-                                  int64_t D) {
-#define KS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-#define KS_VDECL(r) __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0, o##r##2 = o##r##0, o##r##3 = o##r##0, \
-                           o##r##4 = o##r##0, o##r##5 = o##r##0, o##r##6 = o##r##0, o##r##7 = o##r##0;
+// Probabilities times values for G rows over the keys [j0, j1) of the chunk (j0 even in bfloat16):
+// o[r] (float32) += sum_j p[r][j] v[j] for NV groups of 16 output dimensions, one dimension per
+// lane, the keys in order (bfloat16: key pairs, the even key first). p: float32, rows kChunk
+// apart, 0 outside each row's keys. vt: the first dimension of this pass; D: the rows' stride of o
+// and (float32) of the values.
+template <typename T, int G, int NV>
+KS_TARGET inline void values(const float* p, const T* vt, int64_t j0, int64_t j1, float* o, int64_t D,
+                             Prefetch& pf) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+#define KS_VDECL(r) __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0, o##r##2 = o##r##0, o##r##3 = o##r##0;
   KS_4(KS_VDECL)
 #undef KS_VDECL
-  for (int64_t j = j0; j < j1; j += 2) {
-    const uint16_t* w = vt + j * D;                  // pair j/2: [D][2]
-#define KS_VLOAD(i) __m512bh x##i; if constexpr (NV > i) x##i = (__m512bh)_mm512_loadu_si512(w + i * 32);
-    KS_8(KS_VLOAD)
+  for (int64_t j = j0; j < j1; j += bf16 ? 2 : 1) {
+    pf.step(NV);
+    const T* w = vt + j * D;                  // bfloat16: pair j/2 as [D][2]; float32: key j as [D]
+    __m512 e0, e1, e2, e3, x0, x1, x2, x3;    // bfloat16: key j (e), key j+1 (x); float32: key j (e)
+#define KS_VLOAD(i)                                                                    \
+    if constexpr (NV > i) {                                                            \
+      if constexpr (bf16) {                                                            \
+        const __m512i raw = _mm512_loadu_si512(w + i * 32);                            \
+        e##i = even_bf16(raw);                                                         \
+        x##i = odd_bf16(raw);                                                          \
+      } else {                                                                         \
+        e##i = _mm512_loadu_ps(w + i * 16);                                            \
+      }                                                                                \
+    }
+    KS_4(KS_VLOAD)
 #undef KS_VLOAD
-#define KS_VACC(r, i) if constexpr (NV > i) o##r##i = _mm512_dpbf16_ps(o##r##i, pv, x##i);
 #define KS_VROW(r)                                                                     \
     if constexpr (G > r) {                                                             \
-      int32_t pair;                                                                    \
-      std::memcpy(&pair, pb + r * kChunk + j, 4);                                      \
-      const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);                           \
-      KS_VACC(r, 0) KS_VACC(r, 1) KS_VACC(r, 2) KS_VACC(r, 3)                          \
-      KS_VACC(r, 4) KS_VACC(r, 5) KS_VACC(r, 6) KS_VACC(r, 7)                          \
+      const __m512 pe = _mm512_set1_ps(p[r * kChunk + j]);                             \
+      o##r##0 = _mm512_fmadd_ps(pe, e0, o##r##0);                                      \
+      if constexpr (NV > 1) o##r##1 = _mm512_fmadd_ps(pe, e1, o##r##1);                \
+      if constexpr (NV > 2) o##r##2 = _mm512_fmadd_ps(pe, e2, o##r##2);                \
+      if constexpr (NV > 3) o##r##3 = _mm512_fmadd_ps(pe, e3, o##r##3);                \
+      if constexpr (bf16) {                                                            \
+        const __m512 px = _mm512_set1_ps(p[r * kChunk + j + 1]);                       \
+        o##r##0 = _mm512_fmadd_ps(px, x0, o##r##0);                                    \
+        if constexpr (NV > 1) o##r##1 = _mm512_fmadd_ps(px, x1, o##r##1);              \
+        if constexpr (NV > 2) o##r##2 = _mm512_fmadd_ps(px, x2, o##r##2);              \
+        if constexpr (NV > 3) o##r##3 = _mm512_fmadd_ps(px, x3, o##r##3);              \
+      }                                                                                \
     }
     KS_4(KS_VROW)
 #undef KS_VROW
-#undef KS_VACC
   }
-#define KS_VST(r, i) if constexpr (NV > i) _mm512_storeu_ps(o + r * D + i * 16, o##r##i);
 #define KS_VSTORE(r)                                                                   \
   if constexpr (G > r) {                                                               \
-    KS_VST(r, 0) KS_VST(r, 1) KS_VST(r, 2) KS_VST(r, 3)                                \
-    KS_VST(r, 4) KS_VST(r, 5) KS_VST(r, 6) KS_VST(r, 7)                                \
+    _mm512_storeu_ps(o + r * D, o##r##0);                                              \
+    if constexpr (NV > 1) _mm512_storeu_ps(o + r * D + 16, o##r##1);                   \
+    if constexpr (NV > 2) _mm512_storeu_ps(o + r * D + 32, o##r##2);                   \
+    if constexpr (NV > 3) _mm512_storeu_ps(o + r * D + 48, o##r##3);                   \
   }
   KS_4(KS_VSTORE)
 #undef KS_VSTORE
-#undef KS_VST
 }
 
-template <int G, int NV>
-KS_TARGET inline void values_f32(const float* pf, const float* V, int64_t j0, int64_t j1, float* o, int64_t D) {
-  __m512 acc[G][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t j = j0; j < j1; ++j) {
-    __m512 vv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(V + j * D + v * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < G; ++r) {
-      const __m512 pv = _mm512_set1_ps(pf[r * kChunk + j]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pv, vv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + r * D + v * 16, acc[r][v]);
-}
-
-// the rows in groups of up to 4 (heads of up to 64 dimensions) or 2 (larger heads), so that the
-// sums stay in registers
-template <typename T, int NV>
-KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1, float* o, int64_t g, int64_t D) {
-  constexpr int GM = NV <= 4 ? 4 : 2;
-  for (int64_t r0 = 0; r0 < g; r0 += GM) {
-    const int64_t n = std::min<int64_t>(GM, g - r0);
-    float* orow = o + r0 * D;
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      const uint16_t* pb = static_cast<const uint16_t*>(p) + r0 * kChunk;
-      switch (n) {
-        case 1: values_bf16<1, NV>(pb, vsrc, j0, j1, orow, D); break;
-        case 2: values_bf16<2, NV>(pb, vsrc, j0, j1, orow, D); break;
-        case 3: if constexpr (GM >= 3) values_bf16<3, NV>(pb, vsrc, j0, j1, orow, D); break;
-        default: if constexpr (GM >= 4) values_bf16<GM, NV>(pb, vsrc, j0, j1, orow, D); break;
-      }
-    } else {
-      const float* pf = static_cast<const float*>(p) + r0 * kChunk;
-      switch (n) {
-        case 1: values_f32<1, NV>(pf, vsrc, j0, j1, orow, D); break;
-        case 2: values_f32<2, NV>(pf, vsrc, j0, j1, orow, D); break;
-        case 3: if constexpr (GM >= 3) values_f32<3, NV>(pf, vsrc, j0, j1, orow, D); break;
-        default: if constexpr (GM >= 4) values_f32<GM, NV>(pf, vsrc, j0, j1, orow, D); break;
-      }
-    }
+template <typename T, int G>
+KS_TARGET inline void values_nv(const float* p, const T* vt, int64_t j0, int64_t j1, float* o, int64_t D, int64_t nv,
+                               Prefetch& pf) {
+  switch (nv) {
+    case 1: values<T, G, 1>(p, vt, j0, j1, o, D, pf); break;
+    case 2: values<T, G, 2>(p, vt, j0, j1, o, D, pf); break;
+    case 3: values<T, G, 3>(p, vt, j0, j1, o, D, pf); break;
+    default: values<T, G, 4>(p, vt, j0, j1, o, D, pf); break;
   }
 }
 
@@ -320,84 +313,96 @@ KS_TARGET void values_rows(const void* p, const T* vsrc, int64_t j0, int64_t j1,
 inline __mmask16 block_mask(int64_t bi, int64_t a, int64_t b) {
   const int64_t j0 = bi * kBlk;
   const int64_t lo_i = std::max<int64_t>(0, a - j0), hi_i = std::min<int64_t>(16, b - j0);
+  if (hi_i <= lo_i) return 0;
   return static_cast<__mmask16>(((1u << hi_i) - 1) & ~((1u << lo_i) - 1));
 }
 
-// One (KV head, 256-key chunk) work item for the g query heads of one token at position `pos`,
-// over the keys k0 <= j < k1 with lo <= j <= pos: each row's partial softmax, max m, sum l and
-// unnormalised output o[D] (float32). q: the token's g query rows (storage type, D apart). kt: this
-// KV head's blocked keys; vsrc: its values (bfloat16: the pair layout; float32: [cap][D]).
-// Computed the same way for a token alone or in a pass: the rows of one token share their key
-// range, and nothing here depends on the other tokens.
+// One (KV head, 256-key chunk) work item for R query rows: row r (q: float32, D apart) attends to
+// the keys k0 <= j < k1 with ra[r] <= j < rb[r]; out: each row's partial softmax, maximum m, sum l
+// and unnormalised output o[D] (float32). kt: this KV head's blocked keys; vsrc: its values
+// (bfloat16: the pair layout; float32: [cap][D]). s, p: buffers of 4 x kChunk floats.
+// The rows go 4 at a time over each 16-key block of the keys (and each pair of values) the group
+// needs, so the keys are read once per group of rows, not once per token. A row's sums are the same
+// whatever rows share its group: each runs in its own lanes over the keys in order, and the keys a
+// group covers beyond a row's own have probability 0 for it (0 times a finite value; the cache is
+// zero-initialised), which adds nothing to its sums.
 template <typename T>
-KS_TARGET void attend_token(const T* q, int64_t g, int64_t pos, int64_t lo, const T* kt, const T* vsrc,
-                            int64_t D, int64_t k0, int64_t k1, float scale, float* s, void* pbuf,
-                            float* m_out, float* l_out, float* o_out) {
+KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const int64_t* rb, const T* kt,
+                           const T* vsrc, int64_t D, int64_t k0, int64_t k1, float scale, float* s, float* p,
+                           float* m_out, float* l_out, float* o_out, Prefetch& pf_v, Prefetch& pf_k) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  const int64_t a = std::max(k0, lo), b = std::min(k1, pos + 1);
-  if (a >= b) {
-    for (int64_t r = 0; r < g; ++r) {
-      m_out[r] = -INFINITY;
-      l_out[r] = 0.0f;
-      for (int64_t dd = 0; dd < D; ++dd) o_out[r * D + dd] = 0.0f;
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t n = std::min<int64_t>(4, R - r0);
+    int64_t A = k1, B = k0;                     // the group's keys: the union of its rows' ranges
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const int64_t a = std::max(k0, ra[r]), b = std::min(k1, rb[r]);
+      if (a < b) A = std::min(A, a), B = std::max(B, b);
     }
-    return;
-  }
-  // scores of the whole 16-key blocks that meet [a, b) (blocks aligned to absolute positions;
-  // lanes outside are masked below), 4 heads x 4 blocks at a time
-  const int64_t blk0 = (a - k0) / kBlk, blk1 = (b - k0 + kBlk - 1) / kBlk;
-  for (int64_t r0 = 0; r0 < g; r0 += 4) {
-    const int64_t n = std::min<int64_t>(4, g - r0);
+    if (A >= B) {
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        m_out[r] = -INFINITY;
+        l_out[r] = 0.0f;
+        std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
+      }
+      continue;
+    }
+    // scores of the whole 16-key blocks that meet [A, B) (blocks aligned to absolute positions),
+    // 4 blocks at a time
+    const int64_t blk0 = (A - k0) / kBlk, blk1 = (B - k0 + kBlk - 1) / kBlk;
+    const float* qg = q + r0 * D;
     for (int64_t bi = blk0; bi < blk1; bi += 4) {
       const int64_t nb = std::min<int64_t>(4, blk1 - bi);
       const T* kb = kt + (k0 / kBlk + bi) * D * kBlk;
-      float* srow = s + r0 * kChunk + bi * kBlk;
-      const T* qr = q + r0 * D;
+      float* sb = s + bi * kBlk;
       switch (n) {
-        case 1: scores_nb<T, 1>(qr, D, kb, scale, srow, nb); break;
-        case 2: scores_nb<T, 2>(qr, D, kb, scale, srow, nb); break;
-        case 3: scores_nb<T, 3>(qr, D, kb, scale, srow, nb); break;
-        default: scores_nb<T, 4>(qr, D, kb, scale, srow, nb); break;
+        case 1: scores_nb<T, 1>(qg, D, kb, scale, sb, nb, pf_v); break;
+        case 2: scores_nb<T, 2>(qg, D, kb, scale, sb, nb, pf_v); break;
+        case 3: scores_nb<T, 3>(qg, D, kb, scale, sb, nb, pf_v); break;
+        default: scores_nb<T, 4>(qg, D, kb, scale, sb, nb, pf_v); break;
       }
     }
-  }
-  // p = exp(s - max) over [a, b), lanes outside masked to 0. bfloat16: p rounded to bfloat16 for
-  // the products with the values, and the sum l over the rounded p.
-  for (int64_t r = 0; r < g; ++r) {
-    const float* sr = s + r * kChunk;
-    __m512 mxv = _mm512_set1_ps(-INFINITY);
-    for (int64_t bi = blk0; bi < blk1; ++bi)
-      mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a - k0, b - k0), mxv, _mm512_loadu_ps(sr + bi * kBlk));
-    const float mx = _mm512_reduce_max_ps(mxv);
-    __m512 lv = _mm512_setzero_ps();
-    for (int64_t bi = blk0; bi < blk1; ++bi) {
-      const int64_t j0 = bi * kBlk;
-      const __mmask16 mk = block_mask(bi, a - k0, b - k0);
-      __m512 p = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j0), _mm512_set1_ps(mx))));
-      if constexpr (bf16) {
-        const __m256i pr = (__m256i)_mm512_cvtneps_pbh(p);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(pbuf) + r * kChunk + j0), pr);
-        p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pr), 16));
-      } else {
-        _mm512_storeu_ps(static_cast<float*>(pbuf) + r * kChunk + j0, p);
+    // p = exp(s - max) over each row's own keys, 0 elsewhere in the group's blocks
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = r0 + i;
+      const int64_t a = std::max(k0, ra[r]) - k0, b = std::min(k1, rb[r]) - k0;
+      const float* sr = s + i * kChunk;
+      float* pr = p + i * kChunk;
+      if (a >= b) {
+        std::fill(pr + blk0 * kBlk, pr + blk1 * kBlk, 0.0f);
+        m_out[r] = -INFINITY;
+        l_out[r] = 0.0f;
+        continue;
       }
-      lv = _mm512_add_ps(lv, p);
+      __m512 mxv = _mm512_set1_ps(-INFINITY);
+      for (int64_t bi = blk0; bi < blk1; ++bi)
+        mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
+      const float mx = _mm512_reduce_max_ps(mxv);
+      const __m512 mxs = _mm512_set1_ps(mx);
+      __m512 lv = _mm512_setzero_ps();
+      for (int64_t bi = blk0; bi < blk1; ++bi) {
+        const __mmask16 mk = block_mask(bi, a, b);
+        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + bi * kBlk), mxs)))
+                            : _mm512_setzero_ps();
+        _mm512_storeu_ps(pr + bi * kBlk, e);
+        lv = _mm512_add_ps(lv, e);
+      }
+      m_out[r] = mx;
+      l_out[r] = _mm512_reduce_add_ps(lv);
     }
-    m_out[r] = mx;
-    l_out[r] = _mm512_reduce_add_ps(lv);
-  }
-  // bfloat16: key pairs aligned to even positions (a key's partner is fixed; outside [a, b) its
-  // probability is 0)
-  const int64_t j0 = bf16 ? (a - k0) / 2 * 2 : a - k0, j1 = b - k0;
-  const T* vs = vsrc + k0 * D;      // key k0 (bfloat16: pair k0/2) starts at k0*D in both layouts
-  // passes of up to 128 dimensions (each output dimension's sum is the same in any pass)
-  for (int64_t d0 = 0; d0 < D; d0 += 128) {
-    const T* vd = vs + d0 * (bf16 ? 2 : 1);
-    switch (std::min<int64_t>(D - d0, 128) / 16) {
-      case 2: values_rows<T, 2>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
-      case 4: values_rows<T, 4>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
-      case 6: values_rows<T, 6>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
-      default: values_rows<T, 8>(pbuf, vd, j0, j1, o_out + d0, g, D); break;
+    // values over the group's keys (bfloat16: key pairs aligned to even positions), in passes of
+    // up to 64 output dimensions (each dimension's sum is the same in any pass)
+    const int64_t j0 = bf16 ? (A - k0) / 2 * 2 : A - k0, j1 = B - k0;
+    const T* vs = vsrc + k0 * D;      // key k0 (bfloat16: pair k0/2) starts at k0*D in both layouts
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const T* vd = vs + d0 * (bf16 ? 2 : 1);
+      const int64_t nv = std::min<int64_t>(D - d0, 64) / 16;
+      float* og = o_out + r0 * D + d0;
+      switch (n) {
+        case 1: values_nv<T, 1>(p, vd, j0, j1, og, D, nv, pf_k); break;
+        case 2: values_nv<T, 2>(p, vd, j0, j1, og, D, nv, pf_k); break;
+        case 3: values_nv<T, 3>(p, vd, j0, j1, og, D, nv, pf_k); break;
+        default: values_nv<T, 4>(p, vd, j0, j1, og, D, nv, pf_k); break;
+      }
     }
   }
 }
@@ -483,26 +488,61 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
   // computed the same way either way.
   const int64_t keys = (end - c_first * kChunk) * hkv * Tn;
+  // each KV head's query rows (token t's heads kvh*g .. kvh*g+g-1 are rows t*g ..) in float32,
+  // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
+  std::vector<float> qf(hkv * R * D);
+  for (int64_t kvh = 0; kvh < hkv; ++kvh)
+    for (int64_t t = 0; t < Tn; ++t)
+      for (int64_t i = 0; i < g; ++i) {
+        const T* src = q.data() + t * nq + (kvh * g + i) * D;
+        float* dst = qf.data() + (kvh * R + t * g + i) * D;
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+      }
+  std::vector<int64_t> ra(R), rb(R), sa(R), sb(R);
+  for (int64_t t = 0; t < Tn; ++t) {
+    const int64_t p = start + t, lo = lo_of(p);
+    for (int64_t i = 0; i < g; ++i) {
+      ra[t * g + i] = lo;
+      rb[t * g + i] = p + 1;
+      sa[t * g + i] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      sb[t * g + i] = std::min(p + 1, std::min(sink, lo));
+    }
+  }
   at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
-    std::vector<float> sbuf(g * kChunk), pbuf(g * kChunk);
-    for (int64_t it = ia; it < ib; ++it) {
+    std::vector<float> sbuf(4 * kChunk), pbuf(4 * kChunk);
+    // the keys [k0, k1) of work item `it`, and its KV head's key and value layouts
+    auto item = [&](int64_t it, int64_t& k0, int64_t& k1, const T*& ktk, const T*& vsk) {
       const int64_t kvh = it / nc, ci = it % nc;
       const bool sink_item = sinks && ci == nc - 1;      // draft windows: keys [0, sink) before lo(p)
-      const int64_t k0 = sink_item ? 0 : (c_first + ci) * kChunk, k1 = std::min(end, k0 + kChunk);
-      const T* ktk = kt + kvh * nblk * D * kBlk;
-      const T* vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
-      for (int64_t t = 0; t < Tn; ++t) {
-        const int64_t p = start + t;
-        const int64_t lo = lo_of(p);
-        const int64_t r = it * R + t * g;
-        if (sink_item)
-          attend_token<T>(q.data() + t * nq + kvh * g * D, g, std::min(p, std::min(sink, lo) - 1),
-                          window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, ktk, vsk, D, 0, k1, scale,
-                          sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
-        else
-          attend_token<T>(q.data() + t * nq + kvh * g * D, g, p, lo, ktk, vsk, D, k0, k1, scale,
-                          sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r, po.data() + r * D);
+      k0 = sink_item ? 0 : (c_first + ci) * kChunk;
+      k1 = std::min(end, k0 + kChunk);
+      ktk = kt + kvh * nblk * D * kBlk;
+      vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
+      return sink_item;
+    };
+    for (int64_t it = ia; it < ib; ++it) {
+      int64_t k0, k1;
+      const T *ktk, *vsk;
+      const bool sink_item = item(it, k0, k1, ktk, vsk);
+      const int64_t kvh = it / nc;
+      // while the first rows' scores run, this item's values come into L2; while their values
+      // run, the next item's keys
+      Prefetch pf_v, pf_k;
+      if (keys >= kSerialKeys) {
+        pf_v.p = reinterpret_cast<const char*>(vsk + k0 * D);
+        pf_v.end = reinterpret_cast<const char*>(vsk + k1 * D);
+        if (it + 1 < ib) {
+          int64_t n0, n1;
+          const T *nk, *nv;
+          item(it + 1, n0, n1, nk, nv);
+          pf_k.p = reinterpret_cast<const char*>(nk + n0 * D);
+          pf_k.end = reinterpret_cast<const char*>(nk + n1 * D);
+        }
       }
+      const int64_t r = it * R;
+      attend_rows<T>(qf.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(), sink_item ? sb.data() : rb.data(),
+                     ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r,
+                     po.data() + r * D, pf_v, pf_k);
     }
   });
   // combine the chunks of each row in order
