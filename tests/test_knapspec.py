@@ -404,3 +404,37 @@ def test_context_buckets_hold_the_usual_sizes_whole():
     for size, b in ((2048, 11), (4096, 12), (8192, 13)):
         assert bucket(size - 200) == bucket(size) == bucket(size + 512) == b
     assert bucket(3071) == 11 and bucket(3072) == 12 and bucket(6144) == 13
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.floats(0.3, 3.0)), min_size=1, max_size=120))
+def test_verify_time_corrections_are_numpy_weighted_least_squares(passes):
+    """VerifyTimes' running ratios and the line through them, against numpy on the same counts."""
+    import numpy as np
+
+    from knapspec.strategies.pricing import VerifyTimes
+
+    class Flat:
+        given = False
+
+        def predict(self, plan, ctx, n):
+            return 0.01 * n
+
+    vt = VerifyTimes(12)
+    vt.predict(Flat(), 100)
+    ratio, count = np.ones(12), np.zeros(12)
+    for w, r in passes:
+        vt.observe(w + 1, r * 0.01 * (w + 1))
+        ratio[w] = r if count[w] == 0 else ratio[w] + 0.1 * (r - ratio[w])
+        count[w] += 1
+    seen = np.flatnonzero(count >= 3)
+    if seen.size >= 2 and np.ptp(seen) > 0:
+        slope, icpt = np.polyfit(seen.astype(float), ratio[seen], 1, w=np.sqrt(np.minimum(count[seen], 50.0)))
+        want = np.clip(icpt + slope * np.arange(12), 0.25, 4.0)
+    elif seen.size == 1:
+        want = np.full(12, ratio[seen[0]])
+    else:
+        want = np.ones(12)
+    got = vt.at(Flat(), 100)
+    assert np.allclose(vt.ratios(), want, rtol=1e-9, atol=1e-9)
+    assert np.allclose(got, want * 0.01 * np.arange(1, 13), rtol=1e-9, atol=1e-12)

@@ -67,10 +67,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import numpy as np
 
 from ..latency import LatencyModel
 from ..model import Model
@@ -129,7 +128,7 @@ class HybridStrategy(Strategy):
         self._bucket = -1
         self._wake_now = False
         self._active = False                       # the planner runs in this prompt
-        self._rng = np.random.default_rng(seed)
+        self._rng = random.Random(seed)
         self._misses = 0
         # lookup acceptance per (n-gram length, position); the last group is for matches in the
         # reference (a predicted output), whatever their length
@@ -180,10 +179,10 @@ class HybridStrategy(Strategy):
     wants_hidden = False                          # the planner computes what it needs when it runs
 
     # ---- estimates --------------------------------------------------------------------------------
-    def lookup_accept(self, n: int, *, sample: bool = False) -> np.ndarray:
-        """P(position j accepted | positions < j accepted) for an n-gram match (see
-        :class:`LookupAcceptance`; ``sample``: Thompson sampling)."""
-        return self.lookup_estimates.probs(n, self._rng if sample else None)
+    def lookup_accept(self, n: int, *, sample: bool = False, positions: int = MAX_POS) -> list[float]:
+        """P(position j accepted | positions < j accepted), ``j < positions``, for an n-gram match
+        (see :class:`LookupAcceptance`; ``sample``: Thompson sampling)."""
+        return self.lookup_estimates.probs(n, self._rng if sample else None, min(positions, MAX_POS))
 
     def skip_alpha(self, vocab: int | None = None) -> float:
         c = self.planner.choice
@@ -204,9 +203,9 @@ class HybridStrategy(Strategy):
         k = len(lookup)
         reach = [1.0]                             # P(first i lookup tokens all accepted)
         if k:
-            p = self.lookup_accept(n_gram, sample=explore)
+            p = self.lookup_accept(n_gram, sample=explore, positions=k)
             for i in range(k):
-                reach.append(reach[-1] * float(p[min(i, MAX_POS - 1)]))
+                reach.append(reach[-1] * p[min(i, MAX_POS - 1)])
             floor = min(k, self.min_lookup)
             if floor:
                 opts.pop()                        # a lookup draft exists: drafting it is the floor

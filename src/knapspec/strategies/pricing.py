@@ -13,8 +13,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-
 from ..plan import Plan
 
 log = logging.getLogger(__name__)
@@ -75,19 +73,21 @@ class VerifyTimes:
     that mis-states how a pass grows with its width (a noisy profiling run, another load on the
     machine) cannot make a strategy refuse drafts that cost almost nothing to verify.
 
-    ``observe`` only appends (its numpy work on a round's cold caches cost ~40 us a round); the
-    ratios are folded in and the line refitted when :meth:`at` reads them after ``refit`` new
-    passes (every round's refit cost ~0.2 ms, 5% of a 4 ms step; the running ratios move by a
-    tenth of a pass each)."""
+    ``observe`` only appends; the ratios are folded in and the line refitted when :meth:`at` reads
+    them after ``refit`` new passes (every round's refit cost ~0.2 ms, 5% of a 4 ms step; the
+    running ratios move by a tenth of a pass each). Plain Python on a dozen widths: numpy's
+    per-call machinery, right after a forward pass on cold caches, cost ~40 us a read and ~0.3 ms
+    a refit (``np.polyfit``)."""
 
     def __init__(self, n_widths: int, *, refresh: int = 64, refit: int = 8) -> None:
         self.n_widths, self.refresh, self.refit = n_widths, refresh, refit
-        self._fitted: np.ndarray | None = None    # the last line through the ratios
-        self._ratio = np.ones(n_widths)           # measured / predicted per width (index = width - 1)
-        self._count = np.zeros(n_widths)
+        self._fitted: list[float] | None = None    # the last line through the ratios
+        self._ratio = [1.0] * n_widths             # measured / predicted per width (index = width - 1)
+        self._count = [0] * n_widths
         self._log: list[tuple[int, float]] = []
         self.ctx = -1
         self.predicted: list[float] = []
+        self._at: tuple[list[float], list[float], list[float]] | None = None   # (predicted, ratios, times)
 
     def reset(self) -> None:
         """Forget the predictions (a new generation); the learnt ratios stay."""
@@ -121,9 +121,15 @@ class VerifyTimes:
         times the measured/predicted ratio of recent passes of that width (a weighted straight
         line through the widths measured at least 3 times; 1 before any)."""
         pred = self.predict(latency, ctx, exact=exact)
-        return (np.asarray(pred) * self.ratios()).tolist()
+        ratios = self.ratios()
+        held = self._at
+        if held is not None and held[0] is pred and held[1] is ratios:
+            return list(held[2])
+        times = [p * r for p, r in zip(pred, ratios)]
+        self._at = (pred, ratios, times)
+        return list(times)
 
-    def ratios(self) -> np.ndarray:
+    def ratios(self) -> list[float]:
         """``[k]``: the measured/predicted ratio of passes over ``k + 1`` tokens (see :meth:`at`)."""
         if self._fitted is not None and len(self._log) < self.refit:
             return self._fitted
@@ -131,15 +137,22 @@ class VerifyTimes:
         self._fitted = self._line()
         return self._fitted
 
-    def _line(self) -> np.ndarray:
-        seen = np.flatnonzero(self._count >= 3)
-        if seen.size >= 2:                          # single widths are noisy
-            wts = np.minimum(self._count[seen], 50.0)
-            slope, icpt = np.polyfit(seen.astype(float), self._ratio[seen], 1, w=np.sqrt(wts))
-            return np.clip(icpt + slope * np.arange(self.n_widths), 0.25, 4.0)
-        if seen.size == 1:
-            return np.full(self.n_widths, float(self._ratio[seen[0]]))
-        return np.ones(self.n_widths)
+    def _line(self) -> list[float]:
+        seen = [w for w in range(self.n_widths) if self._count[w] >= 3]
+        if len(seen) >= 2:                          # single widths are noisy
+            # weighted least squares (weights sqrt(min(count, 50)) on the residuals, as polyfit's w)
+            wts = [min(self._count[w], 50) for w in seen]
+            sw = sum(wts)
+            mx = sum(c * w for c, w in zip(wts, seen)) / sw
+            my = sum(c * self._ratio[w] for c, w in zip(wts, seen)) / sw
+            sxx = sum(c * (w - mx) ** 2 for c, w in zip(wts, seen))
+            sxy = sum(c * (w - mx) * (self._ratio[w] - my) for c, w in zip(wts, seen))
+            slope = sxy / sxx
+            icpt = my - slope * mx
+            return [min(max(icpt + slope * k, 0.25), 4.0) for k in range(self.n_widths)]
+        if len(seen) == 1:
+            return [self._ratio[seen[0]]] * self.n_widths
+        return [1.0] * self.n_widths
 
     def step_ratio(self) -> float:
         """The measured/predicted ratio of a one-token step: what a draft step's prediction is
