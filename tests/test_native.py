@@ -104,10 +104,10 @@ def test_native_sublayers_step_aside_for_a_replaced_weight_and_a_full_cache():
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_native_bfloat16_is_as_close_to_the_float32_reference_as_the_torch_path(kind):
-    """bfloat16 (products with the values over key pairs, probabilities rounded to bfloat16): the
-    logits of a 250-token prefill (native attention) stay within bfloat16 noise of transformers'
-    float32 logits, like the oneDNN / torch path's (measured relative max errors 0.02-0.04 for
-    both)."""
+    """bfloat16 (keys, values and activations in bfloat16, scores and probabilities in float32):
+    the logits of a 250-token prefill (native attention) stay within bfloat16 noise of
+    transformers' float32 logits, like the oneDNN / torch path's (measured relative max errors
+    0.02-0.04 for both)."""
     _need(torch.bfloat16)
     hf = build_tiny_hf(kind, **_NATIVE)
     torch.manual_seed(1)
