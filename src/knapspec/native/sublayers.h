@@ -152,12 +152,31 @@ constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 // (knapspec/cache.py keeps them; the torch path writes them through KVCache.write.)
 
 // A cursor over memory to bring into L2 a few lines at a time while the products run (the next
-// stretch of the cache a work item reads), so that reading the cache overlaps the arithmetic.
+// stretches of the cache a work item reads), so that reading the cache overlaps the arithmetic.
+// Two stretches, one after the other; `rate` (lines per step in 1/65536; 0: the count each step
+// is given) spreads them over the steps of a long work item.
 struct Prefetch {
   const char* p = nullptr;
   const char* end = nullptr;
+  const char* p2 = nullptr;
+  const char* end2 = nullptr;
+  uint32_t rate = 0;
+  uint32_t frac = 0;
   KS_TARGET inline void step(int lines) {
-    for (int i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    if (rate != 0) {
+      frac += rate;
+      lines = static_cast<int>(frac >> 16);
+      frac &= 0xFFFFu;
+    }
+    for (int i = 0; i < lines; ++i) {
+      if (p >= end) {
+        if (p2 == nullptr) return;
+        p = p2, end = end2, p2 = nullptr;
+        if (p >= end) return;
+      }
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+    }
   }
 };
 
@@ -329,9 +348,11 @@ inline __mmask16 block_mask(int64_t bi, int64_t a, int64_t b) {
 template <typename T>
 KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const int64_t* rb, const T* kt,
                            const T* vsrc, int64_t D, int64_t k0, int64_t k1, float scale, float* s, float* p,
-                           float* m_out, float* l_out, float* o_out, Prefetch& pf_v, Prefetch& pf_k) {
+                           float* m_out, float* l_out, float* o_out, Prefetch& pf_first, Prefetch& pf_rest) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    Prefetch& pf_v = r0 == 0 ? pf_first : pf_rest;
+    Prefetch& pf_k = pf_rest;
     const int64_t n = std::min<int64_t>(4, R - r0);
     int64_t A = k1, B = k0;                     // the group's keys: the union of its rows' ranges
     for (int64_t r = r0; r < r0 + n; ++r) {
@@ -525,8 +546,10 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
       const T *ktk, *vsk;
       const bool sink_item = item(it, k0, k1, ktk, vsk);
       const int64_t kvh = it / nc;
-      // while the first rows' scores run, this item's values come into L2; while their values
-      // run, the next item's keys
+      // While the first rows' scores run, this item's values come into L2; while their values
+      // run, the next item's keys. With more than one group of rows (a pass over several tokens)
+      // the next item's keys and values are spread over all the rest of this item's products, so
+      // that reading them overlaps arithmetic instead of stalling one group.
       Prefetch pf_v, pf_k;
       if (keys >= kSerialKeys) {
         pf_v.p = reinterpret_cast<const char*>(vsk + k0 * D);
@@ -537,6 +560,18 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
           item(it + 1, n0, n1, nk, nv);
           pf_k.p = reinterpret_cast<const char*>(nk + n0 * D);
           pf_k.end = reinterpret_cast<const char*>(nk + n1 * D);
+          const int64_t groups = (R + 3) / 4;
+          if (groups > 1) {
+            pf_k.p2 = reinterpret_cast<const char*>(nv + n0 * D);
+            pf_k.end2 = reinterpret_cast<const char*>(nv + n1 * D);
+            const int64_t n = k1 - k0, blocks = (n + kBlk - 1) / kBlk;
+            const int64_t s_steps = (blocks + 3) / 4 * (bf16 ? D / 2 : D);
+            const int64_t v_steps = (D + 63) / 64 * (bf16 ? (n + 1) / 2 : n);
+            const int64_t steps = v_steps + (groups - 1) * (s_steps + v_steps);
+            const int64_t lines = 2 * (n1 - n0) * D * static_cast<int64_t>(sizeof(T)) / 64;
+            pf_k.rate = static_cast<uint32_t>(std::min<int64_t>((lines << 16) / std::max<int64_t>(steps, 1) + 1,
+                                                                int64_t{8} << 16));
+          }
         }
       }
       const int64_t r = it * R;
