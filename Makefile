@@ -24,7 +24,7 @@ demo: setup
 	  --prompt "Explain in three sentences why the sky is blue."
 
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 # strategies side by side on Spec-Bench and long documents: docs/bench/ (table, JSONL, plots)
 bench: setup
