@@ -7,6 +7,7 @@ prompts."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -52,6 +53,68 @@ def test_tiny_gguf_models_keep_their_block_types(tiny_root):
     q = tiny_gguf_model("q4_1", tiny_root)
     assert isinstance(q.layers[0].wqkv, QuantWeight) and q.lm_head is q.embed and q.embed.qtype.name == "Q8_0"
     assert m._native_sublayers == (native.isa() == "avx512" and native.available(torch.bfloat16) is None)
+
+
+def _quant_weights(m) -> list:
+    ws = [m.embed, m.lm_head]
+    for L in m.layers:
+        for w in (L.wqkv, L.wo, L.w_gate_up, L.w_down):
+            ws += list(w) if isinstance(w, tuple) else [w]
+    return ws
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_packed_a_few_rows_at_a_time_equal_weights_packed_whole(kind, tiny_root, monkeypatch):
+    """Loading packs each weight a slice of rows at a time, releasing the file's pages of each
+    slice: with slices of one tile (16 rows) the tiles are those of whole-tensor packing."""
+    from knapspec import checkpoint, formats
+    from knapspec.gguffile import GGUFFile
+    path = tiny_root / f"tiny-{kind}.gguf"
+    whole = tiny_gguf_model(kind, tiny_root)          # writes the file too
+    calls = []
+    release = GGUFFile.release_bytes
+    monkeypatch.setattr(GGUFFile, "release_bytes", lambda self, o, n: (calls.append((o, n)), release(self, o, n)))
+    monkeypatch.setattr(checkpoint, "_PACK_CHUNK", 1)
+    sliced = GGUFCheckpoint(path, kind).load_model(dtype=torch.bfloat16)
+    emb = GGUFCheckpoint(path, kind).open().tensors["token_embd.weight"]
+    slice_bytes = formats.LANES * emb.nbytes // emb.rows
+    assert [o for o, n in calls if n == slice_bytes and emb.offset <= o < emb.offset + emb.nbytes] == \
+        list(range(emb.offset, emb.offset + emb.nbytes, slice_bytes))       # released slice by slice
+    a, b = _quant_weights(whole), _quant_weights(sliced)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.qtype == y.qtype and x.n == y.n and torch.equal(x.tiles, y.tiles)
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_released_bytes_of_a_gguf_file_leave_the_resident_set():
+    from knapspec.checkpoint import resolve
+    from knapspec.gguffile import GGUFFile
+    ck = resolve(None)
+    g = GGUFFile(ck.path)
+    t = g.tensors["token_embd.weight"]              # ~30 MB
+    int(g.data(t.name).sum(dtype=np.uint64))        # every page read
+    before = _mapped_rss_kb(ck.path.resolve())
+    assert before * 1024 >= t.nbytes * 0.9
+    g.release_bytes(t.offset, t.nbytes // 2)
+    half = _mapped_rss_kb(ck.path.resolve())
+    assert (before - half) * 1024 >= t.nbytes // 2 - 2 * 4096
+    g.release(t.name)
+    assert _mapped_rss_kb(ck.path.resolve()) * 1024 < t.nbytes * 0.1
+    g.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -349,6 +349,10 @@ def _hf_name(name: str, arch: str = "llama") -> str | None:
     return None
 
 
+# bytes of a weight's rows packed at a time while loading a GGUF file
+_PACK_CHUNK = 2 << 20
+
+
 def _rope_rows(rows: int, n_head: int) -> np.ndarray:
     """llama.cpp stores Llama's q/k rows interleaved for its rotary layout; this is the row order
     that undoes it (Hugging Face row r = GGUF row perm[r])."""
@@ -429,27 +433,52 @@ class GGUFCheckpoint:
                 return _rope_rows(by_name[name].rows, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
             return None
 
-        def raw(name: str) -> np.ndarray:
-            perm = rows_of(name)
-            return g.data(name) if perm is None else g.data(name)[perm]
-
         tensors: dict[str, Any] = {}
         done: set[str] = set()
         from . import native
         packer = native.pack if keep and native.quant_available() is None else formats.pack
-        for names, fused_name in fused:          # one stream of tiles, packed straight into place
+
+        def pack_into(name: str, out: torch.Tensor) -> None:
+            """Tensor ``name``'s tiles into ``out``, a few MB of its rows at a time, each slice of
+            the file's pages leaving the resident set once packed: the file's copy of a weight is
+            never resident alongside its tiles (the 30 MB embedding of a small model would be)."""
+            t, perm = by_name[name], rows_of(name)
+            data = g.data(name)
+            if perm is not None:                 # q/k rows reordered: a copy (one layer's, small)
+                packer(data[perm], t.ggml_type, t.cols, out=out)
+            else:
+                row_bytes = data.shape[1]
+                step = max(1, _PACK_CHUNK // (formats.LANES * row_bytes)) * formats.LANES
+                for r0 in range(0, t.rows, step):
+                    r1 = min(t.rows, r0 + step)
+                    packer(data[r0:r1], t.ggml_type, t.cols,
+                           out=out[r0 // formats.LANES:-(-r1 // formats.LANES)])
+                    g.release_bytes(t.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+            g.release(name)
+
+        def quant_weight(names: list[str]) -> formats.QuantWeight:
+            """The rows of ``names`` (one block type and inner size; every part but the last a
+            whole number of tiles) in one weight, each packed straight into its share of the tiles."""
             t0 = by_name[names[0]]
-            tensors[fused_name] = formats.QuantWeight.stacked([raw(n) for n in names], t0.ggml_type, t0.cols,
-                                                              packer)
-            for n in names:
-                g.release(n)
+            bt = formats.BLOCK_TYPES[formats.QType(t0.ggml_type)]
+            n = sum(by_name[x].rows for x in names)
+            tiles = torch.empty((-(-n // formats.LANES), bt.tile_bytes(t0.cols)), dtype=torch.uint8)
+            start = 0
+            for x in names:
+                end = start + -(-by_name[x].rows // formats.LANES)
+                pack_into(x, tiles[start:end])
+                start = end
+            return formats.QuantWeight(bt, n, t0.cols, tiles)
+
+        for names, fused_name in fused:          # one stream of tiles, packed straight into place
+            tensors[fused_name] = quant_weight(names)
             done.update(names)
         for name, t in by_name.items():
             hf_name = _hf_name(name, arch)
             if hf_name is None or name in done:
                 continue
             if name in keep:
-                tensors[hf_name] = formats.QuantWeight.from_raw(raw(name), t.ggml_type, t.cols, packer)
+                tensors[hf_name] = quant_weight([name])
             else:
                 try:
                     w = _dequantise(g, t)

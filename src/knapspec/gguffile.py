@@ -218,8 +218,13 @@ class GGUFFile:
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set (they stay cached)."""
         t = self.tensors[name]
+        self.release_bytes(t.offset, t.nbytes)
+
+    def release_bytes(self, offset: int, nbytes: int) -> None:
+        """Drop the pages that lie wholly in bytes ``offset .. offset+nbytes-1`` of the file from
+        this process's resident set (they stay cached; a later read maps them again)."""
         page = mmap.PAGESIZE
-        a, b = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
+        a, b = -(-offset // page) * page, (offset + nbytes) // page * page
         if b > a and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
