@@ -182,8 +182,8 @@ struct Prefetch {
 
 // The keys and values are products' inputs in float32: bfloat16 pairs split into their even and
 // odd halves (a shift and a mask; exact), then fused multiply-adds. (VDPBF16PS, the one-instruction
-// bfloat16 pair product, issues at half the rate of two float32 FMAs on the CPUs measured, so it
-// is not used here.)
+// bfloat16 pair product, issues at a quarter of the FMA rate on the CPUs measured: half the
+// multiply-adds a second, so it is not used here.)
 KS_TARGET inline __m512 even_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 KS_TARGET inline __m512 odd_bf16(__m512i v) {
   return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
@@ -261,7 +261,7 @@ KS_TARGET inline void scores_nb(const float* q, int64_t D, const T* kb, float sc
 }
 
 // Probabilities times values for G rows over the keys [j0, j1) of the chunk (j0 even in bfloat16):
-// o[r] (float32) += sum_j p[r][j] v[j] for NV groups of 16 output dimensions, one dimension per
+// o[r] (float32) = sum_j p[r][j] v[j] for NV groups of 16 output dimensions, one dimension per
 // lane, the keys in order (bfloat16: key pairs, the even key first). p: float32, rows kChunk
 // apart, 0 outside each row's keys. vt: the first dimension of this pass; D: the rows' stride of o
 // and (float32) of the values.
