@@ -180,15 +180,8 @@ struct Prefetch {
   }
 };
 
-// The keys and values are products' inputs in float32: bfloat16 pairs split into their even and
-// odd halves (a shift and a mask; exact), then fused multiply-adds. (VDPBF16PS, the one-instruction
-// bfloat16 pair product, issues at a quarter of the FMA rate on the CPUs measured: half the
-// multiply-adds a second, so it is not used here.)
-KS_TARGET inline __m512 even_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-KS_TARGET inline __m512 odd_bf16(__m512i v) {
-  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
+// The keys and values are products' inputs in float32, split from their bfloat16 pairs with
+// even_bf16 / odd_bf16 (dense.h), then fused multiply-adds.
 // Scores of G query rows (q: float32, rows D apart) against NB 16-key blocks (kb: the first
 // block), times `scale`, into s (rows kChunk apart). Lane j of a block sums its key's products over
 // the dimensions in order, whatever the rows or blocks in the call.

@@ -229,9 +229,7 @@ class LookupAcceptance:
         (Python's ``random``, not numpy's: a handful of draws right after a forward pass, where
         numpy's per-call machinery on cold caches cost ~70 us a round.)"""
         g = min(n_gram, self.max_group)
-        if self.log:
-            self._fold()
-        acc, tried = self._acc[g, :n].tolist(), self._tried[g, :n].tolist()
+        acc, tried = self.acc[g, :n].tolist(), self.tried[g, :n].tolist()
         if rng is not None:
             return [rng.betavariate(a, t - a + 1e-9) for a, t in zip(acc, tried)]
         return [a / t for a, t in zip(acc, tried)]

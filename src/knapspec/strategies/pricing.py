@@ -87,7 +87,6 @@ class VerifyTimes:
         self._log: list[tuple[int, float]] = []
         self.ctx = -1
         self.predicted: list[float] = []
-        self._at: tuple[list[float], list[float], list[float]] | None = None   # (predicted, ratios, times)
 
     def reset(self) -> None:
         """Forget the predictions (a new generation); the learnt ratios stay."""
@@ -121,13 +120,7 @@ class VerifyTimes:
         times the measured/predicted ratio of recent passes of that width (a weighted straight
         line through the widths measured at least 3 times; 1 before any)."""
         pred = self.predict(latency, ctx, exact=exact)
-        ratios = self.ratios()
-        held = self._at
-        if held is not None and held[0] is pred and held[1] is ratios:
-            return list(held[2])
-        times = [p * r for p, r in zip(pred, ratios)]
-        self._at = (pred, ratios, times)
-        return list(times)
+        return [p * r for p, r in zip(pred, self.ratios())]
 
     def ratios(self) -> list[float]:
         """``[k]``: the measured/predicted ratio of passes over ``k + 1`` tokens (see :meth:`at`)."""
