@@ -127,18 +127,24 @@ def test_native_bfloat16_is_as_close_to_the_float32_reference_as_the_torch_path(
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_attention_layouts_follow_every_write(kind, dtype):
-    """The native attention's own key/value layouts (cache.py) stay equal to the cache whoever
-    writes it: native steps, then a 520-token chunk through torch's attention (KVCache.write),
-    then native steps again, which must also match transformers in float32."""
+    """A cache made for the native attention holds its layout alone (cache.py: the keys once; in
+    float32 the values in torch's layout, which the kernel reads); torch's layout is made from it
+    the first time torch's attention reads the cache, and from then on both stay equal whoever
+    writes: native steps, then a 520-token chunk through torch's attention (KVCache.write), then
+    native steps again (a new table of pointers), which must also match transformers in float32."""
     _need(dtype)
     hf = build_tiny_hf(kind, **_NATIVE)
     m = _ours(hf, dtype)
     torch.manual_seed(5)
     toks = torch.randint(3, 128, (1, 536))
     cache = m.new_cache(537)                   # neither a multiple of 16 nor of 2
-    m.forward(toks[:, :10], 0, cache)          # native: creates the layouts
-    assert cache.kt is not None and (cache.vt is not None) == (dtype == torch.bfloat16)
-    m.forward(toks[:, 10:530], 10, cache)      # torch's attention, through KVCache.write
+    m.forward(toks[:, :10], 0, cache)          # native
+    assert cache.kt is not None and cache.k is None
+    assert (cache.vt is not None) == (dtype == torch.bfloat16) == (cache.v is None)
+    one = cache.nbytes()
+    m.forward(toks[:, 10:530], 10, cache)      # torch's attention: torch's layout made, then written
+    assert cache.k is not None and cache.v is not None
+    assert cache.nbytes() > (1.9 if dtype == torch.bfloat16 else 1.4) * one      # (blocks are padded)
     for p in range(530, 536):
         out = m.forward(toks[:, p:p + 1], p, cache)
     fresh = type(cache)(n_layers=len(cache.k), n_kv_heads=cache.k[0].shape[1],
@@ -171,9 +177,10 @@ def test_native_stack_equals_the_sublayers_one_by_one(dtype):
             x = m.forward(toks[:, s:e], s, a, plan)
             y = m.forward(toks[:, s:e], s, b, plan, capture=True)
             assert torch.equal(x.logits, y.logits)
-            for i in range(len(a.k)):
-                assert torch.equal(a.k[i][:, :, :e], b.k[i][:, :, :e])
+            assert a.k is None and b.k is None                # the native layout alone
+            for i in range(len(a.kt)):
                 assert torch.equal(a.kt[i], b.kt[i])
+                assert torch.equal(*(c.v[i][:, :, :e] if c.vt is None else c.vt[i] for c in (a, b)))
     cache = m.new_cache(48)
     first = m.forward(toks[:, :30], 0, cache).logits
     m.layers[1].mlp_norm = m.layers[1].mlp_norm * 2          # a replaced tensor: a new table

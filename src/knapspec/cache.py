@@ -1,17 +1,24 @@
 """Preallocated KV cache with an explicit length and O(1) rollback.
 
-One key and one value tensor per layer, ``[B, Hkv, capacity, D]``, allocated once. Entries are
-written at explicit positions; ``length`` is the number of committed positions. Rolling back moves
-``length`` only; nothing is copied or cleared: positions at or beyond ``length`` are garbage and
-are overwritten before they are read.
+Entries are written at explicit positions; ``length`` is the number of committed positions.
+Rolling back moves ``length`` only; nothing is copied or cleared: positions at or beyond ``length``
+are garbage and are overwritten before they are read.
 
-The native attention (``native/sublayers.h``) reads its own copies, laid out for products with one key
-or one output dimension per SIMD lane; :meth:`KVCache.native_layout` creates them from the cache
-the first time they are needed, and every :meth:`KVCache.write` keeps them up to date:
+Two layouts of the same keys and values, each created the first time it is needed (a cache made
+for the native attention starts with its layout alone, so the keys and values are held once):
 
-- keys ``kt[i]``: ``[B, Hkv, capacity/16, D/u, 16, u]``, 16 keys per block, ``u`` = 2 dimensions
-  per lane pair in bfloat16, 1 in float32;
-- values ``vt[i]`` (bfloat16 only): ``[B, Hkv, capacity/2, D, 2]``, keys in pairs.
+- torch's, for the attention written in torch: keys ``k[i]`` and values ``v[i]``,
+  ``[B, Hkv, capacity, D]`` per layer (:meth:`KVCache.view`);
+- the native attention's (``native/sublayers.h``), laid out for products with one key or one
+  output dimension per SIMD lane (:meth:`KVCache.native_layout`):
+
+  - keys ``kt[i]``: ``[B, Hkv, capacity/16, D/u, 16, u]``, 16 keys per block, ``u`` = 2
+    dimensions per lane pair in bfloat16, 1 in float32;
+  - values ``vt[i]`` (bfloat16 only): ``[B, Hkv, capacity/2, D, 2]``, keys in pairs; in float32
+    the kernel reads the values in torch's layout, ``v[i]``, which a native cache then holds.
+
+Once both exist every :meth:`KVCache.write` (and the native kernel) keeps both up to date;
+``layouts`` counts the layouts created, so that tables of pointers into them can be rebuilt.
 
 The cache knows nothing about drafts, plans or tokens.
 """
@@ -23,23 +30,57 @@ import torch
 
 class KVCache:
     def __init__(self, *, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", batch: int = 1) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", batch: int = 1,
+                 native: bool = False) -> None:
         assert capacity > 0
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        # k[i], v[i]: [B, Hkv, capacity, D]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.shape = (batch, n_kv_heads, capacity, head_dim)
+        self.n_layers, self.dtype, self.device = n_layers, dtype, torch.device(device)
         self.capacity = capacity
         self._length = 0
+        self.k: list[torch.Tensor] | None = None       # torch's layout: [B, Hkv, capacity, D] each
+        self.v: list[torch.Tensor] | None = None
         self.kt: list[torch.Tensor] | None = None      # the native attention's layouts
         self.vt: list[torch.Tensor] | None = None
+        self.layouts = 0
+        if not native:
+            self._torch_layout()
+            return
+        b, h, cap, d = self.shape
+        u = 2 if dtype == torch.bfloat16 else 1
+        nblk, npair = -(-cap // 16), -(-cap // 2)
+        self.kt = [torch.zeros((b, h, nblk, d // u, 16, u), dtype=dtype, device=device)
+                   for _ in range(n_layers)]
+        if u == 2:
+            self.vt = [torch.zeros((b, h, npair, d, 2), dtype=dtype, device=device) for _ in range(n_layers)]
+        else:
+            self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.layouts += 1
+
+    def _torch_layout(self) -> None:
+        """torch's layout, from the native one when that exists (zeros otherwise)."""
+        b, h, cap, d = self.shape
+        if self.k is None:
+            if self.kt is None:
+                self.k = [torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.n_layers)]
+            else:                                   # [B, Hkv, blocks, D/u, 16, u] -> [B, Hkv, S, D]
+                self.k = [kt.permute(0, 1, 2, 4, 3, 5).reshape(b, h, -1, d)[:, :, :cap].contiguous()
+                          for kt in self.kt]
+        if self.v is None:
+            if self.vt is None:
+                self.v = [torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.n_layers)]
+            else:                                   # [B, Hkv, pairs, D, 2] -> [B, Hkv, S, D]
+                self.v = [vt.permute(0, 1, 2, 4, 3).reshape(b, h, -1, d)[:, :, :cap].contiguous()
+                          for vt in self.vt]
+        self.layouts += 1
 
     def native_layout(self) -> None:
         """Create the native attention's copies of the keys and values (once) from the cache."""
         if self.kt is not None:
             return
-        b, h, cap, d = self.k[0].shape
-        u = 2 if self.k[0].dtype == torch.bfloat16 else 1
+        b, h, cap, d = self.shape
+        u = 2 if self.dtype == torch.bfloat16 else 1
         nblk, npair = -(-cap // 16), -(-cap // 2)
 
         def pad(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,6 +90,7 @@ class KVCache:
         if u == 2:
             self.vt = [pad(v, 2 * npair).reshape(b, h, npair, 2, d).permute(0, 1, 2, 4, 3).contiguous()
                        for v in self.v]
+        self.layouts += 1
 
     def _write_native(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         b, h, t, d = k.shape
@@ -74,13 +116,18 @@ class KVCache:
         """Store ``k, v: [B, Hkv, T, D]`` at positions ``start .. start+T-1`` of ``layer``."""
         t = k.shape[2]
         self.check_room(start, t)
-        self.k[layer][:, :, start:start + t] = k
-        self.v[layer][:, :, start:start + t] = v
+        if self.k is not None:
+            self.k[layer][:, :, start:start + t] = k
+        if self.v is not None:
+            self.v[layer][:, :, start:start + t] = v
         if self.kt is not None:
             self._write_native(layer, start, k, v)
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions ``0 .. end-1`` (no copy): ``[B, Hkv, end, D]`` each."""
+        """Keys and values of positions ``0 .. end-1`` in torch's layout (no copy; the layout is
+        created the first time): ``[B, Hkv, end, D]`` each."""
+        if self.k is None or self.v is None:
+            self._torch_layout()
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def set_length(self, n: int) -> None:
@@ -96,5 +143,5 @@ class KVCache:
         self._length = 0
 
     def nbytes(self) -> int:
-        extra = (self.kt or []) + (self.vt or [])
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + extra)
+        held = (self.k or []) + (self.v or []) + (self.kt or []) + (self.vt or [])
+        return sum(t.numel() * t.element_size() for t in held)

@@ -284,9 +284,11 @@ class Model:
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         if self.row_invariant:            # whole key spans (attention.exact_span), whatever was asked for
             capacity = -(-capacity // SPAN_CHUNK) * SPAN_CHUNK
+        # a single sequence on the native sublayers: the native attention's layout alone (torch's
+        # is made if a torch path ever reads the cache)
         return KVCache(n_layers=self.cfg.n_layers, n_kv_heads=self.cfg.n_kv_heads,
                        head_dim=self.cfg.head_dim, capacity=capacity, dtype=self.dtype,
-                       device=self.device, batch=batch)
+                       device=self.device, batch=batch, native=self._native_sublayers and batch == 1)
 
     def weight_bytes(self) -> int:
         n = sum(_nbytes(v) for layer in self.layers for v in layer.tensors().values())
@@ -527,13 +529,13 @@ class Model:
         tensors, windows), built once per (weights, cache) and rebuilt when a layer's tensor was
         replaced; None when a layer does not run natively (then the sublayers go one by one)."""
         held = getattr(cache, "_native_stack", None)
-        stamp = (id(self), self._pack_gen, _Layer.assignments, *map(id, self.layers))
+        stamp = (id(self), self._pack_gen, cache.layouts, _Layer.assignments, *map(id, self.layers))
         if held is not None and held[3] == stamp:         # nothing assigned since: the same tensors
             return held[2]
         refs = tuple(t for L in self.layers for t in (L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm,
                                                        L.wo, L.mlp_norm, L.w_gate_up, L.w_down,
                                                        L.post_attn_norm, L.post_mlp_norm))
-        if (held is not None and held[0] == (id(self), self._pack_gen) and len(held[1]) == len(refs)
+        if (held is not None and held[0] == (id(self), self._pack_gen, cache.layouts) and len(held[1]) == len(refs)
                 and all(a is b for a, b in zip(held[1], refs))):
             cache._native_stack = (*held[:3], stamp)
             return held[2]
@@ -548,7 +550,7 @@ class Model:
             qkv, o, gate_up, down = packs
             rows.append([L.attn_norm.data_ptr(), qkv.desc.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
                          ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
-                         down.desc.data_ptr(), cache.k[i].data_ptr(), cache.v[i].data_ptr(),
+                         down.desc.data_ptr(), ptr(cache.k and cache.k[i]), ptr(cache.v and cache.v[i]),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
                          self.cfg.window(i) or 0, ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
                          int(self.rope_of(i) is not self.rope)])
@@ -556,7 +558,7 @@ class Model:
         assert table.shape[1] == len(native.STACK_FIELDS)
         # the refs keep the tensors behind the pointers alive; the packs live in self._packs until
         # the next pack_weights, which moves _pack_gen on
-        cache._native_stack = ((id(self), self._pack_gen), refs, table, stamp)
+        cache._native_stack = ((id(self), self._pack_gen, cache.layouts), refs, table, stamp)
         return table
 
     def _native_attention(self, i: int, x: torch.Tensor, start: int, cache: KVCache, packs: tuple,
@@ -571,8 +573,9 @@ class Model:
         cache.native_layout()
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
-                                k_cache=cache.k[i], v_cache=cache.v[i], k_blocks=cache.kt[i],
-                                v_pairs=None if cache.vt is None else cache.vt[i], n_heads=cfg.n_heads,
+                                k_cache=cache.k and cache.k[i], v_cache=cache.v and cache.v[i],
+                                k_blocks=cache.kt[i], v_pairs=None if cache.vt is None else cache.vt[i],
+                                capacity=cache.capacity, n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1], draft_window=draft_window,
                                 sink=SINK if draft_window else 0, scale=cfg.attn_scale,

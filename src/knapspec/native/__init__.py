@@ -326,15 +326,16 @@ def mlp(x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: Packed | QPa
 
 def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, qkv: Packed | QPacked,
               q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
-              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_blocks: torch.Tensor,
-              v_pairs: torch.Tensor | None, n_heads: int,
+              sin: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+              k_blocks: torch.Tensor, v_pairs: torch.Tensor | None, capacity: int, n_heads: int,
               n_kv_heads: int, head_dim: int, window: int | None, o: Packed | QPacked,
               draft_window: int = 0, sink: int = 0, scale: float | None = None,
               post_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The whole attention sublayer of one sequence ``x [1, T, H]`` at positions ``start..``: norm,
     qkv product, (q/k norms), rotary embedding (``cos``, ``sin``: float32 ``[T, D/2]``), the new keys
-    and values written into ``k_cache, v_cache [1, Hkv, capacity, D]`` and into the attention's own
-    layouts ``k_blocks`` and ``v_pairs`` (bfloat16 only; see ``cache.py``), causal attention over
+    and values written into the attention's own layouts ``k_blocks`` and ``v_pairs`` (bfloat16
+    only; see ``cache.py``) and, when given, torch's ``k_cache, v_cache [1, Hkv, capacity, D]``
+    (float32 reads its values from ``v_cache``, which it then needs), causal attention over
     positions ``0 .. start+T-1`` (or the sliding ``window``), output product and residual.
     ``draft_window`` > 0 (drafts): each token sees only its last ``draft_window`` positions and
     the first ``sink``. ``scale``: the scores' scale (None: ``head_dim ** -0.5``); ``post_norm``: a
@@ -346,8 +347,9 @@ def attention(x: torch.Tensor, start: int, *, norm_w: torch.Tensor, eps: float, 
     mod.attention(x.dtype == torch.bfloat16, x.data_ptr(), out.data_ptr(), t, h, norm_w.data_ptr(), eps,
                   qkv.desc.data_ptr(), 0 if qkv.bias is None else qkv.bias.data_ptr(),
                   0 if q_norm is None else q_norm.data_ptr(), 0 if k_norm is None else k_norm.data_ptr(),
-                  cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_blocks.data_ptr(),
-                  0 if v_pairs is None else v_pairs.data_ptr(), k_cache.shape[2],
+                  cos.data_ptr(), sin.data_ptr(), 0 if k_cache is None else k_cache.data_ptr(),
+                  0 if v_cache is None else v_cache.data_ptr(), k_blocks.data_ptr(),
+                  0 if v_pairs is None else v_pairs.data_ptr(), capacity,
                   start, n_heads, n_kv_heads, head_dim, window or 0, o.desc.data_ptr(), draft_window, sink,
                   scale or 0.0, 0 if post_norm is None else post_norm.data_ptr())
     return out

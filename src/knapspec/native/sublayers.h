@@ -422,8 +422,9 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
 }
 
 // out = x + o_proj(attention(rope(q), rope(k), v)), qkv = qkv_proj(rms_norm(x)) (+ bias), with
-// the new keys and values written into the cache at positions start .. start+T-1: kc/vc, this
-// layer's cache [Hkv][cap][D], and kt/vt, the attention's own layouts (above).
+// the new keys and values written into the cache at positions start .. start+T-1: kt/vt, the
+// attention's own layouts (above), and kc/vc, torch's layout of this layer's cache [Hkv][cap][D],
+// each only where given (nullptr: that layout is not held; float32 reads its values from vc).
 // cos/sin: float32 tables [positions][D/2], row `start` first. window <= 0: no sliding window.
 // draft_window > 0 (drafts only): each token also sees only its last draft_window keys, plus the
 // first `sink` positions ("attention sink"; knapspec/plan.py).
@@ -442,7 +443,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   for (int64_t t = 0; t < Tn; ++t) rms_norm_row(x + t * H, norm_w, H, eps, h.data() + t * H);
   linear_t<T>(h.data(), Tn, H, w_qkv, nqkv, b_qkv, qkv.data());
   // per token: (q/k norm), rotary embedding, keys and values into the cache
-  std::vector<T> tmp(D);
+  std::vector<T> tmp(D), key(D);
   for (int64_t t = 0; t < Tn; ++t) {
     const float* c = cosp + t * half;
     const float* sn = sinp + t * half;
@@ -455,7 +456,8 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
         rms_norm_row(src, nw, D, eps, tmp.data());
         src = tmp.data();
       }
-      T* dst = is_q ? q.data() + t * nq + head * D : kc + ((head - hq) * cap + p) * D;
+      T* dst = is_q ? q.data() + t * nq + head * D
+                    : kc != nullptr ? kc + ((head - hq) * cap + p) * D : key.data();
       for (int64_t i = 0; i < half; i += 16) {
         const __m512 x1 = load16(src + i), x2 = load16(src + half + i);
         const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(sn + i);
@@ -475,7 +477,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
     }
     for (int64_t head = 0; head < hkv; ++head) {
       const T* vsrc = qkv.data() + t * nqkv + nq + nk + head * D;
-      std::memcpy(vc + (head * cap + p) * D, vsrc, D * sizeof(T));
+      if (vc != nullptr) std::memcpy(vc + (head * cap + p) * D, vsrc, D * sizeof(T));
       if constexpr (bf16) {         // the value into its key pair: slot p % 2
         T* pr = vt + ((head * npair + p / 2) * D) * 2 + p % 2;
         for (int64_t d = 0; d < D; ++d) pr[2 * d] = vsrc[d];
