@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knapspec.sampling import SamplingParams, accept, accept_greedy, probs
+from knapspec.sampling import SamplingParams, accept, accept_greedy, greedy_confidence, greedy_ids, probs
 
 
 def test_probs_greedy_topk_topp():
@@ -37,6 +37,22 @@ def test_accept_greedy_prefix_and_bonus():
     assert (r.n_accepted, r.token, r.bonus) == (3, 4, True)
     r = accept_greedy([], tgt[:1])
     assert (r.n_accepted, r.token) == (0, 1)
+
+
+def test_greedy_ids_equal_torch_argmax_ties_included():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, 7] = x[1, 900] = x[1].max() + 1                 # a tie: the first index, as torch's
+    x[2] = 0.0                                           # all equal
+    x[3, 5] = float("inf")
+    for rows in (x, x[:, ::2], x[4], x.to(torch.bfloat16)):    # strided; one row; not float32
+        want = rows.argmax(-1).tolist()
+        assert greedy_ids(rows) == want
+    assert greedy_ids(x)[1] == 7 and greedy_ids(x)[2] == 0
+    for row in (x[0], x[1], x[4].to(torch.bfloat16), torch.cat([x[0], torch.full((5,), float("-inf"))])):
+        tok, conf = greedy_confidence(row)
+        assert tok == int(row.argmax())
+        assert conf == pytest.approx(float(torch.softmax(row.float(), -1)[tok]), rel=1e-5)
 
 
 def _accept_freq(p_row, q_row, x, n=20000, seed=0):

@@ -25,7 +25,7 @@ import torch
 
 from .cache import KVCache
 from .model import ForwardOut, Model, rms_norm
-from .sampling import SamplingParams, accept, accept_greedy, probs, sample
+from .sampling import SamplingParams, accept, accept_greedy, greedy_confidence, probs, sample
 from .strategies.base import Draft, Outcome, RoundState, Strategy
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,7 @@ class Engine:
                 full = torch.full((V,), float("-inf"), device=logits.device)
                 logits = full.index_copy_(0, draft.head_ids, logits)
             if sampling.greedy:
-                tok = int(logits.argmax())
-                conf = float(torch.softmax(logits, -1)[tok])
+                tok, conf = greedy_confidence(logits)
             else:
                 q = probs(logits, sampling)
                 tok = sample(q, gen)
