@@ -42,19 +42,10 @@ class KVCache:
         self.kt: list[torch.Tensor] | None = None      # the native attention's layouts
         self.vt: list[torch.Tensor] | None = None
         self.layouts = 0
-        if not native:
-            self._torch_layout()
-            return
-        b, h, cap, d = self.shape
-        u = 2 if dtype == torch.bfloat16 else 1
-        nblk, npair = -(-cap // 16), -(-cap // 2)
-        self.kt = [torch.zeros((b, h, nblk, d // u, 16, u), dtype=dtype, device=device)
-                   for _ in range(n_layers)]
-        if u == 2:
-            self.vt = [torch.zeros((b, h, npair, d, 2), dtype=dtype, device=device) for _ in range(n_layers)]
+        if native:
+            self.native_layout()
         else:
-            self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.layouts += 1
+            self._torch_layout()
 
     def _torch_layout(self) -> None:
         """torch's layout, from the native one when that exists (zeros otherwise)."""
@@ -76,12 +67,24 @@ class KVCache:
         self.layouts += 1
 
     def native_layout(self) -> None:
-        """Create the native attention's copies of the keys and values (once) from the cache."""
+        """The native attention's layout (once): from torch's when that exists, zeros otherwise
+        (then, in float32, with torch's layout of the values, which the kernel reads)."""
         if self.kt is not None:
             return
         b, h, cap, d = self.shape
         u = 2 if self.dtype == torch.bfloat16 else 1
         nblk, npair = -(-cap // 16), -(-cap // 2)
+        if self.k is None:
+            self.kt = [torch.zeros((b, h, nblk, d // u, 16, u), dtype=self.dtype, device=self.device)
+                       for _ in range(self.n_layers)]
+            if u == 2:
+                self.vt = [torch.zeros((b, h, npair, d, 2), dtype=self.dtype, device=self.device)
+                           for _ in range(self.n_layers)]
+            else:
+                self.v = [torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.n_layers)]
+            self.layouts += 1
+            return
 
         def pad(x: torch.Tensor, n: int) -> torch.Tensor:
             return torch.cat([x, x.new_zeros(b, h, n - cap, d)], dim=2) if n > cap else x
@@ -91,6 +94,11 @@ class KVCache:
             self.vt = [pad(v, 2 * npair).reshape(b, h, npair, 2, d).permute(0, 1, 2, 4, 3).contiguous()
                        for v in self.v]
         self.layouts += 1
+
+    def torch_kv(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``layer``'s keys and values in torch's layout where held (None where not), without
+        creating them: what the native kernel also writes."""
+        return (None if self.k is None else self.k[layer]), (None if self.v is None else self.v[layer])
 
     def _write_native(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         b, h, t, d = k.shape

@@ -548,9 +548,10 @@ class Model:
             if packs is None:
                 return None
             qkv, o, gate_up, down = packs
+            kc, vc = cache.torch_kv(i)
             rows.append([L.attn_norm.data_ptr(), qkv.desc.data_ptr(), ptr(qkv.bias), ptr(L.q_norm),
                          ptr(L.k_norm), o.desc.data_ptr(), L.mlp_norm.data_ptr(), gate_up.desc.data_ptr(),
-                         down.desc.data_ptr(), ptr(cache.k and cache.k[i]), ptr(cache.v and cache.v[i]),
+                         down.desc.data_ptr(), ptr(kc), ptr(vc),
                          cache.kt[i].data_ptr(), 0 if cache.vt is None else cache.vt[i].data_ptr(),
                          self.cfg.window(i) or 0, ptr(L.post_attn_norm), ptr(L.post_mlp_norm),
                          int(self.rope_of(i) is not self.rope)])
@@ -571,10 +572,10 @@ class Model:
         cache.check_room(start, t)
         cos, sin = self.rope_of(i).native(start, t)
         cache.native_layout()
+        kc, vc = cache.torch_kv(i)
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
-                                k_cache=cache.k and cache.k[i], v_cache=cache.v and cache.v[i],
-                                k_blocks=cache.kt[i], v_pairs=None if cache.vt is None else cache.vt[i],
+                                k_cache=kc, v_cache=vc, k_blocks=cache.kt[i], v_pairs=None if cache.vt is None else cache.vt[i],
                                 capacity=cache.capacity, n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1], draft_window=draft_window,

@@ -35,6 +35,8 @@
 #include <cstring>
 #include <vector>
 
+#include "dense.h"   // act_f32
+
 #define KS_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #define KS_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -100,14 +102,6 @@ struct QAct {
     sum16 = sum + M * nb;
   }
 };
-
-inline float act_f32(float v) { return v; }
-inline float act_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // A block whose largest magnitude is below this quantizes to zeros (127 / amax would overflow).
 constexpr float kQTiny = 1e-30f;

@@ -411,7 +411,7 @@ class KnapSpecStrategy(Strategy):
         (A DP at short context offers no windowed plans, so at long context this bound leaves out
         plans a window would make cheaper. Letting the DP run there instead was measured on the
         embedded model at 4k and 8k: its first DP took 28-64% of a 96-token generation, and the
-        windowed plan it chose at 8k was accepted on 2 of 8 drafted tokens: 0.27-0.74x. Kept.)"""
+        windowed plan it chose at 8k was accepted on 1-2 of 8 drafted tokens: 0.27-1.00x. Kept.)"""
         entries = self.memory.buckets()
         have = [k for k, v in entries.items() if v.get("candidates") is not None]
         if not have:
