@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY, build_tiny_hf
 from knapspec import native
+from knapspec.cache import KVCache
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan
 
@@ -62,18 +63,66 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
         assert len(calls) == 21
 
 
+@pytest.fixture
+def amx_attention():
+    """The bfloat16 attention on AMX tiles for one test (skipped where the CPU or OS has none)."""
+    _need(torch.bfloat16)
+    if not native.set_amx(True):
+        native.set_amx(None)
+        pytest.skip("no AMX tiles on this CPU / OS")
+    yield
+    native.set_amx(None)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_pass_equals_one_token_steps_bit_for_bit(kind, dtype):
     """Passes of 2..10 tokens against one-token steps, across a 256-key chunk boundary and a 16-key
     block boundary, on caches of different capacities, with a plan that skips sublayers."""
     _need(dtype)
-    m = _ours(build_tiny_hf(kind, **_NATIVE), dtype)
+    _pass_equals_steps(kind, dtype, _NATIVE)
+
+
+@pytest.mark.parametrize("kind,head_dim", [("llama", 32), ("gemma3", 64), ("qwen3", 96)])
+def test_amx_attention_pass_equals_one_token_steps_bit_for_bit(kind, head_dim, amx_attention):
+    """The same on AMX tiles (KNAPSPEC_AMX=1): 3 query heads per KV head, so 30 rows in a 10-token
+    pass (groups of 16 and 14 rows); value passes of 2, 4 and 4 + 2 tiles of 16 dimensions; the
+    one-token steps on a cache whose capacity ends inside a 32-key span."""
+    assert native.amx()
+    _pass_equals_steps(kind, torch.bfloat16, dict(_NATIVE, head_dim=head_dim, hidden_size=96, num_attention_heads=6,
+                                                  num_key_value_heads=2), odd_capacity=True)
+
+
+def test_amx_attention_is_as_close_to_the_float32_reference_as_the_avx512_path(amx_attention):
+    """AMX rounds the probabilities to bfloat16 for the value product: the logits stay as close to
+    transformers' float32 logits as the AVX-512 path's (bfloat16 noise, ~0.02-0.04 relative)."""
+    hf = build_tiny_hf("llama", **_NATIVE)
+    torch.manual_seed(1)
+    prompt = torch.randint(3, 128, (1, 300))
+    with torch.no_grad():
+        ref = hf(prompt).logits
+    m = _ours(hf, torch.bfloat16)
+    errs = []
+    for on in (True, False):
+        native.set_amx(on)
+        cache = m.new_cache(310)
+        m.forward(prompt[:, :250], 0, cache, logits=False)
+        out = torch.cat([m.forward(prompt[:, 250:290], 250, cache).logits]
+                        + [m.forward(prompt[:, j:j + 1], j, cache).logits for j in range(290, 300)], dim=1)
+        errs.append(((out - ref[:, 250:]).abs().max() / ref.abs().max()).item())
+    assert errs[0] <= max(0.06, 1.5 * errs[1]), errs
+
+
+def _pass_equals_steps(kind: str, dtype: torch.dtype, cfg: dict, odd_capacity: bool = False) -> None:
+    m = _ours(build_tiny_hf(kind, **cfg), dtype)
     torch.manual_seed(3)
     toks = torch.randint(3, 128, (1, 600))
     for p in (5, 250, 507):
         for plan in (None, Plan((True, False, True, True, False, True))):
             ca, cb = m.new_cache(p + 16), m.new_cache(640)
+            if odd_capacity:       # Model.new_cache rounds up to whole 64-key spans; this does not
+                ca = KVCache(n_layers=m.cfg.n_layers, n_kv_heads=m.cfg.n_kv_heads, head_dim=m.cfg.head_dim,
+                             capacity=p + 11, dtype=m.dtype, native=True)
             for cache in (ca, cb):
                 m.forward(toks[:, :p], 0, cache, logits=False)
             steps = [m.forward(toks[:, p + j:p + j + 1], p + j, ca, plan, capture=True) for j in range(10)]

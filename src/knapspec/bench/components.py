@@ -108,14 +108,24 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
 
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
                  widths: list[int], repeats: int, dtypes: list[str], exact: bool | None = None,
-                 modes: list[str] | None = None) -> list[dict]:
+                 modes: list[str] | None = None, attentions: list[str] | None = None) -> list[dict]:
     """One full-model pass over n tokens vs a 1-token step. ``modes``: "exact" and/or "fused"
     (``Model.set_row_invariant`` on / off), timed interleaved on the same weights and cache;
-    None = the mode ``exact`` gives (None: the device's default)."""
+    None = the mode ``exact`` gives (None: the device's default). ``attentions``: "avx512" and/or
+    "amx", the native bfloat16 attention's kernels (``native.set_amx``), interleaved likewise;
+    None = as ``KNAPSPEC_AMX`` says."""
+    from .. import native
     from ..api import load
     for mode in modes or []:
         if mode not in ("exact", "fused"):
             raise ValueError(f"unknown mode {mode!r}: choose exact or fused")
+    for att in attentions or []:
+        if att not in ("avx512", "amx"):
+            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
+    if "amx" in (attentions or []) and not native.set_amx(True):
+        native.set_amx(None)
+        raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16")
+    atts = attentions or [None]
     rows = []
     for dt in dtypes:
         llm = load(model, dtype=dt, device=device, threads=threads, exact=exact)
@@ -128,12 +138,14 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
             cache = m.new_cache(ctx + max(widths) + 1)
             m.set_row_invariant(False)
             prefill(m, ids[:ctx], cache, logits=False)
-            cases = [(mode, w) for mode in modes for w in widths]
-            times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+            cases = [(mode, att, w) for mode in modes for att in atts for w in widths]
+            times: dict[tuple, list[float]] = {c: [] for c in cases}
             toks = {w: torch.tensor([ids[:w]], device=dev) for w in widths}
 
-            def step(mode: str, w: int) -> None:
+            def step(mode: str, att: str | None, w: int) -> None:
                 m.set_row_invariant(mode == "exact")
+                if att is not None:
+                    native.set_amx(att == "amx")
                 cache.rollback(ctx)
                 m.forward(toks[w], ctx, cache)
             for c in cases:
@@ -144,13 +156,17 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
                     times[c].append(timed(lambda c=c: step(*c), dev))
             m.set_row_invariant(False)
             med = {c: statistics.median(v) for c, v in times.items()}
-            for mode, w in cases:
-                row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, w],
-                           ratio=med[mode, w] / med[mode, widths[0]])
+            for mode, att, w in cases:
+                row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, att, w],
+                           ratio=med[mode, att, w] / med[mode, att, widths[0]])
                 if len(modes) > 1:
-                    row = dict(row, mode=mode, vs_fused=med[mode, w] / med["fused", w]
+                    row = dict(row, mode=mode, vs_fused=med[mode, att, w] / med["fused", att, w]
                                if "fused" in modes else None)
+                if att is not None:
+                    row = dict(row, attention=att)
                 rows.append(row)
+    if attentions:
+        native.set_amx(None)
 
     return rows
 

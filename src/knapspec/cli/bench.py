@@ -38,6 +38,9 @@ def add_parsers(sub: Any) -> None:
     vf.add_argument("--modes", default=None,
                     help="exact and/or fused (--exact / --no-exact; comma-separated, interleaved on the "
                          "same weights; default: the one mode --exact/--no-exact gives)")
+    vf.add_argument("--attention", default=None,
+                    help="avx512 and/or amx: the native bfloat16 attention's kernels (comma-separated, "
+                         "interleaved; default: as KNAPSPEC_AMX says, i.e. avx512)")
     tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
     add_model_args(tp)
     tp.add_argument("--contexts", default="512,2048,4096")
@@ -284,9 +287,11 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     elif a.bench_cmd == "verify":
         rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
                             widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact,
-                            modes=a.modes.split(",") if a.modes else None)
+                            modes=a.modes.split(",") if a.modes else None,
+                            attentions=a.attention.split(",") if a.attention else None)
         print(table(rows, ["dtype", "context", "width", "ms", "ratio"]
-                    + (["mode", "vs_fused"] if a.modes and "," in a.modes else [])))
+                    + (["mode", "vs_fused"] if a.modes and "," in a.modes else [])
+                    + (["attention"] if a.attention else [])))
     else:
         raise ValueError(f"unknown benchmark {a.bench_cmd!r}: choose ar, verify or latency")
     print(json.dumps({"bench": a.bench_cmd, "device": str(a.device),

@@ -15,7 +15,8 @@ extension builder (a C++ compiler is needed; ~20 s) into ``$KNAPSPEC_CACHE/nativ
 after. When it cannot be built or the CPU lacks the instructions, :func:`available` and
 :func:`quant_available` say why; the model then keeps oneDNN's kernels (float weights) or
 dequantised weights (GGUF block types). ``KNAPSPEC_NATIVE=0`` turns the native kernels off;
-``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU.
+``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU;
+``KNAPSPEC_AMX=1`` puts the bfloat16 attention on AMX tiles (:func:`amx`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,32 @@ def set_isa(name: str | None) -> None:
         mod.set_isa(_ISA_CODES[current])
 
 
+_amx_override: bool | None = None
+
+
+def _amx_wanted() -> bool:
+    want = _amx_override if _amx_override is not None else os.environ.get("KNAPSPEC_AMX", "0").strip() == "1"
+    return want and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+
+
+def amx() -> bool:
+    """Whether the bfloat16 attention runs on AMX tiles: ``KNAPSPEC_AMX=1`` (or :func:`set_amx`)
+    asked for them, the CPU has them and Linux grants this process their state. Off by default:
+    measured here, 8-token verification passes at 4k-8k tokens of context cost ~20% less, one-token
+    steps 3-6% more. The two paths round differently (each is row-invariant), so a process keeps
+    one for all its generations."""
+    mod = _module()
+    return bool(mod is not None and mod.set_amx(int(_amx_wanted())))
+
+
+def set_amx(on: bool | None) -> bool:
+    """Turn the AMX attention on or off from now on (None: as the CPU and ``KNAPSPEC_AMX`` say);
+    returns whether it is on."""
+    global _amx_override
+    _amx_override = on
+    return amx()
+
+
 def quant_available() -> str | None:
     """None when the native quantized products can run on this CPU, else why not."""
     if _isa_name() is None:
@@ -149,6 +176,7 @@ def _module() -> ModuleType | None:
             mod = importlib.util.module_from_spec(spec)
             loader.exec_module(mod)
             mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
+            mod.set_amx(int(_amx_wanted()))
             return mod
         except (ImportError, OSError) as e:     # a broken build: built again below
             log.warning("rebuilding the native kernels (%s)", e)
@@ -164,6 +192,7 @@ def _module() -> ModuleType | None:
                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
+        mod.set_amx(int(_amx_wanted()))
         log.warning("native kernels built in %.0f s (cached)", time.perf_counter() - t0)
         return mod
     except Exception as e:          # no compiler, no ninja, a failed build: oneDNN's kernels stay

@@ -5,6 +5,8 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -421,6 +423,218 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
   }
 }
 
+// ---- AMX (Advanced Matrix Extensions) for the bfloat16 attention ------------------------------
+// With AMX, each (row, key) score and each (row, output dimension) sum over a bfloat16 cache is a
+// tile product: TDPBF16PS sums 32 bfloat16 products per element, each element from its own row of
+// A and its own column of B. The keys' and values' layouts above are already B operands (16 keys x
+// a dimension pair per 64 bytes; 16 dimensions x a key pair per 64 bytes), so a 16-key block is
+// read once for 16 query rows at the cost of a few instructions, where the AVX-512 path spends a
+// fused multiply-add per row, key and dimension. Each element's sum runs over fixed 32-element
+// stretches aligned to absolute positions (keys) or dimensions (scores), so a row's result is the
+// same alone or in any group, as on the AVX-512 path. The two paths round differently (TDPBF16PS
+// matches no sequence of float32 operations; checked), so a process uses one of them for every
+// call (set_amx). The probabilities enter the value product rounded to bfloat16, as GPU flash
+// attention kernels do; their sum l is taken over the rounded values.
+// Measured (docs/benchmarks.md): 8-token passes at 4k-8k tokens of context ~20% cheaper, one-token
+// steps 3-6% dearer (each call's first tile product waits ~1 us for the tile unit), hence off by
+// default (KNAPSPEC_AMX=1).
+#define KS_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+inline int g_amx = 0;    // 1: the bfloat16 attention runs on AMX tiles
+
+// AMX on (when Linux grants this process the tile state; the caller checks the CPU's flags) or
+// off; returns whether it is on.
+inline int64_t set_amx(int64_t on) {
+  static const bool granted = [] {
+    unsigned long bitmap = 0;        // ARCH_REQ_XCOMP_PERM, ARCH_GET_XCOMP_PERM; XFEATURE_XTILEDATA
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return false;
+    if (syscall(SYS_arch_prctl, 0x1022, &bitmap) != 0) return false;
+    return (bitmap & (1ul << 18)) != 0;
+  }();
+  g_amx = on && granted ? 1 : 0;
+  return g_amx;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: sums (float32), 4-5: A (queries / probabilities), all `rows` rows (the query rows
+// of a group, 1-16) x 64 bytes; 6-7: B (keys / values), 16 x 64 bytes. Each thread loads a
+// configuration before its products (rows = its first group's) and releases the tiles after
+// (another library's tile products may run on the same threads in between).
+// (The whole 64 bytes as the asm's operand: GCC 12's _tile_loadconfig names only its first 8
+// bytes, and a local configuration's other fields were dropped as dead stores.)
+KS_AMX_TARGET inline void amx_config(int rows) {
+  TileConfig c{};
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) c.rows[i] = static_cast<uint8_t>(i < 6 ? rows : 16), c.colsb[i] = 64;
+  __asm__ volatile("ldtilecfg %0" : : "m"(c) : "memory");
+}
+KS_AMX_TARGET inline void amx_end() { _tile_release(); }
+
+// Buffers of one thread's AMX work items.
+struct AmxBuffers {
+  int rows = 0;                                                     // the loaded configuration's
+  std::vector<float> s = std::vector<float>(16 * kChunk);          // scores, rows kChunk apart
+  std::vector<uint16_t> p = std::vector<uint16_t>(16 * kChunk);    // probabilities in bfloat16
+  std::vector<float> o = std::vector<float>(16 * 64);              // one pass's sums, rows 64 apart
+  std::vector<uint16_t> vtail = std::vector<uint16_t>(16 * 64 * 2); // the last key pairs of a cache
+};
+
+// AMX steps of a work item over n keys and R rows (for spreading a prefetch over them)
+inline int64_t amx_steps(int64_t n, int64_t R, int64_t D) {
+  const int64_t groups = (R + 15) / 16, blocks = (n + kBlk - 1) / kBlk, spans = (n + 31) / 32;
+  return groups * (blocks + (D + 63) / 64 * spans);
+}
+
+// attend_rows (above) on AMX tiles for a bfloat16 cache: the rows go 16 at a time. qb: the rows'
+// queries in bfloat16, D apart, at least a multiple of 16 rows (padding: any finite values).
+// npair: the cache's key pairs (the value layout's extent).
+KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t* ra, const int64_t* rb,
+                                   const uint16_t* kt, const uint16_t* vt, int64_t D, int64_t npair,
+                                   int64_t k0, int64_t k1, float scale, AmxBuffers& buf, float* m_out,
+                                   float* l_out, float* o_out, Prefetch& pf_first, Prefetch& pf_rest) {
+  float* s = buf.s.data();
+  uint16_t* p = buf.p.data();
+  const __m512 sc = _mm512_set1_ps(scale);
+  // groups of 16 rows and a last one of R % 16: last group first when the tiles are configured
+  // for its size (the previous work item ended with it), so that a pass reconfigures once per item
+  const int64_t ng = (R + 15) / 16;
+  const bool back = ng > 1 && buf.rows == R - (ng - 1) * 16;
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    const int64_t r0 = (back ? ng - 1 - gi : gi) * 16;
+    Prefetch& pf_v = gi == 0 ? pf_first : pf_rest;
+    Prefetch& pf_k = pf_rest;
+    const int64_t n = std::min<int64_t>(16, R - r0);
+    int64_t A = k1, B = k0;                     // the group's keys: the union of its rows' ranges
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const int64_t a = std::max(k0, ra[r]), b = std::min(k1, rb[r]);
+      if (a < b) A = std::min(A, a), B = std::max(B, b);
+    }
+    if (A >= B) {
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        m_out[r] = -INFINITY;
+        l_out[r] = 0.0f;
+        std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
+      }
+      continue;
+    }
+    if (buf.rows != n) {                        // tiles of this group's rows
+      amx_config(static_cast<int>(n));
+      buf.rows = static_cast<int>(n);
+    }
+    const int64_t blk0 = (A - k0) / kBlk, blk1 = (B - k0 + kBlk - 1) / kBlk;
+    const int64_t js0 = (A - k0) / 32 * 32, js1 = (B - k0 + 31) / 32 * 32;   // 32-key spans
+    // scores: 16 rows x one 16-key block per tile, summed over the dimensions 32 at a time
+    const uint16_t* qg = qb + r0 * D;
+    const int64_t qstride = D * 2;
+    for (int64_t bi = blk0; bi < blk1; ++bi) {
+      pf_v.step(static_cast<int>(D / 2));
+      const uint16_t* kb = kt + (k0 / kBlk + bi) * D * kBlk;
+      if (bi % 2 == 0) {
+        _tile_zero(0);
+        for (int64_t c = 0; c < D / 32; ++c) {
+          _tile_loadd(4, qg + c * 32, qstride);
+          _tile_loadd(6, kb + c * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+        }
+        _tile_stored(0, s + bi * kBlk, kChunk * 4);
+      } else {
+        _tile_zero(1);
+        for (int64_t c = 0; c < D / 32; ++c) {
+          _tile_loadd(5, qg + c * 32, qstride);
+          _tile_loadd(7, kb + c * 512, 64);
+          _tile_dpbf16ps(1, 5, 7);
+        }
+        _tile_stored(1, s + bi * kBlk, kChunk * 4);
+      }
+    }
+    // probabilities over each row's own keys (0 elsewhere in the group's spans)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = r0 + i;
+      const int64_t a = std::max(k0, ra[r]) - k0, b = std::min(k1, rb[r]) - k0;
+      const float* sr = s + i * kChunk;
+      uint16_t* pr = p + i * kChunk;
+      for (int64_t bi = js0 / kBlk; bi < js1 / kBlk; ++bi)
+        if (bi < blk0 || bi >= blk1 || a >= b)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), _mm256_setzero_si256());
+      if (a >= b) {
+        m_out[r] = -INFINITY;
+        l_out[r] = 0.0f;
+        continue;
+      }
+      // max of the unscaled scores (scale > 0; rounding is monotonic, so max(s) * scale is the
+      // maximum of the scaled ones), then exp(s * scale - max) with one rounding
+      __m512 mxv = _mm512_set1_ps(-INFINITY);
+      for (int64_t bi = blk0; bi < blk1; ++bi)
+        mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
+      const float mx = _mm512_reduce_max_ps(mxv) * scale;
+      const __m512 mxs = _mm512_set1_ps(mx);
+      __m512 lv = _mm512_setzero_ps();
+      for (int64_t bi = blk0; bi < blk1; ++bi) {
+        const __mmask16 mk = block_mask(bi, a, b);
+        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc, mxs)))
+                            : _mm512_setzero_ps();
+        const __m256i hi = (__m256i)_mm512_cvtneps_pbh(e);
+        const __m512 eh = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), hi);
+        lv = _mm512_add_ps(lv, eh);
+      }
+      m_out[r] = mx;
+      l_out[r] = _mm512_reduce_add_ps(lv);
+    }
+    // values: 16 rows x 16 output dimensions per tile, summed over 32-key spans, in passes of up
+    // to 64 dimensions
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int64_t nv = std::min<int64_t>(D - d0, 64) / 16;
+      _tile_zero(0);
+      if (nv > 1) _tile_zero(1);
+      if (nv > 2) _tile_zero(2);
+      if (nv > 3) _tile_zero(3);
+      for (int64_t js = js0; js < js1; js += 32) {
+        pf_k.step(static_cast<int>(16 * nv));
+        const int64_t pair0 = (k0 + js) / 2;
+        const uint16_t* vb = vt + (pair0 * D + d0) * 2;
+        int64_t vstride = D * 4;
+        if (pair0 + 16 > npair) {              // the cache ends inside this span: its pairs, then 0
+          uint16_t* tail = buf.vtail.data();
+          std::fill(buf.vtail.begin(), buf.vtail.end(), uint16_t{0});
+          for (int64_t kp = 0; kp < npair - pair0; ++kp)
+            std::memcpy(tail + kp * 128, vb + kp * D * 2, nv * 16 * 2 * sizeof(uint16_t));
+          vb = tail;
+          vstride = 256;
+        }
+        _tile_loadd(4, p + js, kChunk * 2);
+        _tile_loadd(6, vb, vstride);
+        _tile_dpbf16ps(0, 4, 6);
+        if (nv > 1) {
+          _tile_loadd(7, vb + 32, vstride);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (nv > 2) {
+          _tile_loadd(6, vb + 64, vstride);
+          _tile_dpbf16ps(2, 4, 6);
+        }
+        if (nv > 3) {
+          _tile_loadd(7, vb + 96, vstride);
+          _tile_dpbf16ps(3, 4, 7);
+        }
+      }
+      float* ob = buf.o.data();
+      _tile_stored(0, ob, 256);
+      if (nv > 1) _tile_stored(1, ob + 16, 256);
+      if (nv > 2) _tile_stored(2, ob + 32, 256);
+      if (nv > 3) _tile_stored(3, ob + 48, 256);
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(o_out + (r0 + i) * D + d0, ob + i * 64, nv * 16 * sizeof(float));
+    }
+  }
+}
+
 // out = x + o_proj(attention(rope(q), rope(k), v)), qkv = qkv_proj(rms_norm(x)) (+ bias), with
 // the new keys and values written into the cache at positions start .. start+T-1: kt/vt, the
 // attention's own layouts (above), and kc/vc, torch's layout of this layer's cache [Hkv][cap][D],
@@ -506,11 +720,19 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   const int64_t keys = (end - c_first * kChunk) * hkv * Tn;
   // each KV head's query rows (token t's heads kvh*g .. kvh*g+g-1 are rows t*g ..) in float32,
   // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
-  std::vector<float> qf(hkv * R * D);
+  // (AMX: in bfloat16, each KV head's rows padded to a multiple of 16)
+  const bool amx = bf16 && g_amx != 0;
+  const int64_t Rpad = amx ? (R + 15) / 16 * 16 : R;
+  std::vector<float> qf(amx ? 0 : hkv * R * D);
+  std::vector<uint16_t> qb(amx ? hkv * Rpad * D : 0);
   for (int64_t kvh = 0; kvh < hkv; ++kvh)
     for (int64_t t = 0; t < Tn; ++t)
       for (int64_t i = 0; i < g; ++i) {
         const T* src = q.data() + t * nq + (kvh * g + i) * D;
+        if (amx) {
+          std::memcpy(qb.data() + (kvh * Rpad + t * g + i) * D, src, D * sizeof(uint16_t));
+          continue;
+        }
         float* dst = qf.data() + (kvh * R + t * g + i) * D;
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
       }
@@ -525,7 +747,13 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
     }
   }
   at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
-    std::vector<float> sbuf(4 * kChunk), pbuf(4 * kChunk);
+    std::vector<float> sbuf(amx ? 0 : 4 * kChunk), pbuf(amx ? 0 : 4 * kChunk);
+    AmxBuffers* abuf = nullptr;
+    if (amx) {
+      thread_local AmxBuffers tbuf;       // per thread, kept between calls (no allocation per call)
+      abuf = &tbuf;
+      abuf->rows = 0;                     // configured by the first group
+    }
     // the keys [k0, k1) of work item `it`, and its KV head's key and value layouts
     auto item = [&](int64_t it, int64_t& k0, int64_t& k1, const T*& ktk, const T*& vsk) {
       const int64_t kvh = it / nc, ci = it % nc;
@@ -555,14 +783,14 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
           item(it + 1, n0, n1, nk, nv);
           pf_k.p = reinterpret_cast<const char*>(nk + n0 * D);
           pf_k.end = reinterpret_cast<const char*>(nk + n1 * D);
-          const int64_t groups = (R + 3) / 4;
+          const int64_t groups = (R + (amx ? 15 : 3)) / (amx ? 16 : 4);
           if (groups > 1) {
             pf_k.p2 = reinterpret_cast<const char*>(nv + n0 * D);
             pf_k.end2 = reinterpret_cast<const char*>(nv + n1 * D);
             const int64_t n = k1 - k0, blocks = (n + kBlk - 1) / kBlk;
             const int64_t s_steps = (blocks + 3) / 4 * (bf16 ? D / 2 : D);
             const int64_t v_steps = (D + 63) / 64 * (bf16 ? (n + 1) / 2 : n);
-            const int64_t steps = v_steps + (groups - 1) * (s_steps + v_steps);
+            const int64_t steps = amx ? amx_steps(n, R, D) : v_steps + (groups - 1) * (s_steps + v_steps);
             const int64_t lines = 2 * (n1 - n0) * D * static_cast<int64_t>(sizeof(T)) / 64;
             pf_k.rate = static_cast<uint32_t>(std::min<int64_t>((lines << 16) / std::max<int64_t>(steps, 1) + 1,
                                                                 int64_t{8} << 16));
@@ -570,10 +798,19 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
         }
       }
       const int64_t r = it * R;
+      if constexpr (bf16) {
+        if (amx) {
+          attend_rows_amx(qb.data() + kvh * Rpad * D, R, sink_item ? sa.data() : ra.data(),
+                          sink_item ? sb.data() : rb.data(), ktk, vsk, D, npair, k0, k1, scale, *abuf,
+                          pm.data() + r, pl.data() + r, po.data() + r * D, pf_v, pf_k);
+          continue;
+        }
+      }
       attend_rows<T>(qf.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(), sink_item ? sb.data() : rb.data(),
                      ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r,
                      po.data() + r * D, pf_v, pf_k);
     }
+    if (amx && abuf->rows != 0) amx_end();
   });
   // combine the chunks of each row in order
   for (int64_t kvh = 0; kvh < hkv; ++kvh)
