@@ -265,3 +265,41 @@ def test_native_heads_wider_than_128_match_transformers_and_passes_equal_steps(h
             m.forward(toks[:, :300], 0, c, logits=False)
         one = torch.cat([m.forward(toks[:, 300 + j:301 + j], 300 + j, ca).logits for j in range(8)], dim=1)
         assert torch.equal(m.forward(toks[:, 300:308], 300, cb).logits, one)
+
+
+def test_prompts_take_the_amx_attention_and_every_strategy_still_equals_autoregressive(monkeypatch):
+    """By default prompts (engine.prefill) take the AMX attention where the CPU has it, and
+    decoding keeps the AVX-512 one: a 300-token prompt's logits stay within bfloat16 noise of the
+    AVX-512 prefill's, and drafts verified on the same prefill give the autoregressive tokens.
+    KNAPSPEC_AMX=0 keeps prompts off AMX too."""
+    from knapspec.engine import Engine, prefill
+    from knapspec.strategies.static import StaticStrategy
+    _need(torch.bfloat16)
+    native.set_amx(None)
+    monkeypatch.delenv("KNAPSPEC_AMX", raising=False)
+    if not native.amx_prompts():
+        pytest.skip("no AMX tiles on this CPU / OS")
+    assert not native.amx()
+    m = _ours(build_tiny_hf("llama", **_NATIVE), torch.bfloat16)
+    torch.manual_seed(4)
+    ids = torch.randint(3, 128, (300,)).tolist()
+    calls = []
+    mod = native._module()
+    orig = mod.stack
+    monkeypatch.setattr(mod, "stack", lambda *a: (calls.append((a[3], a[-1])), orig(*a))[1])
+    amx_out = prefill(m, ids, m.new_cache(320)).logits
+    assert calls == [(300, 1)]                    # the prompt's pass asked for AMX
+    monkeypatch.setenv("KNAPSPEC_AMX", "0")
+    assert not native.amx_prompts()
+    avx_out = prefill(m, ids, m.new_cache(320)).logits
+    assert calls[-1] == (300, -1)
+    assert not torch.equal(amx_out, avx_out)      # two kernels ...
+    assert ((amx_out - avx_out).abs().max() / avx_out.abs().max()).item() < 0.05   # ... both close
+    monkeypatch.delenv("KNAPSPEC_AMX")
+    eng = Engine(m)
+    n = len(calls)
+    ref = eng.generate(ids, max_new_tokens=24).tokens
+    assert calls[n] == (300, 1) and all(c == (1, -1) for c in calls[n + 1:])   # decoding: the process's kernel
+    for plan in (Plan((True, False, True, True, False, True)), Plan((False, True, True, True, True, False))):
+        out = eng.generate(ids, StaticStrategy(plan, max_draft=4, threshold=0.0), max_new_tokens=24)
+        assert out.tokens == ref and out.stats.drafted > 0

@@ -51,7 +51,7 @@ def prefill(model: Model, ids: list[int], cache: KVCache, *, chunk: int = PREFIL
     out = None
     for s in range(0, len(ids), chunk):
         x = torch.tensor([ids[s:s + chunk]], device=model.device)
-        out = model.forward(x, s, cache, last_only=True, logits=logits)
+        out = model.forward(x, s, cache, last_only=True, logits=logits, prompt=True)
         if on_chunk is not None:
             on_chunk(out)
     assert out is not None

@@ -605,8 +605,10 @@ class Model:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None = None, *,
                 capture: bool = False, last_only: bool = False, logits: bool = True,
-                head_weight: torch.Tensor | QuantWeight | None = None) -> ForwardOut:
-        """``tokens: [B, T]`` at positions ``start .. start+T-1``; updates ``cache.length``."""
+                head_weight: torch.Tensor | QuantWeight | None = None, prompt: bool = False) -> ForwardOut:
+        """``tokens: [B, T]`` at positions ``start .. start+T-1``; updates ``cache.length``.
+        ``prompt``: a pass over prompt tokens (:func:`knapspec.engine.prefill`), which may take
+        the AMX attention (``native.amx_prompts``): every strategy prefills the same way."""
         b, t = tokens.shape
         assert start <= cache.length, f"start {start} beyond cache length {cache.length}"
         if self.exact_per_token and self.row_invariant and 1 < t <= PER_TOKEN_MAX:
@@ -631,7 +633,8 @@ class Model:
                              capacity=cache.capacity, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                              head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
                              draft_windows=dwin, sink=SINK if win else 0,
-                             cos_local=cos_l, sin_local=sin_l, act=cfg.hidden_act, scale=cfg.attn_scale)
+                             cos_local=cos_l, sin_local=sin_l, act=cfg.hidden_act, scale=cfg.attn_scale,
+                             amx=True if prompt and native.amx_prompts() else None)
         else:
             for s in range(2 * self.cfg.n_layers):
                 if run is None or run[s]:

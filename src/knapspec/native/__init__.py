@@ -16,7 +16,8 @@ after. When it cannot be built or the CPU lacks the instructions, :func:`availab
 :func:`quant_available` say why; the model then keeps oneDNN's kernels (float weights) or
 dequantised weights (GGUF block types). ``KNAPSPEC_NATIVE=0`` turns the native kernels off;
 ``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU;
-``KNAPSPEC_AMX=1`` puts the bfloat16 attention on AMX tiles (:func:`amx`).
+Where the CPU has AMX tiles, prompts take an AMX attention for bfloat16 (:func:`amx_prompts`);
+``KNAPSPEC_AMX=1`` puts every pass on it (:func:`amx`), ``KNAPSPEC_AMX=0`` none.
 """
 
 from __future__ import annotations
@@ -110,24 +111,45 @@ def set_isa(name: str | None) -> None:
 _amx_override: bool | None = None
 
 
-def _amx_wanted() -> bool:
-    want = _amx_override if _amx_override is not None else os.environ.get("KNAPSPEC_AMX", "0").strip() == "1"
-    return want and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+def _amx_setting() -> str:
+    """``"all"``, ``"prompts"`` or ``"off"``: where the bfloat16 attention should use AMX tiles."""
+    if _amx_override is not None:
+        return "all" if _amx_override else "off"
+    env = os.environ.get("KNAPSPEC_AMX", "").strip()
+    return {"1": "all", "0": "off"}.get(env, "prompts")
+
+
+def _amx_cpu() -> bool:
+    return {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
 
 def amx() -> bool:
-    """Whether the bfloat16 attention runs on AMX tiles: ``KNAPSPEC_AMX=1`` (or :func:`set_amx`)
-    asked for them, the CPU has them and Linux grants this process their state. Off by default:
-    measured here, 8-token verification passes at 4k-8k tokens of context cost ~20% less, one-token
-    steps 3-6% more. The two paths round differently (each is row-invariant), so a process keeps
-    one for all its generations."""
+    """Whether the bfloat16 attention runs on AMX tiles in every pass: ``KNAPSPEC_AMX=1`` (or
+    :func:`set_amx`) asked for it, the CPU has the tiles and Linux grants this process their
+    state. Off by default: measured here, verification passes of 4-16 tokens at 4k-8k tokens of
+    context cost 13-30% less, one-token steps 1-3% more. The two kernels round differently (each
+    is row-invariant), so decoding and verification keep one kernel for a whole process."""
     mod = _module()
-    return bool(mod is not None and mod.set_amx(int(_amx_wanted())))
+    return bool(mod is not None and mod.set_amx(int(_amx_setting() == "all" and _amx_cpu())))
+
+
+@lru_cache(maxsize=1)
+def _amx_prompts_cached(setting: str) -> bool:
+    mod = _module()
+    return bool(setting != "off" and _amx_cpu() and mod is not None and mod.amx_granted())
+
+
+def amx_prompts() -> bool:
+    """Whether prompts (:func:`knapspec.engine.prefill`) take the AMX attention: by default yes
+    where the CPU has AMX tiles (a 4k-token prompt prefills ~28% faster here); ``KNAPSPEC_AMX=0``
+    or ``set_amx(False)`` keeps them off. Every strategy prefills the same way, so outputs stay
+    equal across strategies; decoding and verification take the kernel :func:`amx` says."""
+    return _amx_prompts_cached(_amx_setting())
 
 
 def set_amx(on: bool | None) -> bool:
-    """Turn the AMX attention on or off from now on (None: as the CPU and ``KNAPSPEC_AMX`` say);
-    returns whether it is on."""
+    """AMX attention everywhere (True), nowhere (False) or as ``KNAPSPEC_AMX`` says (None: for
+    prompts only, unless it says 0 or 1); returns :func:`amx`."""
     global _amx_override
     _amx_override = on
     return amx()
@@ -176,7 +198,7 @@ def _module() -> ModuleType | None:
             mod = importlib.util.module_from_spec(spec)
             loader.exec_module(mod)
             mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
-            mod.set_amx(int(_amx_wanted()))
+            mod.set_amx(int(_amx_setting() == "all" and _amx_cpu()))
             return mod
         except (ImportError, OSError) as e:     # a broken build: built again below
             log.warning("rebuilding the native kernels (%s)", e)
@@ -192,7 +214,7 @@ def _module() -> ModuleType | None:
                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
-        mod.set_amx(int(_amx_wanted()))
+        mod.set_amx(int(_amx_setting() == "all" and _amx_cpu()))
         log.warning("native kernels built in %.0f s (cached)", time.perf_counter() - t0)
         return mod
     except Exception as e:          # no compiler, no ninja, a failed build: oneDNN's kernels stay
@@ -394,13 +416,14 @@ def stack(x: torch.Tensor, start: int, run: torch.Tensor, table: torch.Tensor, *
           cos: torch.Tensor, sin: torch.Tensor, capacity: int, n_heads: int, n_kv_heads: int,
           head_dim: int, intermediate: int, draft_windows: torch.Tensor | None = None,
           sink: int = 0, cos_local: torch.Tensor | None = None, sin_local: torch.Tensor | None = None,
-          act: str = "silu", scale: float | None = None) -> torch.Tensor:
+          act: str = "silu", scale: float | None = None, amx: bool | None = None) -> torch.Tensor:
     """Every sublayer of the model over one sequence ``x [1, T, H]`` in one call: ``run`` (uint8,
     2L) says which run, ``table`` (int64 ``[L, len(STACK_FIELDS)]``) where each layer's weights
     and cache are (and, Gemma 3, its post-norms and whether it takes the local rotary table
     ``cos_local, sin_local``); ``draft_windows`` (int64 ``[L]``, optional) a draft window per
     layer's attention (0: none) with ``sink`` positions. The same arithmetic as :func:`attention`
-    and :func:`mlp` one by one."""
+    and :func:`mlp` one by one. ``amx``: the bfloat16 attention on AMX tiles for this call (True /
+    False; None: as :func:`amx` says)."""
     mod = _module()
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -409,5 +432,5 @@ def stack(x: torch.Tensor, start: int, run: torch.Tensor, table: torch.Tensor, *
               capacity, n_heads, n_kv_heads, head_dim, intermediate,
               0 if draft_windows is None else draft_windows.data_ptr(), sink,
               0 if cos_local is None else cos_local.data_ptr(), 0 if sin_local is None else sin_local.data_ptr(),
-              ACTS[act], scale or 0.0)
+              ACTS[act], scale or 0.0, -1 if amx is None else int(amx))
     return out

@@ -445,14 +445,19 @@ inline int g_amx = 0;    // 1: the bfloat16 attention runs on AMX tiles
 
 // AMX on (when Linux grants this process the tile state; the caller checks the CPU's flags) or
 // off; returns whether it is on.
-inline int64_t set_amx(int64_t on) {
+// Whether Linux grants this process the AMX tile state (asked once; the caller checks the CPU).
+inline bool amx_granted() {
   static const bool granted = [] {
     unsigned long bitmap = 0;        // ARCH_REQ_XCOMP_PERM, ARCH_GET_XCOMP_PERM; XFEATURE_XTILEDATA
     if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return false;
     if (syscall(SYS_arch_prctl, 0x1022, &bitmap) != 0) return false;
     return (bitmap & (1ul << 18)) != 0;
   }();
-  g_amx = on && granted ? 1 : 0;
+  return granted;
+}
+
+inline int64_t set_amx(int64_t on) {
+  g_amx = on && amx_granted() ? 1 : 0;
   return g_amx;
 }
 
@@ -649,7 +654,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
                            const float* cosp, const float* sinp, T* kc, T* vc, T* kt, T* vt,
                            int64_t cap, int64_t start, int64_t hq, int64_t hkv, int64_t D,
                            int64_t window, const int64_t* w_o, int64_t draft_window = 0, int64_t sink = 0,
-                           float scale_ = 0.0f, const T* post_norm = nullptr) {
+                           float scale_ = 0.0f, const T* post_norm = nullptr, int amx_call = -1) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t nq = hq * D, nk = hkv * D, nqkv = nq + 2 * nk, g = hq / hkv, half = D / 2;
   const int64_t nblk = (cap + kBlk - 1) / kBlk, npair = (cap + 1) / 2;
@@ -721,7 +726,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   // each KV head's query rows (token t's heads kvh*g .. kvh*g+g-1 are rows t*g ..) in float32,
   // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
   // (AMX: in bfloat16, each KV head's rows padded to a multiple of 16)
-  const bool amx = bf16 && g_amx != 0;
+  const bool amx = bf16 && (amx_call < 0 ? g_amx != 0 : amx_call != 0 && amx_granted());
   const int64_t Rpad = amx ? (R + 15) / 16 * 16 : R;
   std::vector<float> qf(amx ? 0 : hkv * R * D);
   std::vector<uint16_t> qb(amx ? hkv * Rpad * D : 0);
@@ -891,7 +896,7 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
              const int64_t* layers, float eps, const float* cosp, const float* sinp, int64_t cap,
              int64_t hq, int64_t hkv, int64_t D, int64_t I, const int64_t* dwin = nullptr, int64_t sink = 0,
              const float* cos_local = nullptr, const float* sin_local = nullptr, int act = kSilu,
-             float scale = 0.0f) {
+             float scale = 0.0f, int amx = -1) {
   std::vector<T> a(x, x + Tn * H), b(Tn * H);
   for (int64_t s = 0; s < 2 * L; ++s) {
     if (!run[s]) continue;
@@ -903,7 +908,7 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
                      reinterpret_cast<T*>(f[kKc]),
                      reinterpret_cast<T*>(f[kVc]), reinterpret_cast<T*>(f[kKt]), reinterpret_cast<T*>(f[kVt]),
                      cap, start, hq, hkv, D, f[kWindow], P<int64_t>(f[kO]), dwin ? dwin[s / 2] : 0, sink,
-                     scale, P<T>(f[kPostAttnNorm]));
+                     scale, P<T>(f[kPostAttnNorm]), amx);
     else
       mlp_t<T>(a.data(), b.data(), Tn, H, P<T>(f[kMlpNorm]), eps, P<int64_t>(f[kGateUp]), I, P<int64_t>(f[kDown]),
                act, P<T>(f[kPostMlpNorm]));
@@ -915,12 +920,12 @@ void stack_t(const T* x, T* out, int64_t Tn, int64_t H, int64_t start, const uin
 void stack(bool bf16, int64_t x, int64_t out, int64_t Tn, int64_t H, int64_t start, int64_t run,
            int64_t L, int64_t layers, double eps, int64_t cosp, int64_t sinp, int64_t cap, int64_t hq,
            int64_t hkv, int64_t D, int64_t I, int64_t dwin, int64_t sink, int64_t cos_local, int64_t sin_local,
-           int64_t act, double scale) {
+           int64_t act, double scale, int64_t amx) {
   if (bf16)
     stack_t<uint16_t>(P<uint16_t>(x), reinterpret_cast<uint16_t*>(out), Tn, H, start, P<uint8_t>(run), L,
                       P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap,
                       hq, hkv, D, I, P<int64_t>(dwin), sink, P<float>(cos_local), P<float>(sin_local),
-                      static_cast<int>(act), static_cast<float>(scale));
+                      static_cast<int>(act), static_cast<float>(scale), static_cast<int>(amx));
   else
     stack_t<float>(P<float>(x), reinterpret_cast<float*>(out), Tn, H, start, P<uint8_t>(run), L,
                    P<int64_t>(layers), static_cast<float>(eps), P<float>(cosp), P<float>(sinp), cap, hq,
