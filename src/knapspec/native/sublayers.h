@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -56,6 +57,22 @@ KS_TARGET inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 2^t for float32 lanes with t <= 0 (the softmax's arguments): 2^n * p(f), n = round(t), f = t - n
+// exactly, p a degree-5 Taylor polynomial of 2^f on [-1/2, 1/2] (|rel. error| < 3e-6, ample ahead of
+// a rounding to bfloat16); t below -150 gives 0.
+KS_TARGET inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-150.0f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -434,7 +451,7 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
 // same alone or in any group, as on the AVX-512 path. The two paths round differently (TDPBF16PS
 // matches no sequence of float32 operations; checked), so a process uses one of them for every
 // call (set_amx). The probabilities enter the value product rounded to bfloat16, as GPU flash
-// attention kernels do; their sum l is taken over the rounded values.
+// attention kernels do; their sum l is taken in float32, as on the AVX-512 path.
 // Measured (docs/benchmarks.md): 8-token passes at 4k-8k tokens of context ~20% cheaper, one-token
 // steps 3-6% dearer (each call's first tile product waits ~1 us for the tile unit), hence off by
 // default (KNAPSPEC_AMX=1).
@@ -505,7 +522,8 @@ KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t*
                                    float* l_out, float* o_out, Prefetch& pf_first, Prefetch& pf_rest) {
   float* s = buf.s.data();
   uint16_t* p = buf.p.data();
-  const __m512 sc = _mm512_set1_ps(scale);
+  const float scale2 = scale * 1.44269504088896341f;     // and log2(e)
+  const __m512 sc2 = _mm512_set1_ps(scale2);
   // groups of 16 rows and a last one of R % 16: last group first when the tiles are configured
   // for its size (the previous work item ended with it), so that a pass reconfigures once per item
   const int64_t ng = (R + 15) / 16;
@@ -573,21 +591,21 @@ KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t*
         continue;
       }
       // max of the unscaled scores (scale > 0; rounding is monotonic, so max(s) * scale is the
-      // maximum of the scaled ones), then exp(s * scale - max) with one rounding
+      // maximum of the scaled ones), then 2^(s * scale * log2(e) - max * scale * log2(e)) with
+      // one rounding of the argument (exp2_16: the probabilities are rounded to bfloat16 next)
       __m512 mxv = _mm512_set1_ps(-INFINITY);
       for (int64_t bi = blk0; bi < blk1; ++bi)
         mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
-      const float mx = _mm512_reduce_max_ps(mxv) * scale;
-      const __m512 mxs = _mm512_set1_ps(mx);
+      const float smax = _mm512_reduce_max_ps(mxv);
+      const float mx = smax * scale;
+      const __m512 mxs = _mm512_set1_ps(smax * scale2);
       __m512 lv = _mm512_setzero_ps();
       for (int64_t bi = blk0; bi < blk1; ++bi) {
         const __mmask16 mk = block_mask(bi, a, b);
-        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc, mxs)))
+        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc2, mxs)))
                             : _mm512_setzero_ps();
-        const __m256i hi = (__m256i)_mm512_cvtneps_pbh(e);
-        const __m512 eh = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), hi);
-        lv = _mm512_add_ps(lv, eh);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), (__m256i)_mm512_cvtneps_pbh(e));
+        lv = _mm512_add_ps(lv, e);
       }
       m_out[r] = mx;
       l_out[r] = _mm512_reduce_add_ps(lv);
@@ -717,7 +735,14 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   const int64_t c_first = lo_of(start) / kChunk;
   const int64_t c_last = (end - 1) / kChunk;
   const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
-  std::vector<float> pm(hkv * nc * R), pl(hkv * nc * R), po(hkv * nc * R * D);
+  // each (work item, row)'s partial softmax: written by attend_rows for every row, so the
+  // buffer is not zeroed (a 512-token prompt chunk at 8k tokens of context needs ~38 MB, and
+  // zeroing it was ~3% of a prefill)
+  const int64_t nparts = hkv * nc * R;
+  const std::unique_ptr<float[]> partials(new float[nparts * (D + 2)]);
+  float* const pm = partials.get();
+  float* const pl = pm + nparts;
+  float* const po = pl + nparts;
   const float scale = scale_ > 0.0f ? scale_ : 1.0f / std::sqrt(static_cast<float>(D));
   // Small attention (a few hundred keys in all) runs on this thread: splitting a few microseconds
   // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
@@ -807,13 +832,13 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
         if (amx) {
           attend_rows_amx(qb.data() + kvh * Rpad * D, R, sink_item ? sa.data() : ra.data(),
                           sink_item ? sb.data() : rb.data(), ktk, vsk, D, npair, k0, k1, scale, *abuf,
-                          pm.data() + r, pl.data() + r, po.data() + r * D, pf_v, pf_k);
+                          pm + r, pl + r, po + r * D, pf_v, pf_k);
           continue;
         }
       }
       attend_rows<T>(qf.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(), sink_item ? sb.data() : rb.data(),
-                     ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm.data() + r, pl.data() + r,
-                     po.data() + r * D, pf_v, pf_k);
+                     ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm + r, pl + r,
+                     po + r * D, pf_v, pf_k);
     }
     if (amx && abuf->rows != 0) amx_end();
   });
@@ -832,7 +857,7 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
         l += pl[idx] * f;
         const __m512 fv = _mm512_set1_ps(f);
         for (int64_t v = 0; v < D / 16; ++v)
-          acc[v] = _mm512_fmadd_ps(fv, _mm512_loadu_ps(po.data() + idx * D + v * 16), acc[v]);
+          acc[v] = _mm512_fmadd_ps(fv, _mm512_loadu_ps(po + idx * D + v * 16), acc[v]);
       }
       const __m512 inv = _mm512_set1_ps(1.0f / l);
       const int64_t t = r / g, i = r % g;
