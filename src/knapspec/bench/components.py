@@ -171,6 +171,50 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
     return rows
 
 
+def bench_prefill(model: str | None, *, device: str, threads: int | None, contexts: list[int], repeats: int,
+                  attentions: list[str] | None = None) -> list[dict]:
+    """Prefill time of prompts of each length (``engine.prefill``, its 512-token chunks), the
+    attention kernels of ``attentions`` ("avx512": ``native.set_amx(False)``; "amx": prompts on
+    AMX tiles, the default where the CPU has them) interleaved on the same weights; medians of
+    ``repeats`` after one warm-up each."""
+    from .. import native
+    from ..api import load
+    from ..engine import prefill
+    attentions = attentions or ["avx512", "amx"]
+    for att in attentions:
+        if att not in ("avx512", "amx"):
+            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
+    if "amx" in attentions:
+        native.set_amx(None)
+        if not native.amx_prompts():
+            raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16 (or KNAPSPEC_AMX=0)")
+    llm = load(model, dtype="auto", device=device, threads=threads)
+    m = llm.model
+    rows = []
+    try:
+        for ctx in contexts:
+            ids = context_ids(llm.tokenizer, ctx)
+            cache = m.new_cache(ctx + 1)
+            times: dict[str, list[float]] = {att: [] for att in attentions}
+            for rep in range(repeats + 1):
+                for att in attentions:
+                    native.set_amx(False if att == "avx512" else None)
+                    cache.rollback(0)
+                    t0 = time.perf_counter()
+                    prefill(m, ids, cache)
+                    if rep:
+                        times[att].append(time.perf_counter() - t0)
+            base = statistics.median(times[attentions[0]])
+            for att in attentions:
+                med = statistics.median(times[att])
+                rows.append(dict(context=ctx, attention=att, s=med, tokens_per_s=ctx / med,
+                                 speedup=base / med))
+                log.info("%s", rows[-1])
+    finally:
+        native.set_amx(None)
+    return rows
+
+
 def bench_latency(model: str | None, *, device: str, threads: int | None, contexts: list[int],
                   n_plans: int, repeats: int, quick: bool, exact: bool | None = None) -> list[dict]:
     """Real decoding steps (random plans, 1 token; full plan, 4 and 8 tokens) vs the prediction."""

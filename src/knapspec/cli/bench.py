@@ -41,6 +41,12 @@ def add_parsers(sub: Any) -> None:
     vf.add_argument("--attention", default=None,
                     help="avx512 and/or amx: the native bfloat16 attention's kernels (comma-separated, "
                          "interleaved; default: as KNAPSPEC_AMX says, i.e. avx512)")
+    pf = bsub.add_parser("prefill", help="prompt prefill time on the AVX-512 and AMX attention kernels")
+    add_model_args(pf)
+    pf.add_argument("--contexts", default="512,4096,8000")
+    pf.add_argument("--repeats", type=positive_int("--repeats"), default=3)
+    pf.add_argument("--attention", default="avx512,amx",
+                    help="avx512 and/or amx (comma-separated, interleaved; speedup against the first)")
     tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
     add_model_args(tp)
     tp.add_argument("--contexts", default="512,2048,4096")
@@ -269,7 +275,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     import torch
 
     from ..api import set_threads
-    from ..bench import bench_ar, bench_latency, bench_verify, ints, table
+    from ..bench import bench_ar, bench_latency, bench_prefill, bench_verify, ints, table
     set_threads(a.threads)
     dtypes = [d for d in getattr(a, "dtypes", "").split(",") if d]
     if a.bench_cmd == "ar":
@@ -284,6 +290,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         by_ctx = {c: statistics.mean(r["error"] for r in rows if r["context"] == c) for c in ints(a.contexts)}
         print("MAPE by context: " + ", ".join(f"{c}: {100 * e:.1f}%" for c, e in by_ctx.items()))
         print(f"MAPE overall: {100 * statistics.mean(r['error'] for r in rows):.1f}%")
+    elif a.bench_cmd == "prefill":
+        rows = bench_prefill(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
+                             repeats=a.repeats, attentions=a.attention.split(","))
+        print(table(rows, ["context", "attention", "s", "tokens_per_s", "speedup"]))
     elif a.bench_cmd == "verify":
         rows = bench_verify(a.model, device=a.device, threads=a.threads, contexts=ints(a.contexts),
                             widths=ints(a.widths), repeats=a.repeats, dtypes=dtypes, exact=a.exact,
