@@ -92,7 +92,10 @@ def _small_vocab_model(vocab: int = 12, kind: str = "llama") -> Model:
 
 
 def _exact_joint(m: Model, prompt: list[int], sp: SamplingParams, n: int) -> np.ndarray:
-    """Exact autoregressive distribution of the first n generated tokens (by enumeration)."""
+    """Exact autoregressive distribution of the first n generated tokens (by enumeration),
+    computed as autoregressive decoding computes it: the prompt prefilled (engine.prefill: its
+    attention kernel may differ from a step's, e.g. AMX tiles), then one-token steps."""
+    from knapspec.engine import prefill
     from knapspec.sampling import probs
     V = m.cfg.vocab_size
     out = np.zeros((V,) * n)
@@ -100,7 +103,10 @@ def _exact_joint(m: Model, prompt: list[int], sp: SamplingParams, n: int) -> np.
         if depth == n:
             out[idx] = mass
             return
-        logits = m.forward(torch.tensor([prefix]), 0, m.new_cache(len(prefix) + 1), last_only=True).logits
+        cache = m.new_cache(len(prefix) + 1)
+        logits = prefill(m, list(prompt), cache).logits
+        for pos in range(len(prompt), len(prefix)):
+            logits = m.forward(torch.tensor([[prefix[pos]]]), pos, cache).logits
         p = probs(logits[0, -1], sp).double().numpy()
         for t in range(V):
             if p[t] > 0:
