@@ -106,6 +106,19 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
     return rows
 
 
+def _check_attentions(attentions: list[str]) -> None:
+    """Raise unless each is "avx512" or "amx", and AMX tiles are usable here when asked for."""
+    from .. import native
+    for att in attentions:
+        if att not in ("avx512", "amx"):
+            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
+    if "amx" in attentions:
+        usable = native.set_amx(True)
+        native.set_amx(None)
+        if not usable:
+            raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16")
+
+
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
                  widths: list[int], repeats: int, dtypes: list[str], exact: bool | None = None,
                  modes: list[str] | None = None, attentions: list[str] | None = None) -> list[dict]:
@@ -119,12 +132,7 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
     for mode in modes or []:
         if mode not in ("exact", "fused"):
             raise ValueError(f"unknown mode {mode!r}: choose exact or fused")
-    for att in attentions or []:
-        if att not in ("avx512", "amx"):
-            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
-    if "amx" in (attentions or []) and not native.set_amx(True):
-        native.set_amx(None)
-        raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16")
+    _check_attentions(attentions or [])
     atts = attentions or [None]
     rows = []
     for dt in dtypes:
@@ -174,20 +182,14 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
 def bench_prefill(model: str | None, *, device: str, threads: int | None, contexts: list[int], repeats: int,
                   attentions: list[str] | None = None) -> list[dict]:
     """Prefill time of prompts of each length (``engine.prefill``, its 512-token chunks), the
-    attention kernels of ``attentions`` ("avx512": ``native.set_amx(False)``; "amx": prompts on
-    AMX tiles, the default where the CPU has them) interleaved on the same weights; medians of
+    attention kernels of ``attentions`` ("avx512": ``native.set_amx(False)``; "amx": on AMX tiles,
+    prompts' default where the CPU has them) interleaved on the same weights; medians of
     ``repeats`` after one warm-up each."""
     from .. import native
     from ..api import load
     from ..engine import prefill
     attentions = attentions or ["avx512", "amx"]
-    for att in attentions:
-        if att not in ("avx512", "amx"):
-            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
-    if "amx" in attentions:
-        native.set_amx(None)
-        if not native.amx_prompts():
-            raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16 (or KNAPSPEC_AMX=0)")
+    _check_attentions(attentions)
     llm = load(model, dtype="auto", device=device, threads=threads)
     m = llm.model
     rows = []
@@ -198,7 +200,7 @@ def bench_prefill(model: str | None, *, device: str, threads: int | None, contex
             times: dict[str, list[float]] = {att: [] for att in attentions}
             for rep in range(repeats + 1):
                 for att in attentions:
-                    native.set_amx(False if att == "avx512" else None)
+                    native.set_amx(att == "amx")       # True: prompts (and every pass) on AMX
                     cache.rollback(0)
                     t0 = time.perf_counter()
                     prefill(m, ids, cache)

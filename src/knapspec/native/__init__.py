@@ -15,7 +15,7 @@ extension builder (a C++ compiler is needed; ~20 s) into ``$KNAPSPEC_CACHE/nativ
 after. When it cannot be built or the CPU lacks the instructions, :func:`available` and
 :func:`quant_available` say why; the model then keeps oneDNN's kernels (float weights) or
 dequantised weights (GGUF block types). ``KNAPSPEC_NATIVE=0`` turns the native kernels off;
-``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU;
+``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU.
 Where the CPU has AMX tiles, prompts take an AMX attention for bfloat16 (:func:`amx_prompts`);
 ``KNAPSPEC_AMX=1`` puts every pass on it (:func:`amx`), ``KNAPSPEC_AMX=0`` none.
 """

@@ -340,6 +340,24 @@ KS_TARGET inline void values_nv(const float* p, const T* vt, int64_t j0, int64_t
   }
 }
 
+// The keys [A, B) of the work item [k0, k1) that rows r0 .. r0+n-1 need (the union of their
+// ranges); false, with those rows' partial results set to "no keys", when there are none.
+inline bool group_keys(const int64_t* ra, const int64_t* rb, int64_t r0, int64_t n, int64_t k0, int64_t k1,
+                       int64_t D, int64_t& A, int64_t& B, float* m_out, float* l_out, float* o_out) {
+  A = k1, B = k0;
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    const int64_t a = std::max(k0, ra[r]), b = std::min(k1, rb[r]);
+    if (a < b) A = std::min(A, a), B = std::max(B, b);
+  }
+  if (A < B) return true;
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    m_out[r] = -INFINITY;
+    l_out[r] = 0.0f;
+    std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
+  }
+  return false;
+}
+
 // lanes of 16-key block bi inside [a, b) (chunk-relative)
 inline __mmask16 block_mask(int64_t bi, int64_t a, int64_t b) {
   const int64_t j0 = bi * kBlk;
@@ -366,19 +384,8 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
     Prefetch& pf_v = r0 == 0 ? pf_first : pf_rest;
     Prefetch& pf_k = pf_rest;
     const int64_t n = std::min<int64_t>(4, R - r0);
-    int64_t A = k1, B = k0;                     // the group's keys: the union of its rows' ranges
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      const int64_t a = std::max(k0, ra[r]), b = std::min(k1, rb[r]);
-      if (a < b) A = std::min(A, a), B = std::max(B, b);
-    }
-    if (A >= B) {
-      for (int64_t r = r0; r < r0 + n; ++r) {
-        m_out[r] = -INFINITY;
-        l_out[r] = 0.0f;
-        std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
-      }
-      continue;
-    }
+    int64_t A, B;
+    if (!group_keys(ra, rb, r0, n, k0, k1, D, A, B, m_out, l_out, o_out)) continue;
     // scores of the whole 16-key blocks that meet [A, B) (blocks aligned to absolute positions),
     // 4 blocks at a time
     const int64_t blk0 = (A - k0) / kBlk, blk1 = (B - k0 + kBlk - 1) / kBlk;
@@ -452,9 +459,10 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
 // matches no sequence of float32 operations; checked), so a process uses one of them for every
 // call (set_amx). The probabilities enter the value product rounded to bfloat16, as GPU flash
 // attention kernels do; their sum l is taken in float32, as on the AVX-512 path.
-// Measured (docs/benchmarks.md): 8-token passes at 4k-8k tokens of context ~20% cheaper, one-token
-// steps 3-6% dearer (each call's first tile product waits ~1 us for the tile unit), hence off by
-// default (KNAPSPEC_AMX=1).
+// Measured (docs/benchmarks.md): prompts of 2k-8k tokens prefill 1.3-1.6x faster (on by default
+// for prompts, the per-call `amx` of stack); 8-token passes at 4k-8k tokens of context ~20%
+// cheaper but one-token steps 1-3% dearer (each call's first tile product waits for the tile unit),
+// so decoding and verification take AMX only with KNAPSPEC_AMX=1 (g_amx).
 #define KS_AMX_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 
@@ -533,19 +541,8 @@ KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t*
     Prefetch& pf_v = gi == 0 ? pf_first : pf_rest;
     Prefetch& pf_k = pf_rest;
     const int64_t n = std::min<int64_t>(16, R - r0);
-    int64_t A = k1, B = k0;                     // the group's keys: the union of its rows' ranges
-    for (int64_t r = r0; r < r0 + n; ++r) {
-      const int64_t a = std::max(k0, ra[r]), b = std::min(k1, rb[r]);
-      if (a < b) A = std::min(A, a), B = std::max(B, b);
-    }
-    if (A >= B) {
-      for (int64_t r = r0; r < r0 + n; ++r) {
-        m_out[r] = -INFINITY;
-        l_out[r] = 0.0f;
-        std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
-      }
-      continue;
-    }
+    int64_t A, B;
+    if (!group_keys(ra, rb, r0, n, k0, k1, D, A, B, m_out, l_out, o_out)) continue;
     if (buf.rows != n) {                        // tiles of this group's rows
       amx_config(static_cast<int>(n));
       buf.rows = static_cast<int>(n);
