@@ -508,7 +508,7 @@ KS_AMX_TARGET inline void amx_end() { _tile_release(); }
 
 // Buffers of one thread's AMX work items.
 struct AmxBuffers {
-  int rows = 0;                                                     // the loaded configuration's
+  int rows = 0;                                 // rows of the loaded tile configuration (0: none)
   std::vector<float> s = std::vector<float>(16 * kChunk);          // scores, rows kChunk apart
   std::vector<uint16_t> p = std::vector<uint16_t>(16 * kChunk);    // probabilities in bfloat16
   std::vector<float> o = std::vector<float>(16 * 64);              // one pass's sums, rows 64 apart
