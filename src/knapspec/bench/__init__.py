@@ -10,7 +10,15 @@ interleaved, after warm-up, and reported as medians and ratios.
 No decoding logic lives here.
 """
 
-from .components import alpha_from_mean_accepted, bench_ar, bench_latency, bench_prefill, bench_tpt, bench_verify, context_ids
+from .components import (
+    alpha_from_mean_accepted,
+    bench_ar,
+    bench_latency,
+    bench_prefill,
+    bench_tpt,
+    bench_verify,
+    context_ids,
+)
 from .harness import (
     INTERLEAVE,
     classify_mismatch,
@@ -24,9 +32,34 @@ from .report import category_table, geomean, headline, ints, markdown_table, pea
 from .timing import balanced_orders, decode_rate, frozen_gc, lockstep, measure_bandwidth, sync, timed, turn_orders
 
 __all__ = [
-    "INTERLEAVE", "alpha_from_mean_accepted", "balanced_orders", "bench_ar", "bench_latency", "bench_tpt",
-    "bench_prefill", "bench_verify", "category_table", "classify_mismatch", "context_ids", "decode_rate", "expand_datasets",
-    "frozen_gc", "geomean", "headline", "ints", "lockstep", "markdown_table", "measure_bandwidth",
-    "near_tie_tolerance", "parse_variant", "pearson", "run_record", "run_side_by_side", "summarize", "sync",
-    "table", "timed", "turn_orders",
+    "INTERLEAVE",
+    "alpha_from_mean_accepted",
+    "balanced_orders",
+    "bench_ar",
+    "bench_latency",
+    "bench_prefill",
+    "bench_tpt",
+    "bench_verify",
+    "category_table",
+    "classify_mismatch",
+    "context_ids",
+    "decode_rate",
+    "expand_datasets",
+    "frozen_gc",
+    "geomean",
+    "headline",
+    "ints",
+    "lockstep",
+    "markdown_table",
+    "measure_bandwidth",
+    "near_tie_tolerance",
+    "parse_variant",
+    "pearson",
+    "run_record",
+    "run_side_by_side",
+    "summarize",
+    "sync",
+    "table",
+    "timed",
+    "turn_orders",
 ]
