@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,30 @@ def test_windowed_plan_runs_the_same_natively_as_on_the_torch_path(tiny_root):
             want = m.head(x)
         assert (got - want).abs().max() <= 0.05 * want.abs().max(), w
         assert torch.equal(got.argmax(-1), want.argmax(-1)) or w < 8
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen3", "gemma3"])
+def test_rotary_frequencies_and_tables_within_a_last_place_of_transformers(kind):
+    """The inverse frequencies (numpy: the power in float64, rounded) against transformers'
+    buffers (default, llama3 scaling, Gemma 3's two bases), and the tables' cosines and sines
+    (float64 of the float32 angles, rounded once) against torch's float32 functions."""
+    from knapspec.config import rope_inv_freq
+    from knapspec.rope import RotaryTable
+    hf = build_tiny_hf(kind)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    rot = hf.model.rotary_emb
+    pairs = [(rope_inv_freq(cfg), getattr(rot, "inv_freq", None))]
+    if kind == "gemma3":
+        pairs = [(rope_inv_freq(cfg), rot.full_attention_inv_freq),
+                 (rope_inv_freq(cfg, local=True), rot.sliding_attention_inv_freq)]
+    for ours, theirs in pairs:
+        assert ours.dtype == np.float32
+        theirs = theirs.float().numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=2.0 ** -23, atol=0)
+        table = RotaryTable(ours, dtype=torch.float32, device="cpu")
+        cos, sin = table.native(0, 3000)
+        angles = torch.outer(torch.arange(3000, dtype=torch.float32), torch.from_numpy(ours))
+        assert (cos - angles.cos()).abs().max() <= 2.0 ** -23 and (sin - angles.sin()).abs().max() <= 2.0 ** -23
+        tcos, tsin = table.torch(5, 7)                    # the half-split layout, sine signed
+        torch.testing.assert_close(tcos, torch.cat([cos[5:12], cos[5:12]], -1), rtol=0, atol=0)
+        torch.testing.assert_close(tsin, torch.cat([-sin[5:12], sin[5:12]], -1), rtol=0, atol=0)

@@ -303,3 +303,22 @@ def test_prompts_take_the_amx_attention_and_every_strategy_still_equals_autoregr
     for plan in (Plan((True, False, True, True, False, True)), Plan((False, True, True, True, True, False))):
         out = eng.generate(ids, StaticStrategy(plan, max_draft=4, threshold=0.0), max_new_tokens=24)
         assert out.tokens == ref and out.stats.drafted > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_final_norm_is_row_invariant_and_within_a_last_place_of_the_torch_norm(dtype):
+    """``native.rms_norm`` (the head's norm where the stack runs natively): each row's bits the
+    same alone or among others, and within a few units in the last place of ``model.rms_norm``
+    (the sum of squares is taken in another order: float32 moves by a few ulps, bfloat16 by at
+    most the one its rounding of the normalised value can flip)."""
+    _need(dtype)
+    from knapspec.model import rms_norm
+    torch.manual_seed(4)
+    x = (torch.randn(9, 576) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)
+    w = (torch.rand(576) * 2).to(dtype)
+    got = native.rms_norm(x[None], w, 1e-5)[0]
+    for i in range(9):
+        assert torch.equal(native.rms_norm(x[i:i + 1], w, 1e-5), got[i:i + 1])
+    want = rms_norm(x, w, 1e-5)
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= (2 if dtype == torch.bfloat16 else 8) * ulp).all()

@@ -127,6 +127,9 @@ def test_dequantised_rows_equal_the_reference(qtype):
     np.testing.assert_array_equal(got.numpy(), want)
     bf = native.dequant_rows(w, rows, torch.bfloat16)
     assert torch.equal(bf, torch.from_numpy(want).to(torch.bfloat16))
+    for bad in ([[0, 35]], [[-1]]):
+        with pytest.raises(IndexError, match="out of range for a weight of 35 rows"):
+            native.dequant_rows(w, torch.tensor(bad))
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
@@ -254,3 +257,30 @@ def test_the_native_repacking_gives_the_reference_bytes(qtype):
     for n, k in ((37, b * 3), (16, b), (5, b * 2)):
         raw = random_blocks(qtype, n, k, rng, extreme=True)
         assert np.array_equal(native.pack(raw, qtype, k).numpy(), pack(raw, qtype, k).numpy()), (n, k)
+
+
+def test_float_tensor_rounds_as_torch_does_bit_for_bit():
+    """``formats.float_tensor`` (numpy's conversion, used by loading and the rotary tables) against
+    ``Tensor.to``: random bit patterns, ties at both parities, subnormals, the largest finite values
+    and infinities; a NaN stays a NaN."""
+    import torch
+
+    from knapspec.formats import float_tensor
+    rng = np.random.default_rng(3)
+    special = np.array([0x3F808000, 0x3F818000, 0x3F80C000, 0x00008000, 0x00018000, 0x80008000, 0x00000001,
+                        0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x477FF000, 0x7F800000, 0xFF800000, 0, 0x80000000],
+                       dtype=np.uint32)
+    bits = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32), special])
+    a = bits.view(np.float32)
+    nan = np.isnan(a)
+    for dtype, view in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float32, torch.int32)):
+        ours, theirs = float_tensor(a, dtype), torch.from_numpy(a.copy()).to(dtype)
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(ours.view(view).numpy()[~nan], theirs.view(view).numpy()[~nan])
+        assert torch.isnan(ours.float()).numpy()[nan].all()
+    src = np.ones(4, dtype=np.float32)
+    t = float_tensor(src, torch.float32)
+    src[0] = 2.0
+    assert t[0] == 1.0                                     # its own memory, never the array's
+    with pytest.raises(ValueError, match="float_tensor makes"):
+        float_tensor(src, torch.int32)

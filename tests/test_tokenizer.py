@@ -58,3 +58,71 @@ def test_later_loads_read_the_cache_without_transformers(both, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     tok = GGUFCheckpoint(embedded_gguf(), "smollm2").tokenizer()
     assert tok("Hello")["input_ids"] == both[0]("Hello")["input_ids"]
+
+
+def _pairs(text: str) -> str:
+    """The same tokenizer JSON with its merges as ["a", "b"] pairs (the earlier cache format)."""
+    import json
+    data = json.loads(text)
+    data["model"]["merges"] = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def test_cached_merges_are_compact_strings_read_into_the_same_model(both):
+    import json
+
+    from tokenizers import Tokenizer
+
+    from knapspec.storage import cache_dir
+    from knapspec.tokenizer import compact_merges
+    [cached] = (cache_dir() / "tokenizers").glob(embedded_gguf().stem + "-*/tokenizer.json")
+    merges = json.loads(cached.read_text(encoding="utf-8"))["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    pairs = _pairs(both[0]._tok.to_str())
+    compact = compact_merges(pairs)
+    assert compact != pairs and json.loads(compact)["model"]["merges"] == merges
+    a, b = Tokenizer.from_str(compact), Tokenizer.from_str(pairs)
+    for t in TEXTS:
+        assert a.encode(t).ids == b.encode(t).ids, t
+    assert a.get_vocab() == b.get_vocab()
+
+
+def test_merges_with_a_space_in_a_piece_stay_pairs():
+    import json
+
+    from knapspec.tokenizer import compact_merges
+    text = json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b c": 1, "ab c": 2},
+                                 "merges": [["a", "b c"]]}})
+    assert compact_merges(text) == text
+    plain = json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}})
+    assert json.loads(compact_merges(plain))["model"]["merges"] == ["a b"]
+
+
+def test_a_cache_folder_of_the_earlier_format_is_compacted_in_place(both, tmp_path, monkeypatch):
+    """A folder written before merges were compacted: loading rewrites it (no transformers) and
+    reads the same ids; the next load reads the compact file as it is."""
+    import builtins
+    import json
+
+    from knapspec import tokenizer as tk
+    ours = both[0]
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    folder = tmp_path / "tokenizers" / "model-0123"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text(_pairs(ours._tok.to_str()), encoding="utf-8")
+    meta = {k: getattr(ours, k) for k in tk._SPECIAL}
+    meta["chat_template"] = ours.chat_template
+    (folder / "meta.json").write_text(json.dumps(meta))
+    real = builtins.__import__
+
+    def no_transformers(name, *a, **k):
+        if name.startswith("transformers"):
+            raise AssertionError("transformers imported to compact a cached tokenizer")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    tok = tk.gguf_tokenizer(tmp_path / "model.gguf", "0123")
+    assert json.loads((folder / "meta.json").read_text())["format"] == tk._FORMAT
+    assert all(isinstance(m, str) for m in json.loads((folder / "tokenizer.json").read_text())["model"]["merges"])
+    for t in TEXTS:
+        assert tok(t)["input_ids"] == ours(t)["input_ids"], t
+    assert not list(folder.glob(".*.tmp"))

@@ -487,8 +487,7 @@ class GGUFCheckpoint:
                                      f"run nor dequantise ({e})") from None
                 perm = rows_of(name)
                 w = w.reshape(t.rows, t.cols) if len(t.shape) > 1 else w.reshape(t.cols)
-                tensors[hf_name] = torch.from_numpy(np.array(w if perm is None else w[perm],
-                                                             dtype=np.float32)).to(dtype)
+                tensors[hf_name] = formats.float_tensor(w if perm is None else w[perm], dtype)
             g.release(name)
         g.release_all()          # the metadata's pages too: nothing of the file stays resident
         # Gemma 3: the file's norm weights are llama.cpp's, the 1 of Gemma's 1 + w already added

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 
 class Arch(enum.Enum):
@@ -167,28 +167,32 @@ def _gemma3_fields(cfg: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
 # --- end Gemma 3
 
 
-def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
     """Rotary inverse frequencies ``[D/2]`` in float32, with llama3 / linear scaling applied
-    (``local``: the sliding-window layers' base, unscaled; see :meth:`ModelConfig.local_rope`)."""
+    (``local``: the sliding-window layers' base, unscaled; see :meth:`ModelConfig.local_rope`).
+    ``1 / theta^(2i/D)`` as transformers writes it, the power taken in float64 and rounded (torch's
+    float32 power gives the same bits but for a rare last-place difference); numpy, so that no torch
+    kernel is touched for it."""
     d = cfg.head_dim
     theta = cfg.local_rope_theta if local and cfg.local_rope_theta is not None else cfg.rope_theta
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    exps = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    inv = np.float32(1.0) / (float(theta) ** exps.astype(np.float64)).astype(np.float32)
     if local:
         return inv
     sc = dict(cfg.rope_scaling)
     rtype = sc.get("rope_type", "default")
     if rtype == "linear":
-        inv = inv / float(sc["factor"])
+        inv = inv / np.float32(sc["factor"])
     elif rtype == "llama3":
-        factor = float(sc["factor"])
-        low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-        old = float(sc["original_max_position_embeddings"])
+        factor = np.float32(sc["factor"])
+        low, high = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
+        old = np.float32(sc["original_max_position_embeddings"])
         low_wavelen, high_wavelen = old / low, old / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
         smooth = (old / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv = torch.where(medium, smoothed, scaled)
-    return inv
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
 

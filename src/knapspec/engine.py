@@ -25,7 +25,7 @@ import torch
 
 from .cache import KVCache
 from .model import ForwardOut, Model, rms_norm
-from .sampling import SamplingParams, accept, accept_greedy, greedy_confidence, probs, sample
+from .sampling import SamplingParams, accept, accept_greedy, greedy_confidence, greedy_ids, probs, sample
 from .strategies.base import Draft, Outcome, RoundState, Strategy
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ class Engine:
         out = prefill(model, prompt, cache, chunk=self.prefill_chunk,
                       on_chunk=embed if strategy.wants_prompt_embedding else None)
         embed_sum = torch.stack(sums).sum(0) if sums else None
-        first = sample(probs(out.logits[0, -1], sampling), gen)
+        last = out.logits[0, -1:]                                        # [1, V]
+        first = greedy_ids(last)[0] if sampling.greedy else sample(probs(last[0], sampling), gen)
         tokens = list(prompt) + [first]
         st.new_tokens = 1
         st.prefill_s = self._now() - t0

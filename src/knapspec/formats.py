@@ -357,3 +357,27 @@ class QuantWeight:
 def concat_raw(parts: list[np.ndarray]) -> np.ndarray:
     """Rows of several tensors of one block type, stacked (the fused qkv and gate/up weights)."""
     return np.concatenate([np.asarray(p, dtype=np.uint8) for p in parts], axis=0)
+
+
+# ---- float tensors from numpy --------------------------------------------------------------------
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def float_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Float values ``a`` as a CPU tensor of ``dtype``, rounded as ``Tensor.to`` rounds (to nearest,
+    ties to even; a NaN stays a NaN, its payload aside), converted by numpy: bfloat16 is a float32's
+    upper half after rounding. Loading and the rotary tables use it instead of torch's conversion kernels,
+    whose code (about 2 MiB) would otherwise stay resident in every process (tested bit for bit
+    against ``Tensor.to``). The tensor owns new memory, never ``a``'s."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == torch.bfloat16:
+        u = a.view(np.uint32)
+        r = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+        r[np.isnan(a)] = 0x7FC0
+        return torch.from_numpy(r).view(torch.bfloat16)
+    np_dtype = _NUMPY_FLOATS.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"float_tensor makes float16, bfloat16, float32 or float64 tensors, not {dtype}")
+    with np.errstate(over="ignore"):                  # out of float16's range: inf, as torch gives
+        return torch.from_numpy(a.astype(np_dtype))               # a copy: `a` may map a file

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -163,7 +164,7 @@ class Model:
         self.packed = False
         self.kernels = "plain"            # pack_weights: "native", "onednn" or "plain"
         self._native_sublayers = False    # whole sublayers in one native call (pack_weights)
-        self._run_all = torch.ones(2 * cfg.n_layers, dtype=torch.uint8)   # native.stack's full plan
+        self._run_all = torch.from_numpy(np.ones(2 * cfg.n_layers, dtype=np.uint8))  # native.stack's full plan
         self._pack_gen = 0                # counts pack_weights calls (native.stack's tables)
         self._packs: dict[int, tuple[torch.Tensor, Any]] = {}
         # exact mode (set_row_invariant): each token's row computed the same way whatever the
@@ -575,7 +576,8 @@ class Model:
         kc, vc = cache.torch_kv(i)
         return native.attention(x, start, norm_w=L.attn_norm, eps=cfg.rms_norm_eps, qkv=packs[0],
                                 q_norm=L.q_norm, k_norm=L.k_norm, cos=cos, sin=sin,
-                                k_cache=kc, v_cache=vc, k_blocks=cache.kt[i], v_pairs=None if cache.vt is None else cache.vt[i],
+                                k_cache=kc, v_cache=vc, k_blocks=cache.kt[i],
+                                v_pairs=None if cache.vt is None else cache.vt[i],
                                 capacity=cache.capacity, n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 window=cfg.window(i), o=packs[1], draft_window=draft_window,
@@ -585,7 +587,10 @@ class Model:
     def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
         row subset of the lm_head for draft-only vocabulary truncation)."""
-        h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
+        if self._native_sublayers and x.dtype == self.final_norm.dtype:     # the stack's own norm
+            h = native.rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
+        else:
+            h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
         return self.linear(h, self.lm_head if weight is None else weight, out_dtype=torch.float32)
 
     def _per_token(self, tokens: torch.Tensor, start: int, cache: KVCache, plan: Plan | None, *,

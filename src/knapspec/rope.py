@@ -5,12 +5,17 @@
 * :meth:`RotaryTable.native` -> ``cos, sin: [T, D/2]`` float32, for the native kernels.
 
 Both come from the same float32 angles ``position * inv_freq``, grown on demand (doubling) so
-that decoding never recomputes them per step. This module knows nothing of caches or layers.
+that decoding never recomputes them per step. The tables are computed in numpy: cosine and sine
+in float64 of the float32 angles, rounded once (within torch's float32 functions' last place), and
+no torch kernel is touched for them. This module knows nothing of caches or layers.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .formats import float_tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -25,8 +30,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 class RotaryTable:
     """Angles for positions ``0 .. n-1`` (``n`` grows as asked), cached per layout."""
 
-    def __init__(self, inv_freq: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.inv_freq = inv_freq.float()             # [D/2]
+    def __init__(self, inv_freq: np.ndarray, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.inv_freq = np.asarray(inv_freq, dtype=np.float32)   # [D/2]
         self.dtype, self.device = dtype, torch.device(device)
         self._n = 0
         self._torch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -38,19 +43,19 @@ class RotaryTable:
         self._n = max(end, 2 * self._n, 256)
         self._torch = self._native = None
 
-    def _angles(self) -> torch.Tensor:
-        return torch.outer(torch.arange(self._n, dtype=torch.float32), self.inv_freq)   # [n, D/2]
+    def _angles(self) -> np.ndarray:
+        """float32 products ``position * inv_freq`` ``[n, D/2]``, widened to float64."""
+        return np.multiply.outer(np.arange(self._n, dtype=np.float32), self.inv_freq).astype(np.float64)
 
     def torch(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin_signed: [t, D]`` (model dtype, model device) for positions ``start..``."""
         self._grow(start + t)
         if self._torch is None:
             freqs = self._angles()
-            emb = torch.cat((freqs, freqs), dim=-1)                      # [n, D]
-            sin = emb.sin()
-            sin[:, :sin.shape[1] // 2].neg_()                            # signed for apply_rope
-            self._torch = (emb.cos().to(device=self.device, dtype=self.dtype),
-                           sin.to(device=self.device, dtype=self.dtype))
+            cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+            cos, sin = np.concatenate((cos, cos), axis=-1), np.concatenate((-sin, sin), axis=-1)  # [n, D]
+            self._torch = (float_tensor(cos, self.dtype).to(self.device),  # sin signed for apply_rope
+                           float_tensor(sin, self.dtype).to(self.device))
         cos, sin = self._torch
         return cos[start:start + t], sin[start:start + t]
 
@@ -59,6 +64,7 @@ class RotaryTable:
         self._grow(start + t)
         if self._native is None:
             freqs = self._angles()
-            self._native = (freqs.cos().contiguous(), freqs.sin().contiguous())
+            self._native = (torch.from_numpy(np.cos(freqs).astype(np.float32)),
+                            torch.from_numpy(np.sin(freqs).astype(np.float32)))
         cos, sin = self._native
         return cos[start:start + t], sin[start:start + t]

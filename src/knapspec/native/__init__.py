@@ -323,11 +323,9 @@ def dequant_rows(w: QuantWeight, rows: torch.Tensor, dtype: torch.dtype = torch.
     mod = _module()
     assert mod is not None, "native kernels unavailable"
     idx = rows.reshape(-1).to(torch.int64).contiguous()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.n):
-        raise IndexError(f"row index out of range for a weight of {w.n} rows")
     out = torch.empty((idx.numel(), w.k), dtype=dtype)
-    mod.dequant_rows(int(w.qtype), w.tiles.data_ptr(), w.k, idx.data_ptr(), idx.numel(), out.data_ptr(),
-                     dtype == torch.bfloat16)
+    mod.dequant_rows(int(w.qtype), w.tiles.data_ptr(), w.n, w.k, idx.data_ptr(), idx.numel(), out.data_ptr(),
+                     dtype == torch.bfloat16)          # an index out of [0, n): IndexError
     return out.view(*rows.shape, w.k)
 
 
@@ -347,6 +345,21 @@ def linear(x: torch.Tensor, p: Packed, out_dtype: torch.dtype | None = None) -> 
     else:
         assert out_dtype == torch.float32
         mod.linear_f32(x.data_ptr(), m, p.k, p.tiles.data_ptr(), p.n, bias, y.data_ptr())
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension as ``model.rms_norm`` defines it (normalised in float32,
+    rounded to x's dtype, scaled by ``w``), natively: bfloat16 or float32 ``x`` and ``w`` of one
+    dtype, a last dimension that :func:`supports_sublayers` allows. The sum of squares is taken in
+    another order than torch's, so the bits may differ from ``model.rms_norm`` in the last place."""
+    mod = _module()
+    assert mod is not None, "native kernels unavailable"
+    assert x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % 16 == 0
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty_like(x)
+    mod.rms_norm(x.dtype == torch.bfloat16, x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                 w.data_ptr(), eps, y.data_ptr())
     return y
 
 

@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &ks::linear_bf16);
   m.def("linear_f32", &ks::linear_f32);
   m.def("mlp", &ks::mlp);
+  m.def("rms_norm", &ks::rms_norm);
   m.def("attention", &ks::attention);
   m.def("quant_linear", &ks::quant_linear);
   m.def("dequant_rows", &ks::dequant_rows);

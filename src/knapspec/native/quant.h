@@ -33,6 +33,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "dense.h"   // act_f32
@@ -989,8 +991,15 @@ inline void quant_linear(int64_t x, bool x_bf16, int64_t M, int64_t K, int64_t d
 }
 
 // out [R][K] (float32, or bfloat16 when out_bf16) = rows idx [R] (int64) of one quantized weight
-inline void dequant_rows(int64_t fmt, int64_t tiles, int64_t K, int64_t idx, int64_t R, int64_t out, bool out_bf16) {
+// Rows idx[0..R) of a weight of N rows; an index outside [0, N) throws std::out_of_range (Python's
+// IndexError) before anything is written.
+inline void dequant_rows(int64_t fmt, int64_t tiles, int64_t N, int64_t K, int64_t idx, int64_t R, int64_t out,
+                         bool out_bf16) {
   const int64_t* rows = reinterpret_cast<const int64_t*>(idx);
+  for (int64_t i = 0; i < R; ++i)
+    if (rows[i] < 0 || rows[i] >= N)
+      throw std::out_of_range("row index " + std::to_string(rows[i]) + " out of range for a weight of " +
+                              std::to_string(N) + " rows");
   std::vector<float> tmp(K);
   for (int64_t i = 0; i < R; ++i) {
     float* dst = out_bf16 ? tmp.data() : reinterpret_cast<float*>(out) + i * K;

@@ -868,6 +868,18 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
 template <typename T>
 const T* P(int64_t v) { return reinterpret_cast<const T*>(v); }
 
+// The final norm (Model.head): `rows` rows of n, each as rms_norm_row (a row's bits never depend on
+// the others).
+void rms_norm(bool bf16, int64_t x, int64_t rows, int64_t n, int64_t w, double eps, int64_t y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (bf16)
+      rms_norm_row(P<uint16_t>(x) + r * n, P<uint16_t>(w), n, static_cast<float>(eps),
+                   reinterpret_cast<uint16_t*>(y) + r * n);
+    else
+      rms_norm_row(P<float>(x) + r * n, P<float>(w), n, static_cast<float>(eps), reinterpret_cast<float*>(y) + r * n);
+  }
+}
+
 void mlp(bool bf16, int64_t x, int64_t out, int64_t rows, int64_t H, int64_t norm_w, double eps,
          int64_t w_gate_up, int64_t I, int64_t w_down, int64_t act, int64_t post_norm) {
   if (bf16)
