@@ -126,3 +126,27 @@ def test_a_cache_folder_of_the_earlier_format_is_compacted_in_place(both, tmp_pa
     for t in TEXTS:
         assert tok(t)["input_ids"] == ours(t)["input_ids"], t
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_reading_the_bpe_model_apart_gives_the_library_s_own_tokenizer(both, tmp_path):
+    """``read_tokenizer`` hands a BPE model's vocabulary and merges to ``models.BPE`` and the rest
+    to the library's reader: the same ids, text, vocabulary and added tokens as the library reading
+    the whole file; a model of another kind is read whole."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    from knapspec.storage import cache_dir
+    from knapspec.tokenizer import read_tokenizer
+    [path] = (cache_dir() / "tokenizers").glob(embedded_gguf().stem + "-*/tokenizer.json")
+    ours, whole = read_tokenizer(path), Tokenizer.from_file(str(path))
+    for t in TEXTS + [json.dumps(CHATS)]:
+        assert ours.encode(t).ids == whole.encode(t).ids, t
+        assert ours.decode(whole.encode(t).ids, skip_special_tokens=False) == whole.decode(
+            whole.encode(t).ids, skip_special_tokens=False)
+    assert ours.get_vocab(with_added_tokens=True) == whole.get_vocab(with_added_tokens=True)
+    assert ours.get_added_tokens_decoder() == whole.get_added_tokens_decoder()
+    assert json.loads(ours.to_str())["model"] == json.loads(whole.to_str())["model"]
+    word = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    (tmp_path / "w.json").write_text(word.to_str())
+    assert read_tokenizer(tmp_path / "w.json").encode("a").ids == [0]
