@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 def _peak_rss_mb(pid: int) -> float:
-    """A live process's peak resident memory (Linux ``VmHWM``), in MB; 0 when unknown."""
+    """A live process's peak resident memory (Linux ``VmHWM``), in MiB (KiB / 1024); 0 when unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
