@@ -322,3 +322,23 @@ def test_native_final_norm_is_row_invariant_and_within_a_last_place_of_the_torch
     want = rms_norm(x, w, 1e-5)
     ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
     assert ((got.float() - want.float()).abs() <= (2 if dtype == torch.bfloat16 else 8) * ulp).all()
+
+
+def test_the_head_takes_the_native_norm_where_the_stack_runs_natively(monkeypatch):
+    """A model on the native stack normalises every head call natively (no torch kernel for it),
+    a model on the torch path with torch's norm."""
+    _need(torch.bfloat16)
+    import knapspec.model as km
+    calls = {"native": 0, "torch": 0}
+    nat, tor = native.rms_norm, km.rms_norm
+    monkeypatch.setattr(native, "rms_norm", lambda *a: (calls.__setitem__("native", calls["native"] + 1), nat(*a))[1])
+    hf = build_tiny_hf("llama", **_NATIVE)
+    m = _ours(hf, torch.bfloat16)
+    toks = torch.randint(3, 128, (1, 5))
+    m.forward(toks, 0, m.new_cache(16))
+    m.forward(toks, 0, m.new_cache(16), capture=True)               # a torch-path pass: the same norm
+    assert calls["native"] == 2
+    monkeypatch.setattr(km, "rms_norm", lambda *a: (calls.__setitem__("torch", calls["torch"] + 1), tor(*a))[1])
+    m.pack_weights(False)
+    m.forward(toks, 0, m.new_cache(16))
+    assert calls["native"] == 2 and calls["torch"] >= 1

@@ -126,6 +126,48 @@ def test_a_cache_folder_of_the_earlier_format_is_compacted_in_place(both, tmp_pa
     for t in TEXTS:
         assert tok(t)["input_ids"] == ours(t)["input_ids"], t
     assert not list(folder.glob(".*.tmp"))
+    compact = (folder / "tokenizer.json").read_bytes()
+    assert tk.gguf_tokenizer(tmp_path / "model.gguf", "0123")("Hi")["input_ids"] == ours("Hi")["input_ids"]
+    assert (folder / "tokenizer.json").read_bytes() == compact            # the next load reads it as it is
+
+
+def test_a_cache_folder_that_cannot_be_written_or_is_newer_is_read_as_it_is(both, tmp_path, monkeypatch):
+    import json
+
+    from knapspec import tokenizer as tk
+    ours = both[0]
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    meta = {k: getattr(ours, k) for k in tk._SPECIAL}
+    pairs = _pairs(ours._tok.to_str())
+    for name, fmt in (("old-0", None), ("newer-0", tk._FORMAT + 1)):
+        folder = tmp_path / "tokenizers" / name
+        folder.mkdir(parents=True)
+        (folder / "tokenizer.json").write_text(pairs, encoding="utf-8")
+        (folder / "meta.json").write_text(json.dumps(meta if fmt is None else dict(meta, format=fmt)))
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+    monkeypatch.setattr(tk, "write_text_atomic", refuse)
+    for name in ("old", "newer"):
+        tok = tk.gguf_tokenizer(tmp_path / f"{name}.gguf", "0")
+        for t in TEXTS:
+            assert tok(t)["input_ids"] == ours(t)["input_ids"], (name, t)
+        assert (tmp_path / "tokenizers" / f"{name}-0" / "tokenizer.json").read_text(encoding="utf-8") == pairs
+    monkeypatch.undo()
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    tk.gguf_tokenizer(tmp_path / "newer.gguf", "0")                     # writable, but newer: untouched
+    assert (tmp_path / "tokenizers" / "newer-0" / "tokenizer.json").read_text(encoding="utf-8") == pairs
+
+
+def test_added_tokens_outside_the_vocabulary_keep_their_ids(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from knapspec.tokenizer import read_tokenizer
+    t = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "c": 3}, [("a", "b")]))
+    t.add_special_tokens(["<x>"])                                    # id 4, beyond the BPE vocabulary
+    (tmp_path / "t.json").write_text(t.to_str())
+    got = read_tokenizer(tmp_path / "t.json")
+    assert got.encode("ab<x>c").ids == t.encode("ab<x>c").ids == [2, 4, 3]
 
 
 def test_reading_the_bpe_model_apart_gives_the_library_s_own_tokenizer(both, tmp_path):

@@ -587,7 +587,9 @@ class Model:
     def head(self, x: torch.Tensor, weight: torch.Tensor | QuantWeight | None = None) -> torch.Tensor:
         """Final norm + lm_head: ``[..., H] -> [..., V]`` float32 logits (``weight`` may be a
         row subset of the lm_head for draft-only vocabulary truncation)."""
-        if self._native_sublayers and x.dtype == self.final_norm.dtype:     # the stack's own norm
+        # a model whose stack runs natively takes the stack's row norm for every head call, whichever
+        # path computed x (a torch-path pass, captured states): one norm per model, and no torch kernel
+        if self._native_sublayers and x.dtype == self.final_norm.dtype:
             h = native.rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
         else:
             h = rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)

@@ -151,12 +151,19 @@ def gguf_tokenizer(path: Path, fingerprint: str) -> FastTokenizer:
     if not (folder / "meta.json").is_file():
         _derive(path, folder)
     meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("format") != _FORMAT:
+    if meta.get("format", 1) < _FORMAT:         # an earlier version's folder: compacted once, if writable
         tj = folder / "tokenizer.json"
-        write_text_atomic(tj, compact_merges(tj.read_text(encoding="utf-8")))
-        meta["format"] = _FORMAT
-        write_json_atomic(folder / "meta.json", meta)
+        try:
+            write_text_atomic(tj, compact_merges(tj.read_text(encoding="utf-8")))
+            write_json_atomic(folder / "meta.json", dict(meta, format=_FORMAT))
+        except OSError as e:                    # read as it is: both forms of merges give the same tokenizer
+            log.info("could not compact the cached tokenizer in %s (%s)", folder, e)
     return FastTokenizer(read_tokenizer(folder / "tokenizer.json"), meta)
+
+
+# what models.BPE takes besides the vocabulary and merges (it ignores others with a message on stdout)
+_BPE_OPTIONS = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk",
+                "byte_fallback", "ignore_merges")
 
 
 def read_tokenizer(path: Path) -> Any:
@@ -165,23 +172,28 @@ def read_tokenizer(path: Path) -> Any:
     the library's own JSON reader: the same tokenizer (tested: the same ids and text), and less of
     the heap left resident than reading the whole JSON in the library (SmolLM2: 0.6 MiB less,
     Gemma 3's 262k vocabulary: 15 MiB less), whose parse of the vocabulary leaves its heap
-    fragmented. Any other model is read whole."""
+    fragmented. Read whole: any other model, a BPE option ``models.BPE`` does not take, and added
+    tokens that are not in the model's vocabulary at their ids (the library numbers those after
+    the vocabulary it reads them with)."""
     from tokenizers import Tokenizer, models
     text = path.read_text(encoding="utf-8")
     data = json.loads(text)
     model = data.get("model") or {}
     vocab, merges = model.get("vocab"), model.get("merges")
-    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+    added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or []}
+    if (model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list)
+            or set(model) - {"type", "vocab", "merges", *_BPE_OPTIONS}
+            or any(vocab.get(c) != i for c, i in added.items())):
         return Tokenizer.from_str(text)
-    del text
-    # the added tokens keep their ids: the library looks them up in the model it reads with them
-    model["vocab"] = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("content") in vocab}
-    model["merges"] = []
-    opts = {k: v for k, v in model.items() if k not in ("type", "vocab", "merges") and v is not None}
-    try:
-        tok = Tokenizer.from_str(json.dumps(data))
-        tok.model = models.BPE(vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges], **opts)
-    except Exception as e:               # an option or a form this version of the library cannot take
-        log.info("reading %s whole (%s)", path, e)
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    if not all(len(p) == 2 for p in pairs):
+        return Tokenizer.from_str(text)
+    del text, merges
+    model["vocab"], model["merges"] = added, []        # the added tokens at their vocabulary ids
+    opts = {k: model[k] for k in _BPE_OPTIONS if model.get(k) is not None}
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.model = models.BPE(vocab, pairs, **opts)
+    if any(tok.token_to_id(c) != i for c, i in added.items()):       # not expected; never guess
+        log.info("%s: added tokens moved when read in two parts; reading it whole", path)
         return Tokenizer.from_file(str(path))
     return tok

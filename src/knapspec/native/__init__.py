@@ -355,11 +355,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     another order than torch's, so the bits may differ from ``model.rms_norm`` in the last place."""
     mod = _module()
     assert mod is not None, "native kernels unavailable"
-    assert x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % 16 == 0
+    n = x.shape[-1]
+    if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32) or n % 16 or w.shape != (n,):
+        raise ValueError(f"native rms_norm takes bfloat16 or float32 rows of a multiple of 16 and a weight of "
+                         f"their size and dtype: got {x.dtype} rows of {n}, a {w.dtype} weight {tuple(w.shape)}")
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty_like(x)
-    mod.rms_norm(x.dtype == torch.bfloat16, x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                 w.data_ptr(), eps, y.data_ptr())
+    mod.rms_norm(x.dtype == torch.bfloat16, x.data_ptr(), x.numel() // n, n, w.data_ptr(), eps, y.data_ptr())
     return y
 
 
