@@ -39,12 +39,42 @@ constexpr int kRows = 4;        // rows of x per pass over a tile
 constexpr int64_t kBlockSteps = 32;
 constexpr int64_t kPrefetchAhead = 8192;
 
+// A cursor over memory to bring into L2 a few lines at a time while the products run, so that
+// reading memory overlaps the arithmetic: the float products' next weight bytes (below) and the
+// attention's next stretches of the KV cache (sublayers.h). Two stretches, one after the other;
+// `rate` (lines per step in 1/65536; 0: the count each step is given) spreads them over the steps
+// of a long work item.
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  const char* p2 = nullptr;
+  const char* end2 = nullptr;
+  uint32_t rate = 0;
+  uint32_t frac = 0;
+  KS_TARGET inline void step(int lines) {
+    if (rate != 0) {
+      frac += rate;
+      lines = static_cast<int>(frac >> 16);
+      frac &= 0xFFFFu;
+    }
+    for (int i = 0; i < lines; ++i) {
+      if (p >= end) {
+        if (p2 == nullptr) return;
+        p = p2, end = end2, p2 = nullptr;
+        if (p >= end) return;
+      }
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+    }
+  }
+};
+
 // One pass of C rows (C <= 4) over the input steps [p0, p1) of a tile (a step: one pair of inputs
 // in bfloat16, one input in float32). The C x 64 sums live in named registers during the pass (an
 // array of vectors made GCC store every sum to the stack at every step) and in `accm` between
 // passes (zero-initialised when `first`): rows are taken 4 at a time over a block of the tile small
 // enough to stay in L1, so the tile streams from memory once for all the rows, and each sum still
-// runs over k in order in its own lane. [pf, pf_end): lines to prefetch into L2 during this
+// runs over k in order in its own lane. `pf` (may be null): lines to prefetch into L2 during this
 // pass, pf_lines per step.
 #define KS_ROWS(X) X(0) X(1) X(2) X(3)
 #define KS_DECL(c) __m512 a##c##0, a##c##1, a##c##2, a##c##3;
@@ -62,13 +92,6 @@ constexpr int64_t kPrefetchAhead = 8192;
     _mm512_storeu_ps(accm + c * kTile + 32, a##c##2);                                  \
     _mm512_storeu_ps(accm + c * kTile + 48, a##c##3);                                  \
   }
-#define KS_PREFETCH                                                                    \
-  if (pf != nullptr) {                                                                 \
-    for (int l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) {                      \
-      _mm_prefetch(pf, _MM_HINT_T1);                                                   \
-    }                                                                                  \
-  }
-
 // An activation as float32 (a bfloat16 is the high half of its float32, exactly).
 inline float act_f32(float v) { return v; }
 inline float act_f32(uint16_t v) {
@@ -89,14 +112,13 @@ KS_TARGET inline __m512 odd_bf16(__m512i v) {
 
 template <int C>
 KS_TARGET inline void tile_bf16(const uint16_t* W, int64_t K, const float* x, float* accm,
-                                int64_t p0, int64_t p1, bool first, const char* pf,
-                                const char* pf_end, int pf_lines) {
+                                int64_t p0, int64_t p1, bool first, Prefetch* pf, int pf_lines) {
   // x: the rows in float32 (converted once per call by `run`); each weight pair split into its
   // even and odd input
   KS_ROWS(KS_DECL)
   KS_ROWS(KS_INIT)
   for (int64_t p = p0; p < p1; ++p) {
-    KS_PREFETCH
+    if (pf != nullptr) pf->step(pf_lines);
     const uint16_t* w = W + p * 2 * kTile;
     __m512 e0, e1, e2, e3, o0, o1, o2, o3;
 #define KS_SPLIT(i)                                                                    \
@@ -128,12 +150,11 @@ KS_TARGET inline void tile_bf16(const uint16_t* W, int64_t K, const float* x, fl
 
 template <int C>
 KS_TARGET inline void tile_f32(const float* W, int64_t K, const float* x, float* accm, int64_t p0,
-                               int64_t p1, bool first, const char* pf, const char* pf_end,
-                               int pf_lines) {
+                               int64_t p1, bool first, Prefetch* pf, int pf_lines) {
   KS_ROWS(KS_DECL)
   KS_ROWS(KS_INIT)
   for (int64_t p = p0; p < p1; ++p) {
-    KS_PREFETCH
+    if (pf != nullptr) pf->step(pf_lines);
     const float* w = W + p * kTile;
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
     const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
@@ -212,23 +233,23 @@ void run(const T* x, int64_t M, int64_t K, const T* W, int64_t N, const float* b
           float* acc = accs.data() + gi * kRows * kTile;
           // each group's pass prefetches its share of the block kPrefetchAhead bytes further
           // along this thread's weight stream (its tiles are contiguous)
-          const char* pf = nullptr;
-          const char* pf_end = nullptr;
+          Prefetch ahead;
+          Prefetch* pf = nullptr;
           int pf_lines = 0;
           if (groups >= 2) {
             const int64_t bbytes = (p1 - p0) * step_bytes;
             const char* base = reinterpret_cast<const char*>(Wt + p0 * per_step * kTile) + kPrefetchAhead;
             const int64_t share = (bbytes / 64 + groups - 1) / groups * 64;
-            pf = base + gi * share;
-            pf_end = std::min(base + bbytes, pf + share);
-            pf_end = std::min(pf_end, stream_end);
+            ahead.p = base + gi * share;
+            ahead.end = std::min({base + bbytes, ahead.p + share, stream_end});
+            pf = &ahead;
             pf_lines = static_cast<int>((share / 64 + (p1 - p0) - 1) / (p1 - p0));
           }
           switch (c) {
-            case 1: t1(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            case 2: t2(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            case 3: t3(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
-            default: t4(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_end, pf_lines); break;
+            case 1: t1(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_lines); break;
+            case 2: t2(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_lines); break;
+            case 3: t3(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_lines); break;
+            default: t4(Wt, K, xm, acc, p0, p1, p0 == 0, pf, pf_lines); break;
           }
         }
       }

@@ -170,35 +170,6 @@ constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 //   values, float32:  the cache itself, [Hkv][capacity][D]
 // (knapspec/cache.py keeps them; the torch path writes them through KVCache.write.)
 
-// A cursor over memory to bring into L2 a few lines at a time while the products run (the next
-// stretches of the cache a work item reads), so that reading the cache overlaps the arithmetic.
-// Two stretches, one after the other; `rate` (lines per step in 1/65536; 0: the count each step
-// is given) spreads them over the steps of a long work item.
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  const char* p2 = nullptr;
-  const char* end2 = nullptr;
-  uint32_t rate = 0;
-  uint32_t frac = 0;
-  KS_TARGET inline void step(int lines) {
-    if (rate != 0) {
-      frac += rate;
-      lines = static_cast<int>(frac >> 16);
-      frac &= 0xFFFFu;
-    }
-    for (int i = 0; i < lines; ++i) {
-      if (p >= end) {
-        if (p2 == nullptr) return;
-        p = p2, end = end2, p2 = nullptr;
-        if (p >= end) return;
-      }
-      _mm_prefetch(p, _MM_HINT_T1);
-      p += 64;
-    }
-  }
-};
-
 // The keys and values are products' inputs in float32, split from their bfloat16 pairs with
 // even_bf16 / odd_bf16 (dense.h), then fused multiply-adds.
 // Scores of G query rows (q: float32, rows D apart) against NB 16-key blocks (kb: the first
