@@ -342,3 +342,33 @@ def test_the_head_takes_the_native_norm_where_the_stack_runs_natively(monkeypatc
     m.pack_weights(False)
     m.forward(toks, 0, m.new_cache(16))
     assert calls["native"] == 2 and calls["torch"] >= 1
+
+
+@pytest.mark.parametrize("kernel,dtype", [("avx512", torch.bfloat16), ("avx512", torch.float32),
+                                          ("amx", torch.bfloat16)])     # AMX serves bfloat16 caches
+def test_attention_in_token_batches_gives_the_same_bits(kernel, dtype, request):
+    """A pass whose partial results would outgrow the attention's budget is taken in batches of
+    tokens: a 300-token prompt and a 7-token pass with a draft window (sink work items) give the
+    same bits with batches of 1, 5 and all tokens."""
+    _need(dtype)
+    if kernel == "amx":
+        request.getfixturevalue("amx_attention")
+    mod = native._module()
+    hf = build_tiny_hf("qwen3", **_NATIVE)
+    m = _ours(hf, dtype)
+    toks = torch.randint(3, 128, (1, 307))
+    plan = Plan.from_options([16, 1, 64, 0, 1, 1])      # windows of 16 and 64 keys, an MLP skipped
+    assert m.cfg.n_layers == 3
+    outs = []
+    try:
+        # all tokens at once; one at a time; 5 (2 KV heads x 2 chunks x 2 rows x 34 floats a token)
+        for budget in (0, 1, 5 * 2 * 2 * 2 * (32 + 2) * 4):
+            mod.set_partial_bytes(budget)
+            cache = m.new_cache(320)
+            a = m.forward(toks[:, :300], 0, cache)
+            b = m.forward(toks[:, 300:], 300, cache, plan)
+            outs.append((a.logits, b.logits))
+    finally:
+        mod.set_partial_bytes(0)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])

@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_rows", &ks::dequant_rows);
   m.def("set_isa", &ks::set_isa);
   m.def("set_amx", &ks::set_amx);
+  m.def("set_partial_bytes", &ks::set_partial_bytes);
   m.def("amx_granted", &ks::amx_granted);
   m.def("repack", &ks::repack);
 }

@@ -159,6 +159,11 @@ KS_TARGET void mlp_t(const T* x, T* out, int64_t rows, int64_t H, const T* norm_
 }
 
 constexpr int64_t kChunk = 256;   // keys per work item of the attention
+// The attention's partial results (per work item and query row: maximum, sum, D value sums) are
+// kept under this many bytes by taking a call's tokens in batches: a 512-token prompt chunk at 8k
+// tokens of context would need ~38 MB at once. (set_partial_bytes: tests force small batches.)
+inline int64_t g_partial_bytes = int64_t{8} << 20;
+inline void set_partial_bytes(int64_t bytes) { g_partial_bytes = bytes > 0 ? bytes : int64_t{8} << 20; }
 constexpr int64_t kSerialKeys = 1536;   // (keys x KV heads x tokens) below which one thread attends
 constexpr int64_t kBlk = 16;      // keys per block of the blocked key cache
 
@@ -689,8 +694,8 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
       }
     }
   }
-  // attention: work items (KV head, 256-key chunk), each over every token of the call
-  const int64_t R = Tn * g, end = start + Tn;
+  // attention: work items (KV head, 256-key chunk), each over every token of a batch of the call's
+  // tokens (all of them unless their partial results would outgrow g_partial_bytes)
   // --- draft windows: the keys a token sees start at lo(p) (the nearer of the two windows); with
   // a draft window, one more work item per KV head covers the sink keys before lo(p)
   auto lo_of = [&](int64_t p) {
@@ -700,138 +705,148 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   };
   const bool sinks = draft_window > 0 && sink > 0;
   // --- end draft windows
-  const int64_t c_first = lo_of(start) / kChunk;
-  const int64_t c_last = (end - 1) / kChunk;
-  const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
-  // each (work item, row)'s partial softmax: written by attend_rows for every row, so the
-  // buffer is not zeroed (a 512-token prompt chunk at 8k tokens of context needs ~38 MB, and
-  // zeroing it was ~3% of a prefill)
-  const int64_t nparts = hkv * nc * R;
-  const std::unique_ptr<float[]> partials(new float[nparts * (D + 2)]);
-  float* const pm = partials.get();
-  float* const pl = pm + nparts;
-  float* const po = pl + nparts;
   const float scale = scale_ > 0.0f ? scale_ : 1.0f / std::sqrt(static_cast<float>(D));
-  // Small attention (a few hundred keys in all) runs on this thread: splitting a few microseconds
-  // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
-  // computed the same way either way.
-  const int64_t keys = (end - c_first * kChunk) * hkv * Tn;
-  // each KV head's query rows (token t's heads kvh*g .. kvh*g+g-1 are rows t*g ..) in float32,
-  // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
-  // (AMX: in bfloat16, each KV head's rows padded to a multiple of 16)
   const bool amx = bf16 && (amx_call < 0 ? g_amx != 0 : amx_call != 0 && amx_granted());
-  const int64_t Rpad = amx ? (R + 15) / 16 * 16 : R;
-  std::vector<float> qf(amx ? 0 : hkv * R * D);
-  std::vector<uint16_t> qb(amx ? hkv * Rpad * D : 0);
-  for (int64_t kvh = 0; kvh < hkv; ++kvh)
-    for (int64_t t = 0; t < Tn; ++t)
-      for (int64_t i = 0; i < g; ++i) {
-        const T* src = q.data() + t * nq + (kvh * g + i) * D;
-        if (amx) {
-          std::memcpy(qb.data() + (kvh * Rpad + t * g + i) * D, src, D * sizeof(uint16_t));
-          continue;
+  // Tokens per batch: each row is computed the same way whatever the batch (the rows of a work
+  // item never mix), so batching bounds the memory only, not the bits.
+  const int64_t nc_all = (start + Tn - 1) / kChunk - lo_of(start) / kChunk + 1 + (sinks ? 1 : 0);
+  const int64_t per_token = hkv * nc_all * g * (D + 2) * static_cast<int64_t>(sizeof(float));
+  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(Tn, g_partial_bytes / per_token));
+  thread_local std::vector<float> partials;    // kept between calls: no heap growing with the context
+  for (int64_t t0 = 0; t0 < Tn; t0 += batch) {
+    const int64_t tn = std::min(batch, Tn - t0), first = start + t0;
+    const int64_t R = tn * g, end = first + tn;
+    const int64_t c_first = lo_of(first) / kChunk;
+    const int64_t c_last = (end - 1) / kChunk;
+    const int64_t nc = c_last - c_first + 1 + (sinks ? 1 : 0);
+    // each (work item, row)'s partial softmax: written by attend_rows for every row, so the
+    // buffer is not zeroed (zeroing ~38 MB for a 512-token prompt chunk at 8k tokens of context
+    // was ~3% of a prefill)
+    const int64_t nparts = hkv * nc * R;
+    if (static_cast<int64_t>(partials.size()) < nparts * (D + 2)) partials.resize(nparts * (D + 2));
+    float* const pm = partials.data();
+    float* const pl = pm + nparts;
+    float* const po = pl + nparts;
+    // Small attention (a few hundred keys in all) runs on this thread: splitting a few microseconds
+    // of work costs a fork and a join of the thread team, ~30 of them per token. Each work item is
+    // computed the same way either way.
+    const int64_t keys = (end - c_first * kChunk) * hkv * tn;
+    // each KV head's query rows (token t's heads kvh*g .. kvh*g+g-1 are rows t*g ..) in float32,
+    // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
+    // (AMX: in bfloat16, each KV head's rows padded to a multiple of 16)
+    const int64_t Rpad = amx ? (R + 15) / 16 * 16 : R;
+    std::vector<float> qf(amx ? 0 : hkv * R * D);
+    std::vector<uint16_t> qb(amx ? hkv * Rpad * D : 0);
+    for (int64_t kvh = 0; kvh < hkv; ++kvh)
+      for (int64_t t = 0; t < tn; ++t)
+        for (int64_t i = 0; i < g; ++i) {
+          const T* src = q.data() + (t0 + t) * nq + (kvh * g + i) * D;
+          if (amx) {
+            std::memcpy(qb.data() + (kvh * Rpad + t * g + i) * D, src, D * sizeof(uint16_t));
+            continue;
+          }
+          float* dst = qf.data() + (kvh * R + t * g + i) * D;
+          for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
         }
-        float* dst = qf.data() + (kvh * R + t * g + i) * D;
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+    std::vector<int64_t> ra(R), rb(R), sa(R), sb(R);
+    for (int64_t t = 0; t < tn; ++t) {
+      const int64_t p = first + t, lo = lo_of(p);
+      for (int64_t i = 0; i < g; ++i) {
+        ra[t * g + i] = lo;
+        rb[t * g + i] = p + 1;
+        sa[t * g + i] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        sb[t * g + i] = std::min(p + 1, std::min(sink, lo));
       }
-  std::vector<int64_t> ra(R), rb(R), sa(R), sb(R);
-  for (int64_t t = 0; t < Tn; ++t) {
-    const int64_t p = start + t, lo = lo_of(p);
-    for (int64_t i = 0; i < g; ++i) {
-      ra[t * g + i] = lo;
-      rb[t * g + i] = p + 1;
-      sa[t * g + i] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      sb[t * g + i] = std::min(p + 1, std::min(sink, lo));
     }
-  }
-  at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
-    std::vector<float> sbuf(amx ? 0 : 4 * kChunk), pbuf(amx ? 0 : 4 * kChunk);
-    AmxBuffers* abuf = nullptr;
-    if (amx) {
-      thread_local AmxBuffers tbuf;       // per thread, kept between calls (no allocation per call)
-      abuf = &tbuf;
-      abuf->rows = 0;                     // configured by the first group
-    }
-    // the keys [k0, k1) of work item `it`, and its KV head's key and value layouts
-    auto item = [&](int64_t it, int64_t& k0, int64_t& k1, const T*& ktk, const T*& vsk) {
-      const int64_t kvh = it / nc, ci = it % nc;
-      const bool sink_item = sinks && ci == nc - 1;      // draft windows: keys [0, sink) before lo(p)
-      k0 = sink_item ? 0 : (c_first + ci) * kChunk;
-      k1 = std::min(end, k0 + kChunk);
-      ktk = kt + kvh * nblk * D * kBlk;
-      vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
-      return sink_item;
-    };
-    for (int64_t it = ia; it < ib; ++it) {
-      int64_t k0, k1;
-      const T *ktk, *vsk;
-      const bool sink_item = item(it, k0, k1, ktk, vsk);
-      const int64_t kvh = it / nc;
-      // While the first rows' scores run, this item's values come into L2; while their values
-      // run, the next item's keys. With more than one group of rows (a pass over several tokens)
-      // the next item's keys and values are spread over all the rest of this item's products, so
-      // that reading them overlaps arithmetic instead of stalling one group.
-      Prefetch pf_v, pf_k;
-      if (keys >= kSerialKeys) {
-        pf_v.p = reinterpret_cast<const char*>(vsk + k0 * D);
-        pf_v.end = reinterpret_cast<const char*>(vsk + k1 * D);
-        if (it + 1 < ib) {
-          int64_t n0, n1;
-          const T *nk, *nv;
-          item(it + 1, n0, n1, nk, nv);
-          pf_k.p = reinterpret_cast<const char*>(nk + n0 * D);
-          pf_k.end = reinterpret_cast<const char*>(nk + n1 * D);
-          const int64_t groups = (R + (amx ? 15 : 3)) / (amx ? 16 : 4);
-          if (groups > 1) {
-            pf_k.p2 = reinterpret_cast<const char*>(nv + n0 * D);
-            pf_k.end2 = reinterpret_cast<const char*>(nv + n1 * D);
-            const int64_t n = k1 - k0, blocks = (n + kBlk - 1) / kBlk;
-            const int64_t s_steps = (blocks + 3) / 4 * (bf16 ? D / 2 : D);
-            const int64_t v_steps = (D + 63) / 64 * (bf16 ? (n + 1) / 2 : n);
-            const int64_t steps = amx ? amx_steps(n, R, D) : v_steps + (groups - 1) * (s_steps + v_steps);
-            const int64_t lines = 2 * (n1 - n0) * D * static_cast<int64_t>(sizeof(T)) / 64;
-            pf_k.rate = static_cast<uint32_t>(std::min<int64_t>((lines << 16) / std::max<int64_t>(steps, 1) + 1,
-                                                                int64_t{8} << 16));
+    at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
+      std::vector<float> sbuf(amx ? 0 : 4 * kChunk), pbuf(amx ? 0 : 4 * kChunk);
+      AmxBuffers* abuf = nullptr;
+      if (amx) {
+        thread_local AmxBuffers tbuf;       // per thread, kept between calls (no allocation per call)
+        abuf = &tbuf;
+        abuf->rows = 0;                     // configured by the first group
+      }
+      // the keys [k0, k1) of work item `it`, and its KV head's key and value layouts
+      auto item = [&](int64_t it, int64_t& k0, int64_t& k1, const T*& ktk, const T*& vsk) {
+        const int64_t kvh = it / nc, ci = it % nc;
+        const bool sink_item = sinks && ci == nc - 1;      // draft windows: keys [0, sink) before lo(p)
+        k0 = sink_item ? 0 : (c_first + ci) * kChunk;
+        k1 = std::min(end, k0 + kChunk);
+        ktk = kt + kvh * nblk * D * kBlk;
+        vsk = bf16 ? vt + kvh * npair * D * 2 : vc + kvh * cap * D;
+        return sink_item;
+      };
+      for (int64_t it = ia; it < ib; ++it) {
+        int64_t k0, k1;
+        const T *ktk, *vsk;
+        const bool sink_item = item(it, k0, k1, ktk, vsk);
+        const int64_t kvh = it / nc;
+        // While the first rows' scores run, this item's values come into L2; while their values
+        // run, the next item's keys. With more than one group of rows (a pass over several tokens)
+        // the next item's keys and values are spread over all the rest of this item's products, so
+        // that reading them overlaps arithmetic instead of stalling one group.
+        Prefetch pf_v, pf_k;
+        if (keys >= kSerialKeys) {
+          pf_v.p = reinterpret_cast<const char*>(vsk + k0 * D);
+          pf_v.end = reinterpret_cast<const char*>(vsk + k1 * D);
+          if (it + 1 < ib) {
+            int64_t n0, n1;
+            const T *nk, *nv;
+            item(it + 1, n0, n1, nk, nv);
+            pf_k.p = reinterpret_cast<const char*>(nk + n0 * D);
+            pf_k.end = reinterpret_cast<const char*>(nk + n1 * D);
+            const int64_t groups = (R + (amx ? 15 : 3)) / (amx ? 16 : 4);
+            if (groups > 1) {
+              pf_k.p2 = reinterpret_cast<const char*>(nv + n0 * D);
+              pf_k.end2 = reinterpret_cast<const char*>(nv + n1 * D);
+              const int64_t n = k1 - k0, blocks = (n + kBlk - 1) / kBlk;
+              const int64_t s_steps = (blocks + 3) / 4 * (bf16 ? D / 2 : D);
+              const int64_t v_steps = (D + 63) / 64 * (bf16 ? (n + 1) / 2 : n);
+              const int64_t steps = amx ? amx_steps(n, R, D) : v_steps + (groups - 1) * (s_steps + v_steps);
+              const int64_t lines = 2 * (n1 - n0) * D * static_cast<int64_t>(sizeof(T)) / 64;
+              pf_k.rate = static_cast<uint32_t>(std::min<int64_t>((lines << 16) / std::max<int64_t>(steps, 1) + 1,
+                                                                  int64_t{8} << 16));
+            }
           }
         }
-      }
-      const int64_t r = it * R;
-      if constexpr (bf16) {
-        if (amx) {
-          attend_rows_amx(qb.data() + kvh * Rpad * D, R, sink_item ? sa.data() : ra.data(),
-                          sink_item ? sb.data() : rb.data(), ktk, vsk, D, npair, k0, k1, scale, *abuf,
-                          pm + r, pl + r, po + r * D, pf_v, pf_k);
-          continue;
+        const int64_t r = it * R;
+        if constexpr (bf16) {
+          if (amx) {
+            attend_rows_amx(qb.data() + kvh * Rpad * D, R, sink_item ? sa.data() : ra.data(),
+                            sink_item ? sb.data() : rb.data(), ktk, vsk, D, npair, k0, k1, scale, *abuf,
+                            pm + r, pl + r, po + r * D, pf_v, pf_k);
+            continue;
+          }
         }
+        attend_rows<T>(qf.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(), sink_item ? sb.data() : rb.data(),
+                       ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm + r, pl + r,
+                       po + r * D, pf_v, pf_k);
       }
-      attend_rows<T>(qf.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(), sink_item ? sb.data() : rb.data(),
-                     ktk, vsk, D, k0, k1, scale, sbuf.data(), pbuf.data(), pm + r, pl + r,
-                     po + r * D, pf_v, pf_k);
-    }
-    if (amx && abuf->rows != 0) amx_end();
-  });
-  // combine the chunks of each row in order
-  for (int64_t kvh = 0; kvh < hkv; ++kvh)
-    for (int64_t r = 0; r < R; ++r) {
-      float mx = -INFINITY;
-      for (int64_t ci = 0; ci < nc; ++ci) mx = std::max(mx, pm[(kvh * nc + ci) * R + r]);
-      float l = 0.0f;
-      __m512 acc[16];
-      for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
-      for (int64_t ci = 0; ci < nc; ++ci) {
-        const int64_t idx = (kvh * nc + ci) * R + r;
-        if (pl[idx] == 0.0f) continue;
-        const float f = std::exp(pm[idx] - mx);
-        l += pl[idx] * f;
-        const __m512 fv = _mm512_set1_ps(f);
-        for (int64_t v = 0; v < D / 16; ++v)
-          acc[v] = _mm512_fmadd_ps(fv, _mm512_loadu_ps(po + idx * D + v * 16), acc[v]);
+      if (amx && abuf->rows != 0) amx_end();
+    });
+    // combine the chunks of each row in order
+    for (int64_t kvh = 0; kvh < hkv; ++kvh)
+      for (int64_t r = 0; r < R; ++r) {
+        float mx = -INFINITY;
+        for (int64_t ci = 0; ci < nc; ++ci) mx = std::max(mx, pm[(kvh * nc + ci) * R + r]);
+        float l = 0.0f;
+        __m512 acc[16];
+        for (int64_t v = 0; v < D / 16; ++v) acc[v] = _mm512_setzero_ps();
+        for (int64_t ci = 0; ci < nc; ++ci) {
+          const int64_t idx = (kvh * nc + ci) * R + r;
+          if (pl[idx] == 0.0f) continue;
+          const float f = std::exp(pm[idx] - mx);
+          l += pl[idx] * f;
+          const __m512 fv = _mm512_set1_ps(f);
+          for (int64_t v = 0; v < D / 16; ++v)
+            acc[v] = _mm512_fmadd_ps(fv, _mm512_loadu_ps(po + idx * D + v * 16), acc[v]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / l);
+        const int64_t t = t0 + r / g, i = r % g;
+        T* dst = o.data() + t * nq + (kvh * g + i) * D;
+        for (int64_t v = 0; v < D / 16; ++v) store16(dst + v * 16, _mm512_mul_ps(acc[v], inv));
       }
-      const __m512 inv = _mm512_set1_ps(1.0f / l);
-      const int64_t t = r / g, i = r % g;
-      T* dst = o.data() + t * nq + (kvh * g + i) * D;
-      for (int64_t v = 0; v < D / 16; ++v) store16(dst + v * 16, _mm512_mul_ps(acc[v], inv));
-    }
+  }
   linear_t<T>(o.data(), Tn, nq, w_o, H, nullptr, y.data());
   residual_t<T>(x, y.data(), post_norm, eps, Tn, H, out);
 }
