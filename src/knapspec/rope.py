@@ -43,16 +43,20 @@ class RotaryTable:
         self._n = max(end, 2 * self._n, 256)
         self._torch = self._native = None
 
-    def _angles(self) -> np.ndarray:
-        """float32 products ``position * inv_freq`` ``[n, D/2]``, widened to float64."""
-        return np.multiply.outer(np.arange(self._n, dtype=np.float32), self.inv_freq).astype(np.float64)
+    def _float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [n, D/2]`` float32: cosine and sine in float64 of the float32 products
+        ``position * inv_freq``, rounded once; both layouts are made from them."""
+        if self._native is None:
+            angles = np.multiply.outer(np.arange(self._n, dtype=np.float32), self.inv_freq).astype(np.float64)
+            self._native = (torch.from_numpy(np.cos(angles).astype(np.float32)),
+                            torch.from_numpy(np.sin(angles).astype(np.float32)))
+        return self._native
 
     def torch(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin_signed: [t, D]`` (model dtype, model device) for positions ``start..``."""
         self._grow(start + t)
         if self._torch is None:
-            freqs = self._angles()
-            cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+            cos, sin = (a.numpy() for a in self._float32())
             cos, sin = np.concatenate((cos, cos), axis=-1), np.concatenate((-sin, sin), axis=-1)  # [n, D]
             self._torch = (float_tensor(cos, self.dtype).to(self.device),  # sin signed for apply_rope
                            float_tensor(sin, self.dtype).to(self.device))
@@ -62,9 +66,5 @@ class RotaryTable:
     def native(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin: [t, D/2]`` float32 on the CPU for positions ``start..``."""
         self._grow(start + t)
-        if self._native is None:
-            freqs = self._angles()
-            self._native = (torch.from_numpy(np.cos(freqs).astype(np.float32)),
-                            torch.from_numpy(np.sin(freqs).astype(np.float32)))
-        cos, sin = self._native
+        cos, sin = self._float32()
         return cos[start:start + t], sin[start:start + t]

@@ -123,6 +123,11 @@ def _amx_cpu() -> bool:
     return {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
 
+def _amx_all() -> bool:
+    """Whether every pass should take the AMX attention: asked for, and the CPU has the tiles."""
+    return _amx_setting() == "all" and _amx_cpu()
+
+
 def amx() -> bool:
     """Whether the bfloat16 attention runs on AMX tiles in every pass: ``KNAPSPEC_AMX=1`` (or
     :func:`set_amx`) asked for it, the CPU has the tiles and Linux grants this process their
@@ -130,7 +135,7 @@ def amx() -> bool:
     context cost 13-30% less, one-token steps 1-3% more. The two kernels round differently (each
     is row-invariant), so decoding and verification keep one kernel for a whole process."""
     mod = _module()
-    return bool(mod is not None and mod.set_amx(int(_amx_setting() == "all" and _amx_cpu())))
+    return bool(mod is not None and mod.set_amx(int(_amx_all())))
 
 
 @lru_cache(maxsize=1)
@@ -198,7 +203,7 @@ def _module() -> ModuleType | None:
             mod = importlib.util.module_from_spec(spec)
             loader.exec_module(mod)
             mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
-            mod.set_amx(int(_amx_setting() == "all" and _amx_cpu()))
+            mod.set_amx(int(_amx_all()))
             return mod
         except (ImportError, OSError) as e:     # a broken build: built again below
             log.warning("rebuilding the native kernels (%s)", e)
@@ -214,7 +219,7 @@ def _module() -> ModuleType | None:
                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
-        mod.set_amx(int(_amx_setting() == "all" and _amx_cpu()))
+        mod.set_amx(int(_amx_all()))
         log.warning("native kernels built in %.0f s (cached)", time.perf_counter() - t0)
         return mod
     except Exception as e:          # no compiler, no ninja, a failed build: oneDNN's kernels stay
