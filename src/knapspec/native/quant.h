@@ -16,8 +16,9 @@
 // operations whatever the number of rows in the call: a row's result is bit-identical alone or in
 // a batch (what speculative decoding needs to stay exact).
 //
-// A tile streams from memory once per call: up to 4 rows are taken per pass, and with more rows
-// the passes run over runs of blocks small enough to stay in L1. The threads split the tiles
+// A tile streams from memory once per call: up to 8 rows are taken per pass (4 for the K-quants and
+// on AVX2; QKernel::rows), and with more rows the passes run over runs of blocks small enough to
+// stay in L1. The threads split the tiles
 // (16-row granularity keeps 2 threads balanced on 576-row matrices).
 //
 // Two instruction sets, chosen at run time (set_isa): AVX-512 VNNI, and AVX2 (vpmaddubsw +
@@ -50,7 +51,7 @@ enum Isa : int { kIsaAvx512 = 0, kIsaAvx2 = 1 };
 inline int g_isa = kIsaAvx512;
 
 constexpr int64_t kQLanes = 16;     // rows per tile
-constexpr int kQRows = 4;           // activation rows per pass over a tile
+constexpr int kQRows = 8;           // activation rows per pass over a tile, at most (QKernel::rows)
 constexpr int64_t kQRunBytes = 12288;   // bytes of a tile per run of blocks when rows take several passes
 // Each block's bytes are prefetched this far ahead in the thread's stream of tiles (consecutive
 // tiles are contiguous). Measured over the embedded model's weights, one thread, one row (medians
@@ -194,14 +195,19 @@ KS_AVX2 void quantize_rows_generic(const T* x, int64_t M, QAct& a) {
 
 template <int C>
 KS_VNNI inline void acc_load_512(__m512 (&acc)[C], const float* accm, bool first) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c) acc[c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accm + 16 * c);
 }
 template <int C>
 KS_VNNI inline void acc_store_512(const __m512 (&acc)[C], float* accm) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(accm + 16 * c, acc[c]);
 }
+// A block's integer sum per row: one chain of vpdpbusd when a pass has 5-8 rows (enough chains in
+// flight to hide its latency), two (added at the end) for fewer rows. Integer sums: the same either way.
+template <int C>
+constexpr bool kOneChain = C > 4;
+
 KS_VNNI inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -237,12 +243,12 @@ KS_VNNI void q4_tile_512(KS_Q_SIG) {
       q += 64;
     }
     __m512i sl[C], sh[C];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       sl[c] = _mm512_set1_epi32(-offset * a.sum[(m0 + c) * nb + u]);
-      sh[c] = _mm512_setzero_si512();
+      if constexpr (!kOneChain<C>) sh[c] = _mm512_setzero_si512();
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < 4; ++i) {
       const __m512i v = ld512(q + 64 * i);
       __m512i l = _mm512_and_si512(v, low);
@@ -255,19 +261,20 @@ KS_VNNI void q4_tile_512(KS_Q_SIG) {
         l = _mm512_or_si512(l, _mm512_and_si512(bl, bit));
         h = _mm512_or_si512(h, _mm512_and_si512(bh, bit));
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         const int8_t* xq = a.q + (m0 + c) * a.K + 32 * u;
         sl[c] = _mm512_dpbusd_epi32(sl[c], l, bcast4(xq + 4 * i));
-        sh[c] = _mm512_dpbusd_epi32(sh[c], h, bcast4(xq + 16 + 4 * i));
+        if constexpr (kOneChain<C>) sl[c] = _mm512_dpbusd_epi32(sl[c], h, bcast4(xq + 16 + 4 * i));
+        else sh[c] = _mm512_dpbusd_epi32(sh[c], h, bcast4(xq + 16 + 4 * i));
       }
     }
     __m512 mw = _mm512_setzero_ps();
     if constexpr (F == kQ4_1) mw = half16(hp + u * head + 32);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const int64_t ai = (m0 + c) * nb + u;
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(sl[c], sh[c]));
+      const __m512 f = _mm512_cvtepi32_ps(kOneChain<C> ? sl[c] : _mm512_add_epi32(sl[c], sh[c]));
       acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(a.d[ai])), f, acc[c]);
       if constexpr (F == kQ4_1) acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[ai]), acc[c]);
     }
@@ -287,25 +294,26 @@ KS_VNNI void q8_0_tile_512(KS_Q_SIG) {
     const uint8_t* q = bp + u * 512;
     prefetch_ahead(q, 512);
     __m512i s0[C], s1[C];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       s0[c] = _mm512_set1_epi32(-128 * a.sum[(m0 + c) * nb + u]);
-      s1[c] = _mm512_setzero_si512();
+      if constexpr (!kOneChain<C>) s1[c] = _mm512_setzero_si512();
     }
 #pragma GCC unroll 8
     for (int i = 0; i < 8; i += 2) {
       const __m512i v0 = ld512(q + 64 * i), v1 = ld512(q + 64 * i + 64);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         const int8_t* xq = a.q + (m0 + c) * a.K + 32 * u;
         s0[c] = _mm512_dpbusd_epi32(s0[c], v0, bcast4(xq + 4 * i));
-        s1[c] = _mm512_dpbusd_epi32(s1[c], v1, bcast4(xq + 4 * i + 4));
+        if constexpr (kOneChain<C>) s0[c] = _mm512_dpbusd_epi32(s0[c], v1, bcast4(xq + 4 * i + 4));
+        else s1[c] = _mm512_dpbusd_epi32(s1[c], v1, bcast4(xq + 4 * i + 4));
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const int64_t ai = (m0 + c) * nb + u;
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[c], s1[c]));
+      const __m512 f = _mm512_cvtepi32_ps(kOneChain<C> ? s0[c] : _mm512_add_epi32(s0[c], s1[c]));
       acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(a.d[ai])), f, acc[c]);
     }
   }
@@ -653,13 +661,18 @@ KS_AVX2 void q6_k_tile_256(KS_Q_SIG) {
 
 using QTileFn = void (*)(const uint8_t*, int64_t, const QAct&, int64_t, int64_t, int64_t, float*, bool);
 
+// f[c - 1] takes c rows; `rows` per pass at most: 8 for the AVX-512 kernels of 32-weight blocks,
+// whose 8-row pass keeps 16 independent integer sums in flight (4 rows leave the vpdpbusd chains'
+// latency exposed), and 4 for the others (their sums of 8 rows would not fit in the registers).
 struct QKernel {
   QTileFn f[kQRows];
+  int rows;
 };
 
-template <template <int> class K>
+template <template <int> class K, int R>
 QKernel qkernel() {
-  return {{K<1>::fn, K<2>::fn, K<3>::fn, K<4>::fn}};
+  if constexpr (R == 8) return {{K<1>::fn, K<2>::fn, K<3>::fn, K<4>::fn, K<5>::fn, K<6>::fn, K<7>::fn, K<8>::fn}, 8};
+  else return {{K<1>::fn, K<2>::fn, K<3>::fn, K<4>::fn}, 4};
 }
 #define KS_QK(name, expr) template <int C> struct name { static constexpr QTileFn fn = expr; };
 KS_QK(K40_512, (q4_tile_512<kQ4_0, C>))
@@ -677,10 +690,10 @@ KS_QK(K6K_256, q6_k_tile_256<C>)
 #undef KS_QK
 
 inline const QKernel* pick_qkernel(int64_t f, int isa) {
-  static const QKernel k512[] = {qkernel<K40_512>(), qkernel<K41_512>(), qkernel<K50_512>(),
-                                 qkernel<K80_512>(), qkernel<K4K_512>(), qkernel<K6K_512>()};
-  static const QKernel k256[] = {qkernel<K40_256>(), qkernel<K41_256>(), qkernel<K50_256>(),
-                                 qkernel<K80_256>(), qkernel<K4K_256>(), qkernel<K6K_256>()};
+  static const QKernel k512[] = {qkernel<K40_512, 8>(), qkernel<K41_512, 8>(), qkernel<K50_512, 8>(),
+                                 qkernel<K80_512, 8>(), qkernel<K4K_512, 4>(), qkernel<K6K_512, 4>()};
+  static const QKernel k256[] = {qkernel<K40_256, 4>(), qkernel<K41_256, 4>(), qkernel<K50_256, 4>(),
+                                 qkernel<K80_256, 4>(), qkernel<K4K_256, 4>(), qkernel<K6K_256, 4>()};
   int i;
   switch (f) {
     case kQ4_0: i = 0; break;
@@ -742,21 +755,21 @@ void qproduct(const QAct& a, int64_t M, const int64_t* desc, int64_t N, const fl
     col += g.n;
     tiles += (g.n + kQLanes - 1) / kQLanes;
   }
-  const int64_t groups = (M + kQRows - 1) / kQRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> accs(groups * kQRows * kQLanes);
+    std::vector<float> accs((M + kQRows - 1) / kQRows * kQRows * kQLanes);    // row m's sums at m * kQLanes
     int64_t s = 0;
     for (int64_t t = t0; t < t1; ++t) {
       while (s + 1 < nseg && t >= segs[s + 1].tile0) ++s;
       const QSeg& g = segs[s];
       const int64_t tt = t - g.tile0;
       const uint8_t* tile = g.tiles + tt * g.tile_bytes;
+      const int64_t R = g.k->rows, groups = (M + R - 1) / R;
       const int64_t run = groups == 1 ? g.nb : std::max<int64_t>(1, kQRunBytes * g.nb / g.tile_bytes);
       for (int64_t u0 = 0; u0 < g.nb; u0 += run) {
         const int64_t u1 = std::min(g.nb, u0 + run);
         for (int64_t gi = 0; gi < groups; ++gi) {
-          const int64_t m0 = gi * kQRows, c = std::min<int64_t>(kQRows, M - m0);
-          g.k->f[c - 1](tile, g.nb, a, m0, u0, u1, accs.data() + gi * kQRows * kQLanes, u0 == 0);
+          const int64_t m0 = gi * R, c = std::min<int64_t>(R, M - m0);
+          g.k->f[c - 1](tile, g.nb, a, m0, u0, u1, accs.data() + m0 * kQLanes, u0 == 0);
         }
       }
       const int64_t c0 = g.col0 + tt * kQLanes, n = std::min<int64_t>(kQLanes, g.n - tt * kQLanes);
