@@ -18,8 +18,8 @@
 //
 // A tile streams from memory once per call: up to 8 rows are taken per pass (4 for the K-quants and
 // on AVX2; QKernel::rows), and with more rows the passes run over runs of blocks small enough to
-// stay in L1. The threads split the tiles
-// (16-row granularity keeps 2 threads balanced on 576-row matrices).
+// stay in L1. The threads split the tiles (16-row granularity keeps 2 threads balanced on 576-row
+// matrices).
 //
 // Two instruction sets, chosen at run time (set_isa): AVX-512 VNNI, and AVX2 (vpmaddubsw +
 // vpmaddwd, two 8-lane halves per tile; Q8_0 with the sign trick, since q + 128 could saturate
