@@ -248,7 +248,7 @@ KS_VNNI void q4_tile_512(KS_Q_SIG) {
       sl[c] = _mm512_set1_epi32(-offset * a.sum[(m0 + c) * nb + u]);
       if constexpr (!kOneChain<C>) sh[c] = _mm512_setzero_si512();
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
       const __m512i v = ld512(q + 64 * i);
       __m512i l = _mm512_and_si512(v, low);
@@ -756,7 +756,7 @@ void qproduct(const QAct& a, int64_t M, const int64_t* desc, int64_t N, const fl
     tiles += (g.n + kQLanes - 1) / kQLanes;
   }
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> accs((M + kQRows - 1) / kQRows * kQRows * kQLanes);    // row m's sums at m * kQLanes
+    std::vector<float> accs(M * kQLanes);    // row m's sums at m * kQLanes
     int64_t s = 0;
     for (int64_t t = t0; t < t1; ++t) {
       while (s + 1 < nseg && t >= segs[s + 1].tile0) ++s;
