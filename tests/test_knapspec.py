@@ -391,6 +391,7 @@ def test_the_planner_chooses_windows_where_they_keep_the_states_close(tiny_root)
     for s in range(0, 6, 2):             # a window saves less than skipping, more for a smaller window
         w = dict(items[s])
         assert 0 < w[16] < w[4] < w[0]
+    strat.collect(state, len(state.tokens) - 1)       # the DP's states (start() waits for the probe)
     cands, choice = strat.optimise(98)
     assert any(p.attn_windowed for p, _, _ in cands)
     for p, _, _ in cands:
@@ -439,3 +440,86 @@ def test_verify_time_corrections_are_numpy_weighted_least_squares(passes):
     got = vt.at(Flat(), 100)
     assert np.allclose(vt.ratios(), want, rtol=1e-9, atol=1e-9)
     assert np.allclose(got, want * 0.01 * np.arange(1, 13), rtol=1e-9, atol=1e-12)
+
+
+# ---- the window probe ------------------------------------------------------------------------------
+def _costly_attention(n_layers: int) -> LatencyModel:
+    """Attention over the context dominates a step, so windowed drafts look very attractive."""
+    return LatencyModel.analytic(n_layers, attn=1e-5, attn_per_token=1e-4, mlp=1e-5, head=1e-6,
+                                 width_factor=0.01)
+
+
+@pytest.mark.parametrize("path", ["torch-f32", "native-bf16"])
+def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_root):
+    """The probe's α for an all-windowed plan is the share of committed tokens its greedy draft
+    (teacher-forced, one token at a time, on a copy of the cache) agrees with, and it leaves the
+    cache exactly as it was."""
+    from knapspec.strategies.knapspec import windowed_plan
+    m = tiny_model("llama", tiny_root, path)
+    n = m.cfg.n_layers
+    tokens = [3 + (7 * i) % 50 for i in range(120)]
+    end, k = len(tokens) - 1, 12
+    cache = m.new_cache(len(tokens) + 8)
+    m.forward(torch.tensor([tokens[:end]]), 0, cache, last_only=True)
+    state = RoundState(model=m, cache=cache, tokens=tokens, n_prompt=100, round=0,
+                       sampling=SamplingParams(), remaining=8)
+    held = [(name, [t.clone() for t in getattr(cache, name)]) for name in ("k", "v", "kt", "vt")
+            if getattr(cache, name) is not None]
+    strat = KnapSpecStrategy(m, _costly_attention(n), windows=(8, 32), probe_tokens=k)
+    got = dict((str(p), a) for p, a in strat.probe(state, (8, 32)))
+    assert cache.length == end
+    for name, before in held:
+        assert all(torch.equal(a, b) for a, b in zip(getattr(cache, name), before)), name
+    assert [x for x in ("k", "v", "kt", "vt") if getattr(cache, x) is not None] == [x for x, _ in held]
+    for w in (8, 32):
+        plan = windowed_plan(n, w)
+        agree = 0
+        for j in range(end - k, end):                  # one draft step per position, on a copy
+            c2 = m.new_cache(len(tokens) + 8)
+            m.forward(torch.tensor([tokens[:end - k]]), 0, c2, last_only=True)
+            if j > end - k:
+                m.forward(torch.tensor([tokens[end - k:j]]), end - k, c2, plan, logits=False)
+            top = m.forward(torch.tensor([[tokens[j]]]), j, c2, plan).logits[0, -1].argmax().item()
+            agree += top == tokens[j + 1]
+        assert got[str(plan)] == pytest.approx((agree + 1) / (k + 2)), w
+
+
+def test_knapspec_probes_windows_once_per_bucket_and_stays_exact(tiny_root):
+    """Where attention dominates and windows are offered: plain steps until ``probe_tokens``
+    tokens were generated, one probe, then drafts with an all-windowed plan; the output equals
+    autoregressive decoding, and a second generation takes the plan from the memory without
+    probing again."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=40, stop_ids=()).tokens
+    strat = KnapSpecStrategy(m, _costly_attention(m.cfg.n_layers), windows=(64,), probe_tokens=6,
+                             threshold=0.0)
+    got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
+    assert got.tokens == ref
+    assert strat.probe_runs == 1
+    sources = [c.source for c in strat.history]
+    assert sources[:2] == ["probe-wait", "probe"], sources
+    assert strat.history[1].context == len(prompt) + 1 + 6      # the prefill's token, then 6 steps
+    assert strat.history[1].plan is not None and len(strat.history[1].plan.attn_windowed) == m.cfg.n_layers
+    assert got.stats.drafted > 0
+    entry = strat.memory.get(strat._bucket)
+    assert entry["probed"] and entry["plan"] == str(strat.history[1].plan)
+    again = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
+    assert again.tokens == ref and strat.probe_runs == 1
+    assert strat.history[0].source == "memory"
+
+
+def test_no_probe_where_windows_cannot_pay(tiny_root):
+    """When a windowed plan cannot beat a plain step even if every draft were accepted (attention
+    costs nothing here), or no windows are offered, the strategy does not probe."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(90)]
+    flat = LatencyModel.analytic(m.cfg.n_layers, attn=1e-5, attn_per_token=0.0, mlp=1e-3, head=1e-5,
+                                 width_factor=0.5)
+    for strat in (KnapSpecStrategy(m, flat, windows=(8, 32), probe_tokens=6),
+                  KnapSpecStrategy(m, _costly_attention(m.cfg.n_layers), probe_tokens=6)):
+        eng.generate(prompt, strat, max_new_tokens=12, stop_ids=())
+        assert strat.probe_runs == 0
+        assert all(c.source not in ("probe", "probe-wait") for c in strat.history)

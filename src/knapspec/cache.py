@@ -25,6 +25,9 @@ The cache knows nothing about drafts, plans or tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -137,6 +140,53 @@ class KVCache:
         if self.k is None or self.v is None:
             self._torch_layout()
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    @contextmanager
+    def scratch(self, start: int, end: int) -> Iterator[None]:
+        """Inside: positions ``start .. end-1`` may be overwritten (a trial pass over committed
+        tokens). On exit they hold what they held before, in every layout; a layout created inside
+        is dropped (it was derived from overwritten entries) and made again when next needed; the
+        length is restored."""
+        had = [x is not None for x in (self.k, self.v, self.kt, self.vt)]
+        length = self._length
+        snap = self.snapshot(start, end)
+        try:
+            yield
+        finally:
+            self.restore(snap)
+            now = [x is not None for x in (self.k, self.v, self.kt, self.vt)]
+            if now != had:
+                if not had[0]:
+                    self.k = None
+                if not had[1]:
+                    self.v = None
+                if not had[2]:
+                    self.kt = None
+                if not had[3]:
+                    self.vt = None
+                self.layouts += 1
+            self._length = length
+
+    def snapshot(self, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of what every held layout stores for positions ``start .. end-1`` (whole native
+        blocks and pairs around them), for :meth:`restore` after a pass that overwrites them."""
+        assert 0 <= start <= end <= self.capacity
+        u = 2 if self.dtype == torch.bfloat16 else 1
+        out = []
+        for held, lo, hi, dim in ((self.k, start, end, 2), (self.v, start, end, 2),
+                                  (self.kt, start // 16, -(-end // 16), 2),
+                                  (self.vt, start // u, -(-end // u), 2)):
+            if held is None or (held is self.vt and u == 1):
+                continue
+            for t in held:
+                part = t.narrow(dim, lo, hi - lo)
+                out.append((part, part.clone()))
+        return out
+
+    def restore(self, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back what :meth:`snapshot` copied (the layouts must not have been created since)."""
+        for part, saved in snap:
+            part.copy_(saved)
 
     def set_length(self, n: int) -> None:
         assert 0 <= n <= self.capacity, f"length {n} outside 0..{self.capacity}"

@@ -25,7 +25,10 @@ pays.
    processes. A decision is due at the start of a generation, when the context enters another
    bucket, and when the acceptance measured while drafting no longer pays for the plan. Each
    decision takes, in order: the plan in use if it still pays (entering another bucket); the
-   bucket's remembered plan if it still pays at this context; the
+   bucket's remembered plan if it still pays at this context; once per bucket, where windowed
+   attention could pay, the *window probe* (:meth:`KnapSpecStrategy.probe`: the plans that window
+   every attention sublayer, one per window size, priced at the agreement of their greedy tokens
+   with the full model's on the last ``probe_tokens`` committed tokens); the
    remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
    verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
    (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; and only then the DP, on the
@@ -154,7 +157,8 @@ class Choice:
     tpt_ar: float               # predicted tokens per second of plain decoding
     context: int
     source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound) |
-                                # "carried" (the plan in use, still paying in a new bucket)
+                                # "carried" (the plan in use, still paying in a new bucket) |
+                                # "probe" (the window probe) | "probe-wait" (plain steps until it)
 
 
 # the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
@@ -182,13 +186,13 @@ class KnapSpecStrategy(Strategy):
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, window: int = 8, d_max: int = 8,
                  every: int = 64, min_cosine: float = 0.5, max_states: int = 8, resolution: int = 8,
                  alpha: str = "top1", threshold: float | None = None, windows: Sequence[int] = (),
-                 memory: PlanMemory | str | Any = None, margin: float = 0.1) -> None:
+                 memory: PlanMemory | str | Any = None, margin: float = 0.1, probe_tokens: int = 16) -> None:
         if alpha not in ("top1", "cosine"):
             raise ValueError(f"alpha estimate must be 'top1' or 'cosine', got {alpha!r}")
         if latency is not None and latency.n_layers != model.cfg.n_layers:
             raise ValueError("the latency model is for a different number of layers")
         for k, v in (("window", window), ("d_max", d_max), ("every", every), ("resolution", resolution),
-                     ("max_states", max_states)):
+                     ("max_states", max_states), ("probe_tokens", probe_tokens)):
             if v < 1:
                 raise ValueError(f"{k} must be >= 1, got {v}")
         if any(int(w) < 2 for w in windows):
@@ -197,6 +201,8 @@ class KnapSpecStrategy(Strategy):
         self.window, self.d_max, self.every = window, d_max, every
         self.min_cosine, self.max_states, self.resolution = min_cosine, max_states, resolution
         self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
+        self.probe_tokens = probe_tokens
+        self.probe_runs = 0                            # window probes run by this instance
         self.windows = tuple(sorted({int(w) for w in windows}))
         self.memory = memory if isinstance(memory, PlanMemory) else PlanMemory(memory)
         self.verify_times = VerifyTimes(d_max + 2)
@@ -234,6 +240,7 @@ class KnapSpecStrategy(Strategy):
         self._acc = 0.0
         self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
         self._draft_obs = 0
+        self._probe_at = -1                        # committed tokens at which the window probe runs
         self.verify_times.reset()
 
     # ---- collection -----------------------------------------------------------------------------
@@ -292,6 +299,8 @@ class KnapSpecStrategy(Strategy):
         self._cache = state.cache
         if self.choice is None:
             self.decide(state, "start")
+        elif self._probe_at >= 0 and len(state.tokens) >= self._probe_at:
+            self.decide(state, "probe")
         elif bucket(ctx) != self._bucket:
             self.decide(state, "bucket")
         elif self.choice.plan is not None and not self._still_pays(ctx):
@@ -465,6 +474,28 @@ class KnapSpecStrategy(Strategy):
                     return
             except ValueError:
                 pass
+        # 1b. the window probe, once per bucket where windowed attention could pay: plain steps
+        #     until ``probe_tokens`` tokens were generated, then the probe on them
+        self._probe_at = -1
+        probe = self._probe_windows(entry, ctx, tv)
+        if probe:
+            need = state.n_prompt + self.probe_tokens + 1
+            if len(state.tokens) < need:
+                self._probe_at = need
+                self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
+                                 source="probe-wait"))
+                return
+            cands = self.probe(state, probe)
+            plan, d, v, _ = best_plan(cands, lat, ctx, self.d_max, tv=tv,
+                                      draft_scale=self.verify_times.step_ratio())
+            probed = [[str(p), round(a, 4)] for p, a in cands]
+            if plan is not None:
+                a = next(x for p, x in cands if p is plan)
+                self.memory.update(b, probed=probed, plan=str(plan), alpha=round(a, 4), d=d, streak=0, gated=0)
+                self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe"))
+                return
+            self.memory.update(b, probed=probed)
+            entry = self.memory.get(b)
         # 2. a remembered "no draft" verdict, while the back-off lasts; and no second DP in one
         #    generation before ``every << streak`` rounds
         streak = int(entry.get("streak", 0))
@@ -492,6 +523,50 @@ class KnapSpecStrategy(Strategy):
             self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=round(c.alpha, 4), d=c.d,
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         self._set(c)
+
+    def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
+        """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
+        offered window that leaves out keys here and whose all-windowed plan would beat a plain
+        step if every draft were accepted."""
+        if "probed" in entry or not self.windows:
+            return []
+        n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
+        out = []
+        for w in self.windows:
+            if ctx <= 2 * (w + SINK) + self.probe_tokens:
+                continue
+            _, v = best_length(1.0, self.draft_time(windowed_plan(n, w), ctx), tv, self.d_max)
+            if v > t_ar:
+                out.append(w)
+        return out
+
+    @torch.inference_mode()
+    def probe(self, state: RoundState, windows: Sequence[int]) -> list[tuple[Plan, float]]:
+        """``(plan, α)`` for each plan that windows every attention sublayer to one of ``windows``:
+        α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy token agreeing
+        with the next committed token on the last ``probe_tokens`` committed tokens (after plain
+        steps these are the full model's own greedy tokens). Each plan runs as its drafts do, one
+        pass over those tokens at their own positions (its own keys for them, the cache's before
+        them), on the fused native path; the cache entries it overwrites are put back after it.
+        Costs one pass over ``probe_tokens`` tokens per window (about what verifying as many
+        draft tokens costs at short context), where the DP's collection alone is a
+        full-attention pass over its tokens and the DP many more."""
+        model, cache = state.model, state.cache
+        assert cache is not None
+        n, k = model.cfg.n_layers, self.probe_tokens
+        end = len(state.tokens) - 1                    # the cache holds the positions before `end`
+        p0 = end - k
+        ids = torch.tensor([state.tokens[p0:end]], device=model.device)
+        targets = torch.tensor(state.tokens[p0 + 1:end + 1])
+        self.probe_runs += 1
+        out = []
+        with cache.scratch(p0, end):
+            for w in windows:
+                logits = model.forward(ids, p0, cache, windowed_plan(n, w)).logits
+                top = logits[0].argmax(-1).cpu()
+                agree = float((top == targets).sum().item())
+                out.append((windowed_plan(n, w), (agree + 1.0) / (k + 2.0)))
+        return out
 
     def _set(self, c: Choice) -> None:
         self.choice = c
@@ -595,11 +670,16 @@ class KnapSpecStrategy(Strategy):
         return out
 
 
+def windowed_plan(n_layers: int, w: int) -> Plan:
+    """The plan that runs every sublayer and windows every attention sublayer to ``w`` keys."""
+    return Plan.from_options([w, FULL] * n_layers)
+
+
 @REGISTRY.register("knapspec")
 def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
               threshold: float | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
-                                                    "resolution", "alpha", "margin")}
+                                                    "resolution", "alpha", "margin", "probe_tokens")}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     kw["memory"] = planner_memory(model, options.get("memory", "auto"), kw["windows"])
     return KnapSpecStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
