@@ -161,6 +161,10 @@ class Choice:
                                 # "probe" (the window probe) | "probe-wait" (plain steps until it)
 
 
+# the acceptance at which an all-windowed plan must pay for the window probe to run
+PROBE_ALPHA = 0.9
+PROBE_GAIN = 0.1        # ... and by how much more than a plain step
+
 # the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
 # decisions taken from the memory
 MAX_BACKOFF = 64
@@ -527,7 +531,10 @@ class KnapSpecStrategy(Strategy):
     def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
-        step if every draft were accepted."""
+        step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA``, about the best an all-windowed draft
+        reached on the embedded model's long documents (0.86-0.92 at 8k). Where even that would
+        not pay enough (on the embedded model up to ~3k tokens, where attention is a smaller share
+        of a step), the probe's cost (a pass over ``probe_tokens`` tokens per window) is saved."""
         if "probed" in entry or not self.windows:
             return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
@@ -535,8 +542,8 @@ class KnapSpecStrategy(Strategy):
         for w in self.windows:
             if ctx <= 2 * (w + SINK) + self.probe_tokens:
                 continue
-            _, v = best_length(1.0, self.draft_time(windowed_plan(n, w), ctx), tv, self.d_max)
-            if v > t_ar:
+            _, v = best_length(PROBE_ALPHA, self.draft_time(windowed_plan(n, w), ctx), tv, self.d_max)
+            if v > (1.0 + PROBE_GAIN) * t_ar:
                 out.append(w)
         return out
 
