@@ -525,16 +525,21 @@ def test_no_probe_where_windows_cannot_pay(tiny_root):
         assert all(c.source not in ("probe", "probe-wait") for c in strat.history)
 
 
-def test_the_hybrid_stays_awake_for_the_window_probe_and_stays_exact(tiny_root):
-    """The hybrid's planner, woken at the start: it waits for the probe (lookups priced as usual
-    meanwhile), probes once, and the output equals autoregressive decoding."""
+@pytest.mark.parametrize("plan_after", [0, 4])
+def test_the_hybrid_stays_awake_for_the_window_probe_and_stays_exact(plan_after, tiny_root):
+    """The hybrid's planner wakes at the first round where the window probe is due, without
+    waiting for ``plan_after`` lookup misses in a row (lookups that match but are mostly rejected
+    would keep it asleep), waits for the probe (lookups priced as usual meanwhile), probes once,
+    and the output equals autoregressive decoding."""
     from knapspec.strategies.hybrid import HybridStrategy
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)
     prompt = [3 + (5 * i) % 40 for i in range(150)]
     ref = eng.generate(prompt, max_new_tokens=40, stop_ids=()).tokens
-    hyb = HybridStrategy(m, _costly_attention(m.cfg.n_layers), plan_after=0, windows=(64,), probe_tokens=6)
+    hyb = HybridStrategy(m, _costly_attention(m.cfg.n_layers), plan_after=plan_after, windows=(64,),
+                         probe_tokens=6)
     got = eng.generate(prompt, hyb, max_new_tokens=40, stop_ids=(), threshold=0.0)
     assert got.tokens == ref
     assert hyb.planner.probe_runs == 1
     assert [c.source for c in hyb.planner.history][:2] == ["probe-wait", "probe"]
+    assert hyb.planner.history[0].context == len(prompt) + 1          # the first round

@@ -158,9 +158,15 @@ class HybridStrategy(Strategy):
         return min(max(self.plan_after, 1) << min(streak, 7), 64)
 
     def _recall(self, ctx: int) -> None:
-        """The wait for the planner at this context's bucket, from the planner's memory."""
+        """The wait for the planner at this context's bucket, from the planner's memory: none
+        where the bucket remembers a plan or the window probe is due there (lookups that match
+        but are mostly rejected would otherwise keep the planner asleep where its windowed drafts
+        pay), else ``plan_after`` lookup misses in a row, doubled per "no draft" verdict."""
         self._bucket = bucket(ctx)
-        self._plan_after_now = self._backoff(int(self.memory.get(self._bucket).get("streak", 0)))
+        entry = self.memory.get(self._bucket)
+        self._plan_after_now = self._backoff(int(entry.get("streak", 0)))
+        if self.use_skip and (entry.get("plan") or self.planner.probe_due(ctx)):
+            self._plan_after_now = 0
 
     @property
     def _remembered(self) -> bool:

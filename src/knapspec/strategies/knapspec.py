@@ -528,6 +528,13 @@ class KnapSpecStrategy(Strategy):
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         self._set(c)
 
+    def probe_due(self, ctx: int) -> bool:
+        """Whether a decision at ``ctx`` would start with the window probe."""
+        if not self.windows or "probed" in self.memory.get(bucket(ctx)):
+            return False
+        tv = self.verify_times.at(self.latency, ctx, exact=True)
+        return bool(self._probe_windows(self.memory.get(bucket(ctx)), ctx, tv))
+
     def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
@@ -552,9 +559,11 @@ class KnapSpecStrategy(Strategy):
         """``(plan, α)`` for each plan that windows every attention sublayer to one of ``windows``:
         α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy token agreeing
         with the next committed token on the last ``probe_tokens`` committed tokens (after plain
-        steps these are the full model's own greedy tokens). Each plan runs as its drafts do, one
-        pass over those tokens at their own positions (its own keys for them, the cache's before
-        them), on the fused native path; the cache entries it overwrites are put back after it.
+        steps these are the full model's own greedy tokens; under sampling they are samples, and
+        the agreement with them is only a proxy for speculative sampling's acceptance). Each plan
+        runs as its drafts do, one pass over those tokens at their own positions (its own keys
+        for them, the cache's before them), on the fused native path where the model has one;
+        the cache entries it overwrites are put back after it.
         Costs one pass over ``probe_tokens`` tokens per window (about what verifying as many
         draft tokens costs at short context), where the DP's collection alone is a
         full-attention pass over its tokens and the DP many more."""
