@@ -543,3 +543,29 @@ def test_the_hybrid_stays_awake_for_the_window_probe_and_stays_exact(plan_after,
     assert hyb.planner.probe_runs == 1
     assert [c.source for c in hyb.planner.history][:2] == ["probe-wait", "probe"]
     assert hyb.planner.history[0].context == len(prompt) + 1          # the first round
+
+
+def test_a_plan_remembered_while_waiting_for_the_probe_ends_the_wait(tiny_root):
+    """Another strategy sharing the planner's memory probes the bucket first (the hybrid and
+    KnapSpec share it): the next decision takes the remembered plan once, and the wait is over
+    (no decision per round)."""
+    from knapspec.strategies.knapspec import windowed_plan
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=30, stop_ids=()).tokens
+
+    class Shared(KnapSpecStrategy):
+        def propose(self, state):
+            if state.round == 2:             # the other strategy's verdict lands in the memory
+                self.memory.update(self._bucket, probed=[], plan=str(windowed_plan(m.cfg.n_layers, 64)),
+                                   alpha=0.99, d=3, streak=0)
+            return super().propose(state)
+
+    strat = Shared(m, _costly_attention(m.cfg.n_layers), windows=(64,), probe_tokens=6, threshold=0.0)
+    got = eng.generate(prompt, strat, max_new_tokens=30, stop_ids=(), threshold=0.0)
+    assert got.tokens == ref
+    sources = [c.source for c in strat.history]
+    assert sources[0] == "probe-wait" and sources[1] == "memory", sources
+    assert sources.count("memory") + sources.count("acceptance") <= 3, sources
+    assert strat.probe_runs == 0

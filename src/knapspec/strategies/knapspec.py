@@ -437,6 +437,7 @@ class KnapSpecStrategy(Strategy):
         ctx = state.context_length
         b = bucket(ctx)
         self._bucket = b
+        self._probe_at = -1                          # a decision ends any wait for the probe
         lat = self.latency
         tv = self.verify_times.at(lat, ctx, exact=True)
         t_ar = 1.0 / tv[0]
@@ -480,7 +481,6 @@ class KnapSpecStrategy(Strategy):
                 pass
         # 1b. the window probe, once per bucket where windowed attention could pay: plain steps
         #     until ``probe_tokens`` tokens were generated, then the probe on them
-        self._probe_at = -1
         probe = self._probe_windows(entry, ctx, tv)
         if probe:
             need = state.n_prompt + self.probe_tokens + 1
