@@ -333,10 +333,12 @@ class KnapSpecStrategy(Strategy):
         if outcome.verify_s <= 0 or self.latency.given:
             return
         ctx = outcome.context_length
-        self.verify_times.predict(self.latency, ctx)
+        pred = self.verify_times.predict(self.latency, ctx)
         self.verify_times.observe(outcome.drafted + 1, outcome.verify_s)
         if outcome.drafted == 0:
-            verdict = self.watch.observe(outcome.verify_s, self.latency.predict(None, ctx, 1))
+            # the step's prediction as of the last refresh (within ``refresh`` tokens of context:
+            # ample for a check at 25% and 2x, and no pass over the layers every round)
+            verdict = self.watch.observe(outcome.verify_s, pred[0])
             if verdict is not None:
                 self.watch.report(self.latency, verdict)
         c = self.choice
