@@ -141,45 +141,39 @@ class KVCache:
             self._torch_layout()
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    _LAYOUTS = ("k", "v", "kt", "vt")
+
     @contextmanager
     def scratch(self, start: int, end: int) -> Iterator[None]:
         """Inside: positions ``start .. end-1`` may be overwritten (a trial pass over committed
         tokens). On exit they hold what they held before, in every layout; a layout created inside
         is dropped (it was derived from overwritten entries) and made again when next needed; the
         length is restored."""
-        had = [x is not None for x in (self.k, self.v, self.kt, self.vt)]
+        had = [getattr(self, name) is not None for name in self._LAYOUTS]
         length = self._length
         snap = self.snapshot(start, end)
         try:
             yield
         finally:
             self.restore(snap)
-            now = [x is not None for x in (self.k, self.v, self.kt, self.vt)]
-            if now != had:
-                if not had[0]:
-                    self.k = None
-                if not had[1]:
-                    self.v = None
-                if not had[2]:
-                    self.kt = None
-                if not had[3]:
-                    self.vt = None
-                self.layouts += 1
+            created = [name for name, h in zip(self._LAYOUTS, had) if not h and getattr(self, name) is not None]
+            for name in created:
+                setattr(self, name, None)
+            self.layouts += bool(created)
             self._length = length
 
     def snapshot(self, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of what every held layout stores for positions ``start .. end-1`` (whole native
-        blocks and pairs around them), for :meth:`restore` after a pass that overwrites them."""
+        key blocks and value pairs around them), for :meth:`restore` after a pass that overwrites
+        them."""
         assert 0 <= start <= end <= self.capacity
-        u = 2 if self.dtype == torch.bfloat16 else 1
+        spans = {"k": (start, end), "v": (start, end), "kt": (start // 16, -(-end // 16)),
+                 "vt": (start // 2, -(-end // 2))}           # vt: bfloat16 only, keys in pairs
         out = []
-        for held, lo, hi, dim in ((self.k, start, end, 2), (self.v, start, end, 2),
-                                  (self.kt, start // 16, -(-end // 16), 2),
-                                  (self.vt, start // u, -(-end // u), 2)):
-            if held is None or (held is self.vt and u == 1):
-                continue
-            for t in held:
-                part = t.narrow(dim, lo, hi - lo)
+        for name in self._LAYOUTS:
+            lo, hi = spans[name]
+            for t in getattr(self, name) or []:
+                part = t.narrow(2, lo, hi - lo)
                 out.append((part, part.clone()))
         return out
 

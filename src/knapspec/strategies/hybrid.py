@@ -282,10 +282,9 @@ class HybridStrategy(Strategy):
             self.planner.propose(state)            # its own triggers: bucket change, acceptance
         if len(self.planner.history) > decided:
             pays = self.planner.choice is not None and self.planner.choice.plan is not None
-            waits = self.planner.choice is not None and self.planner.choice.source == "probe-wait"
             self._recall(ctx)
-            if not pays and not waits:             # sleep until that many misses in a row again
-                                                   # (awake while the window probe is due)
+            if not pays and not self.planner.waiting_for_probe:
+                # sleep until that many misses in a row again (awake while the window probe waits)
                 self._active = False
                 self._misses = 0
         k = min(len(cont), self.max_lookup)

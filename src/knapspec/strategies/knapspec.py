@@ -532,10 +532,15 @@ class KnapSpecStrategy(Strategy):
 
     def probe_due(self, ctx: int) -> bool:
         """Whether a decision at ``ctx`` would start with the window probe."""
-        if not self.windows or "probed" in self.memory.get(bucket(ctx)):
+        entry = self.memory.get(bucket(ctx))
+        if not self.windows or "probed" in entry:          # before pricing anything
             return False
-        tv = self.verify_times.at(self.latency, ctx, exact=True)
-        return bool(self._probe_windows(self.memory.get(bucket(ctx)), ctx, tv))
+        return bool(self._probe_windows(entry, ctx, self.verify_times.at(self.latency, ctx, exact=True)))
+
+    @property
+    def waiting_for_probe(self) -> bool:
+        """Plain steps until the window probe runs (its tokens are being generated)."""
+        return self._probe_at >= 0
 
     def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
@@ -582,10 +587,10 @@ class KnapSpecStrategy(Strategy):
         out = []
         with cache.scratch(p0, end):
             for w in windows:
-                logits = model.forward(ids, p0, cache, windowed_plan(n, w)).logits
-                top = logits[0].argmax(-1).cpu()
+                plan = windowed_plan(n, w)
+                top = model.forward(ids, p0, cache, plan).logits[0].argmax(-1).cpu()
                 agree = float((top == targets).sum().item())
-                out.append((windowed_plan(n, w), (agree + 1.0) / (k + 2.0)))
+                out.append((plan, (agree + 1.0) / (k + 2.0)))
         return out
 
     def _set(self, c: Choice) -> None:
