@@ -452,12 +452,16 @@ def _costly_attention(n_layers: int) -> LatencyModel:
 @pytest.mark.parametrize("path", ["torch-f32", "native-bf16"])
 def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_root):
     """The probe's α for an all-windowed plan is the share of committed tokens its greedy draft
-    (teacher-forced, one token at a time, on a copy of the cache) agrees with, and it leaves the
-    cache exactly as it was."""
+    (teacher-forced, one token at a time, on a copy of the cache) agrees with, with the full
+    vocabulary and with each subset of the draft vocabulary (its frequent tokens and those of
+    the text before the probed tokens, drafted through those lm_head rows as drafts are), and it
+    leaves the cache exactly as it was."""
     from knapspec.strategies.knapspec import windowed_plan
+    from knapspec.strategies.vocab import DraftVocab
     m = tiny_model("llama", tiny_root, path)
     n = m.cfg.n_layers
-    tokens = [3 + (7 * i) % 50 for i in range(120)]
+    prompt = [3 + (7 * i) % 50 for i in range(100)]
+    tokens = prompt + Engine(m).generate(prompt, max_new_tokens=20, stop_ids=()).tokens   # its own tokens
     end, k = len(tokens) - 1, 12
     cache = m.new_cache(len(tokens) + 8)
     m.forward(torch.tensor([tokens[:end]]), 0, cache, last_only=True)
@@ -465,23 +469,35 @@ def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_ro
                        sampling=SamplingParams(), remaining=8)
     held = [(name, [t.clone() for t in getattr(cache, name)]) for name in ("k", "v", "kt", "vt")
             if getattr(cache, name) is not None]
-    strat = KnapSpecStrategy(m, _costly_attention(n), windows=(8, 32), probe_tokens=k)
-    got = dict((str(p), a) for p, a in strat.probe(state, (8, 32)))
+    ranking = [(37 * i) % 128 for i in range(128)]
+    strat = KnapSpecStrategy(m, _costly_attention(n), windows=(8, 96), probe_tokens=k,
+                             draft_vocab=DraftVocab(m, ranking, sizes=(8, 32)))
+    got = {str(p): (a, per_size) for p, a, per_size in strat.probe(state, (8, 96))}
     assert cache.length == end
     for name, before in held:
         assert all(torch.equal(a, b) for a, b in zip(getattr(cache, name), before)), name
     assert [x for x in ("k", "v", "kt", "vt") if getattr(cache, x) is not None] == [x for x, _ in held]
-    for w in (8, 32):
+    before = set(tokens[:end - k + 1])
+    subsets = {size: torch.tensor(sorted(set(ranking[:size]) | before)) for size in (8, 32)}
+    assert all(len(ids) < 128 for ids in subsets.values())
+    for w in (8, 96):
         plan = windowed_plan(n, w)
-        agree = 0
+        agree = {None: 0, 8: 0, 32: 0}
         for j in range(end - k, end):                  # one draft step per position, on a copy
             c2 = m.new_cache(len(tokens) + 8)
             m.forward(torch.tensor([tokens[:end - k]]), 0, c2, last_only=True)
             if j > end - k:
                 m.forward(torch.tensor([tokens[end - k:j]]), end - k, c2, plan, logits=False)
             top = m.forward(torch.tensor([[tokens[j]]]), j, c2, plan).logits[0, -1].argmax().item()
-            agree += top == tokens[j + 1]
-        assert got[str(plan)] == pytest.approx((agree + 1) / (k + 2)), w
+            agree[None] += top == tokens[j + 1]
+            for size, ids in subsets.items():
+                c2.set_length(j)
+                row = m.forward(torch.tensor([[tokens[j]]]), j, c2, plan, head_weight=m.lm_head[ids])
+                agree[size] += ids[row.logits[0, -1].argmax()].item() == tokens[j + 1]
+        a, per_size = got[str(plan)]
+        assert a == pytest.approx((agree[None] + 1) / (k + 2)), w
+        assert per_size == pytest.approx({size: (agree[size] + 1) / (k + 2) for size in (8, 32)}), w
+    assert agree[None] > agree[8] > 0           # (w = 96: the check saw both kinds of token)
 
 
 def test_knapspec_probes_windows_once_per_bucket_and_stays_exact(tiny_root):
@@ -508,6 +524,49 @@ def test_knapspec_probes_windows_once_per_bucket_and_stays_exact(tiny_root):
     again = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
     assert again.tokens == ref and strat.probe_runs == 1
     assert strat.history[0].source == "memory"
+
+
+def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_root):
+    """With a draft vocabulary and a costly lm_head, the probe's verdict drafts through a subset
+    of the lm_head rows (the draft step priced with the head scaled by its rows), the output
+    equals autoregressive decoding, and the memory keeps the plan with its acceptance; where the
+    subsets cover none of the output, the same decision keeps the full vocabulary."""
+    from knapspec.strategies.vocab import DraftVocab
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=40, stop_ids=()).tokens
+    lat = LatencyModel.analytic(n, attn=1e-5, attn_per_token=1e-4, mlp=1e-5, head=2e-2, width_factor=0.01)
+    first = list(dict.fromkeys(ref))                      # the output's tokens ranked first
+    vocab = DraftVocab(m, first + [t for t in range(128) if t not in first], sizes=(64,))
+    strat = KnapSpecStrategy(m, lat, windows=(64,), probe_tokens=6, threshold=0.0, draft_vocab=vocab)
+    drafts = []
+    seen_propose = strat.propose
+
+    def propose(state):
+        d = seen_propose(state)
+        drafts.append(d)
+        return d
+    strat.propose = propose
+    got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
+    assert got.tokens == ref
+    c = strat.history[1]
+    assert c.source == "probe" and c.plan is not None and c.vocab == 64
+    used = [d for d in drafts if d.plan is not None]
+    assert used and all(d.head is not None and len(d.head_ids) < 128 for d in used)
+    assert got.stats.drafted > 0
+    # priced: the head share of the step scales with the subset's rows
+    full, sub = strat.draft_time(c.plan, 200), strat.draft_time(c.plan, 200, 64)
+    assert full - sub == pytest.approx(strat.verify_times.step_ratio() * 2e-2 * (1 - vocab.rows_for(64) / 128),
+                                       rel=1e-6)
+    assert strat.memory.get(strat._bucket)["plan"] == str(c.plan)
+    # subsets that never hold an output token are not worth any head saving
+    vocab.hits[:] = 0
+    vocab.seen_outputs = 10_000
+    tv = strat.verify_times.at(lat, 200, exact=True)
+    assert strat.price(c.plan, 0.9, 200, tv)[0] is None
+    assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64      # ... unless measured otherwise
 
 
 def test_no_probe_where_windows_cannot_pay(tiny_root):

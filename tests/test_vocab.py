@@ -36,6 +36,8 @@ def test_subset_holds_frequent_prompt_and_output_tokens(tiny_root):
     assert np.allclose(head.numpy(), m.lm_head[ids].numpy())
     # coverage of output tokens 50 (no: unseen, rank 50+28), 101 (yes), 50 (yes: seen) with the prompt's prior
     assert v.hits.tolist() == [2.0, 2.0] and v.seen_outputs == 3
+    assert v.rows_for(8) == len(ids)              # the selected subset's rows, kept up to date
+    assert v.rows_for(16) == 16 + np.count_nonzero(v.seen & (v.rank >= 16))
     assert 0.0 <= v.coverage().min() <= v.coverage().max() <= 1.0
 
 
@@ -97,3 +99,19 @@ def test_greedy_with_truncated_draft_vocabulary_equals_autoregressive(tiny_root,
     hyb = HybridStrategy(m, _lat(n, head=2e-2), draft_vocab=vocab, alpha="cosine", min_cosine=0.0, every=2,
                          plan_after=0)
     assert eng.generate(prompt, hyb, max_new_tokens=n_new, stop_ids=(2,)).tokens == ref
+
+
+def test_without_a_calibration_the_ranking_is_the_tokenizers_order(tiny_root, monkeypatch, tmp_path):
+    """``draft_vocab=auto`` with no calibration file: token ids in order (merge / score order);
+    none where the vocabulary is no larger than the smallest subset; ``off``: none."""
+    from types import SimpleNamespace
+
+    from knapspec.strategies import search
+    from knapspec.strategies.vocab import SIZES, load_draft_vocab
+    monkeypatch.setattr(search, "default_calibration_path", lambda method, model: tmp_path / "missing.json")
+    big = SimpleNamespace(cfg=SimpleNamespace(vocab_size=3000))
+    v = load_draft_vocab(big, "auto")
+    assert v is not None and v.ranked == list(range(3000)) and v.sizes == (1024, 2048)
+    assert load_draft_vocab(big, "off") is None
+    assert load_draft_vocab(tiny_model("llama", tiny_root), "auto") is None    # 128 tokens
+    assert min(SIZES) >= 128

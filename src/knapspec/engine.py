@@ -283,12 +283,14 @@ class Engine:
             out = model.forward(x, pos, cache, draft.plan, last_only=True, head_weight=draft.head)
             pos += len(inp)
             logits = out.logits[0, -1]
-            if draft.head_ids is not None:      # truncated vocabulary: scatter back, -inf elsewhere
-                full = torch.full((V,), float("-inf"), device=logits.device)
-                logits = full.index_copy_(0, draft.head_ids, logits)
             if sampling.greedy:
                 tok, conf = greedy_confidence(logits)
+                if draft.head_ids is not None:  # truncated vocabulary: the row's token id
+                    tok = int(draft.head_ids[tok])
             else:
+                if draft.head_ids is not None:  # truncated vocabulary: scattered back, -inf elsewhere
+                    full = torch.full((V,), float("-inf"), device=logits.device)
+                    logits = full.index_copy_(0, draft.head_ids, logits)
                 q = probs(logits, sampling)
                 tok = sample(q, gen)
                 conf = float(q[tok])

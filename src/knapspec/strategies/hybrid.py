@@ -78,7 +78,7 @@ from .knapspec import DEFAULT_WINDOWS, KnapSpecStrategy, parse_windows, planner_
 from .lookup import MAX_POS, LookupAcceptance, NgramIndex, ReferenceIndex, best_continuation
 from .memory import PlanMemory, bucket
 from .pricing import VerifyTimes
-from .vocab import DraftVocab
+from .vocab import DraftVocab, load_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -353,24 +353,3 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,
                           memory=planner_memory(model, options.get("memory", "auto"), windows),
                           windows=windows, **kw)
-
-
-def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
-    """``None``/"off": no truncation; "auto": the vocab calibration file of this model if one exists;
-    a path: that file (must exist); a :class:`DraftVocab`: itself."""
-    import logging
-
-    from .search import default_calibration_path, load_calibration
-    if spec is None or isinstance(spec, DraftVocab) or spec == "off":
-        return None if spec == "off" else spec
-    if spec == "auto":
-        if not default_calibration_path("vocab", model).is_file():
-            logging.getLogger(__name__).debug("no draft vocabulary calibration: full-vocabulary drafts")
-            return None
-        spec = None
-    doc, path = load_calibration(spec, "vocab", model)
-    try:
-        return DraftVocab(model, doc["ranked"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"calibration file {path} is malformed ({e}); "
-                         "re-run knapspec calibrate --strategy vocab") from None

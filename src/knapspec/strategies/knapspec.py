@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +59,8 @@ from ..plan import SINK, Plan
 from . import memory as plan_memory
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .memory import PlanMemory, bucket
-from .pricing import LatencyWatch, VerifyTimes, best_length, best_plan
+from .pricing import LatencyWatch, VerifyTimes, best_length
+from .vocab import DraftVocab, load_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ class Choice:
     source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound) |
                                 # "carried" (the plan in use, still paying in a new bucket) |
                                 # "probe" (the window probe) | "probe-wait" (plain steps until it)
+    vocab: int | None = None    # the draft vocabulary's subset size (None: the full vocabulary)
 
 
 # the acceptance at which an all-windowed plan must pay for the window probe to run
@@ -190,7 +193,8 @@ class KnapSpecStrategy(Strategy):
     def __init__(self, model: Model, latency: LatencyModel | None = None, *, window: int = 8, d_max: int = 8,
                  every: int = 64, min_cosine: float = 0.5, max_states: int = 8, resolution: int = 8,
                  alpha: str = "top1", threshold: float | None = None, windows: Sequence[int] = (),
-                 memory: PlanMemory | str | Any = None, margin: float = 0.1, probe_tokens: int = 16) -> None:
+                 memory: PlanMemory | str | Any = None, margin: float = 0.1, probe_tokens: int = 16,
+                 draft_vocab: DraftVocab | None = None) -> None:
         if alpha not in ("top1", "cosine"):
             raise ValueError(f"alpha estimate must be 'top1' or 'cosine', got {alpha!r}")
         if latency is not None and latency.n_layers != model.cfg.n_layers:
@@ -206,6 +210,7 @@ class KnapSpecStrategy(Strategy):
         self.min_cosine, self.max_states, self.resolution = min_cosine, max_states, resolution
         self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
         self.probe_tokens = probe_tokens
+        self.vocab = draft_vocab
         self.probe_runs = 0                            # window probes run by this instance
         self.windows = tuple(sorted({int(w) for w in windows}))
         self.memory = memory if isinstance(memory, PlanMemory) else PlanMemory(memory)
@@ -245,6 +250,7 @@ class KnapSpecStrategy(Strategy):
         self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
         self._draft_obs = 0
         self._probe_at = -1                        # committed tokens at which the window probe runs
+        self._n_vocab = 0                          # tokens the draft vocabulary has seen
         self.verify_times.reset()
 
     # ---- collection -----------------------------------------------------------------------------
@@ -271,7 +277,20 @@ class KnapSpecStrategy(Strategy):
         tokens) before the first round."""
         self.reset()
         self._cache = state.cache
+        if self.vocab is not None:
+            self.vocab.start(state.tokens[:state.n_prompt], capacity=state.remaining + 2)
+            self._n_vocab = state.n_prompt
         self.decide(state, "start")
+
+    def _sync_vocab(self, tokens: list[int]) -> None:
+        """Show the draft vocabulary the tokens committed since it last looked (done only where a
+        plan is priced or drafts, so plain steps pay nothing for it)."""
+        if self.vocab is not None and len(tokens) > self._n_vocab:
+            if self._n_vocab == 0:                 # a generation this instance did not start
+                self.vocab.start(tokens, capacity=256)
+            else:
+                self.vocab.commit(tokens[self._n_vocab:])
+            self._n_vocab = len(tokens)
 
     def collect_prompt(self, state: RoundState) -> None:
         """The full model's residual stream on the prompt's last ``window`` tokens, computed
@@ -314,7 +333,13 @@ class KnapSpecStrategy(Strategy):
         self._used.append(c)
         if c.plan is None:
             return AUTOREGRESSIVE
-        return Draft(plan=c.plan, max_len=c.d, threshold=self.threshold, source="knapspec")
+        head = ids = None
+        if self.vocab is not None:
+            self._sync_vocab(state.tokens)
+            self.vocab.select(c.vocab)
+            head, ids = self.vocab.head()
+        return Draft(plan=c.plan, max_len=c.d, threshold=self.threshold, source="knapspec", head=head,
+                     head_ids=ids)
 
     def observe(self, outcome: Outcome) -> None:
         if outcome.hidden is not None:             # a subclass that captures (CLaSp)
@@ -345,7 +370,7 @@ class KnapSpecStrategy(Strategy):
         model_steps = outcome.drafted - outcome.n_lookup
         if c is not None and c.plan is not None and outcome.draft.plan is c.plan and model_steps > 0 \
                 and outcome.draft_s > 0:
-            pred = model_steps * self.latency.predict(c.plan, ctx, 1)
+            pred = model_steps * self.latency.predict(c.plan, ctx, 1, head_scale=self._head_scale(c.vocab))
             r = outcome.draft_s / pred
             self._draft_obs += 1
             self._draft_ratio += (r - self._draft_ratio) / min(self._draft_obs, 16)
@@ -373,20 +398,51 @@ class KnapSpecStrategy(Strategy):
         if self._tried < 16 and self._draft_obs < 8:
             return True
         tv = self.verify_times.at(self.latency, ctx)
-        td = self.draft_time(c.plan, ctx)
+        td = self.draft_time(c.plan, ctx, c.vocab)
         _, v = best_length(self.measured_alpha(), td, tv, self.d_max)
         return v > 1.0 / tv[0]
 
-    def draft_time(self, plan: Plan, ctx: int) -> float:
-        """A draft step's time with ``plan`` at ``ctx``: the prediction corrected by the ratio
-        measured on the current plan's draft steps (once 8 rounds drafted with it), else by the
-        ratio measured on full steps."""
+    def _head_scale(self, size: int | None) -> float:
+        """The share of the lm_head a draft step with the subset of ``size`` frequent tokens
+        computes (1: the full vocabulary)."""
+        if size is None or self.vocab is None:
+            return 1.0
+        return self.vocab.rows_for(size) / self.vocab.V
+
+    def draft_time(self, plan: Plan, ctx: int, vocab: int | None = None) -> float:
+        """A draft step's time with ``plan`` (and the draft vocabulary's subset ``vocab``) at
+        ``ctx``: the prediction corrected by the ratio measured on the current plan's draft steps
+        (once 8 rounds drafted with it), else by the ratio measured on full steps."""
         c = self.choice
-        if c is not None and c.plan == plan and self._draft_obs >= 8:
+        if c is not None and c.plan == plan and c.vocab == vocab and self._draft_obs >= 8:
             scale = self._draft_ratio
         else:
             scale = self.verify_times.step_ratio()
-        return scale * self.latency.predict(plan, ctx, 1)
+        return scale * self.latency.predict(plan, ctx, 1, head_scale=self._head_scale(vocab))
+
+    def price(self, plan: Plan, alpha: float, ctx: int, tv: Sequence[float],
+              alphas: dict[int, float] | None = None) -> tuple[int | None, int, float, float]:
+        """``(vocab, d, TPT, α)`` of the best way to draft with ``plan`` at ``ctx``: with the full
+        vocabulary at acceptance ``alpha``, or with a subset of the draft vocabulary (a cheaper
+        head) at ``alphas[size]`` where measured (the window probe), else at ``alpha`` times the
+        subset's coverage of the output so far."""
+        d, v = best_length(alpha, self.draft_time(plan, ctx), tv, self.d_max)
+        best: tuple[int | None, int, float, float] = (None, d, v, alpha)
+        if self.vocab is not None:
+            for size, cov in zip(self.vocab.sizes, self.vocab.coverage()):
+                a = alphas[size] if alphas and size in alphas else alpha * float(cov)
+                d, v = best_length(a, self.draft_time(plan, ctx, size), tv, self.d_max)
+                if v > best[2]:
+                    best = (size, d, v, a)
+        return best
+
+    def _full_alpha(self, alpha: float, vocab: int | None) -> float:
+        """A plan's acceptance with the full vocabulary from one measured with a subset (what the
+        memory keeps: a later decision prices every subset from it)."""
+        if vocab is None or self.vocab is None:
+            return alpha
+        cov = float(self.vocab.coverage()[self.vocab.sizes.index(vocab)])
+        return min(1.0, alpha / max(cov, 1e-3))
 
     # ---- deciding -------------------------------------------------------------------------------
     def tpt_bound(self, ctx: int, tv: list[float] | None = None) -> float:
@@ -400,7 +456,9 @@ class KnapSpecStrategy(Strategy):
         lat = self.latency
         tv = tv if tv is not None else self.verify_times.at(lat, ctx)
         n = self.model.cfg.n_layers
-        t_min = min(self.draft_time(Plan.from_sublayer_skips(n, set(range(2 * n)) - {s}), ctx) for s in (0, 1))
+        least = min(self.vocab.sizes) if self.vocab is not None and self.vocab.sizes else None
+        t_min = min(self.draft_time(Plan.from_sublayer_skips(n, set(range(2 * n)) - {s}), ctx, least)
+                    for s in (0, 1))
         _, structural = best_length(1.0, t_min, tv, self.d_max)
         cands = self._nearest_candidates(bucket(ctx))
         if cands is None:
@@ -413,8 +471,7 @@ class KnapSpecStrategy(Strategy):
                 return structural
             if not self._offered(plan):
                 return structural
-            _, v = best_length(min(1.0, a + self.margin), self.draft_time(plan, ctx), tv, self.d_max)
-            best = max(best, v)
+            best = max(best, self.price(plan, min(1.0, a + self.margin), ctx, tv)[2])
         return min(best, structural)
 
     def _offered(self, plan: Plan) -> bool:
@@ -444,11 +501,12 @@ class KnapSpecStrategy(Strategy):
         tv = self.verify_times.at(lat, ctx, exact=True)
         t_ar = 1.0 / tv[0]
         entry = self.memory.get(b)
+        self._sync_vocab(state.tokens)
         n = self.model.cfg.n_layers
         old = self.choice
         if trigger == "acceptance" and old is not None and old.plan is not None:
             # what drafting measured replaces the estimate, in the plan and in the candidates
-            a, text = round(self.measured_alpha(), 4), str(old.plan)
+            a, text = round(self._full_alpha(self.measured_alpha(), old.vocab), 4), str(old.plan)
             upd: dict[str, Any] = {}
             if entry.get("plan") == text:
                 upd["alpha"] = a
@@ -461,12 +519,13 @@ class KnapSpecStrategy(Strategy):
         #    measured so far: keep it (and remember it there when the bucket knows no plan)
         if trigger == "bucket" and old is not None and old.plan is not None:
             a = self.measured_alpha()
-            d, v = best_length(a, self.draft_time(old.plan, ctx), tv, self.d_max)
+            d, v = best_length(a, self.draft_time(old.plan, ctx, old.vocab), tv, self.d_max)
             if v > t_ar:
                 if not entry.get("plan"):
-                    self.memory.update(b, plan=str(old.plan), alpha=round(a, 4), d=d, streak=0, gated=0)
+                    self.memory.update(b, plan=str(old.plan), alpha=round(self._full_alpha(a, old.vocab), 4), d=d,
+                                       streak=0, gated=0)
                 self._set(Choice(plan=old.plan, d=d, alpha=old.alpha, tpt=v, tpt_ar=t_ar, context=ctx,
-                                 source="carried"))
+                                 source="carried", vocab=old.vocab))
                 return
         self._tried = self._acc = 0.0
         self._draft_ratio, self._draft_obs = 1.0, 0
@@ -474,10 +533,10 @@ class KnapSpecStrategy(Strategy):
         if entry.get("plan") and trigger != "acceptance":
             try:
                 plan = Plan.parse(entry["plan"], n)
-                a = float(entry.get("alpha", 0.0))
-                d, v = best_length(a, self.draft_time(plan, ctx), tv, self.d_max)
+                voc, d, v, a = self.price(plan, float(entry.get("alpha", 0.0)), ctx, tv)
                 if v > t_ar and self._offered(plan):
-                    self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory"))
+                    self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory",
+                                     vocab=voc))
                     return
             except ValueError:
                 pass
@@ -492,13 +551,15 @@ class KnapSpecStrategy(Strategy):
                                  source="probe-wait"))
                 return
             cands = self.probe(state, probe)
-            plan, d, v, _ = best_plan(cands, lat, ctx, self.d_max, tv=tv,
-                                      draft_scale=self.verify_times.step_ratio())
-            probed = [[str(p), round(a, 4)] for p, a in cands]
-            if plan is not None:
-                a = next(x for p, x in cands if p is plan)
-                self.memory.update(b, probed=probed, plan=str(plan), alpha=round(a, 4), d=d, streak=0, gated=0)
-                self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe"))
+            probed = [[str(p), round(a, 4)] for p, a, _ in cands]
+            best = max(((p, a, *self.price(p, a, ctx, tv, per_size)) for p, a, per_size in cands),
+                       key=lambda x: x[4], default=None)
+            if best is not None and best[4] > t_ar:
+                plan, a_full, voc, d, v, a = best
+                self.memory.update(b, probed=probed, plan=str(plan), alpha=round(a_full, 4), d=d, streak=0,
+                                   gated=0)
+                self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
+                                 vocab=voc))
                 return
             self.memory.update(b, probed=probed)
             entry = self.memory.get(b)
@@ -526,7 +587,8 @@ class KnapSpecStrategy(Strategy):
             self.memory.update(b, streak=streak + 1, gated=0, plan=None,
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         else:
-            self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=round(c.alpha, 4), d=c.d,
+            a_full = round(self._full_alpha(c.alpha, c.vocab), 4)
+            self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=a_full, d=c.d,
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         self._set(c)
 
@@ -564,10 +626,12 @@ class KnapSpecStrategy(Strategy):
         return out
 
     @torch.inference_mode()
-    def probe(self, state: RoundState, windows: Sequence[int]) -> list[tuple[Plan, float]]:
-        """``(plan, α)`` for each plan that windows every attention sublayer to one of ``windows``:
-        α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy token agreeing
-        with the next committed token on the last ``probe_tokens`` committed tokens (after plain
+    def probe(self, state: RoundState, windows: Sequence[int]) -> list[tuple[Plan, float, dict[int, float]]]:
+        """``(plan, α, {size: α})`` for each plan that windows every attention sublayer to one of
+        ``windows``: α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy
+        token agreeing with the next committed token on the last ``probe_tokens`` committed tokens,
+        and per subset size of the draft vocabulary the same with the greedy token taken among that
+        subset (the frequent tokens and those of the text before the probed tokens) (after plain
         steps these are the full model's own greedy tokens; under sampling they are samples, and
         the agreement with them is only a proxy for speculative sampling's acceptance). Each plan
         runs as its drafts do, one pass over those tokens at their own positions (its own keys
@@ -583,14 +647,23 @@ class KnapSpecStrategy(Strategy):
         p0 = end - k
         ids = torch.tensor([state.tokens[p0:end]], device=model.device)
         targets = torch.tensor(state.tokens[p0 + 1:end + 1])
+        masks: dict[int, torch.Tensor] = {}
+        if self.vocab is not None:
+            seen = np.zeros(self.vocab.V, dtype=bool)
+            seen[np.asarray(state.tokens[:p0 + 1], dtype=np.int64)] = True
+            masks = {size: torch.from_numpy(seen | (self.vocab.rank < size)) for size in self.vocab.sizes}
         self.probe_runs += 1
         out = []
+
+        def alpha(top: torch.Tensor) -> float:
+            return (float((top == targets).sum().item()) + 1.0) / (k + 2.0)
         with cache.scratch(p0, end):
             for w in windows:
                 plan = windowed_plan(n, w)
-                top = model.forward(ids, p0, cache, plan).logits[0].argmax(-1).cpu()
-                agree = float((top == targets).sum().item())
-                out.append((plan, (agree + 1.0) / (k + 2.0)))
+                logits = model.forward(ids, p0, cache, plan).logits[0].float().cpu()
+                per_size = {size: alpha(logits.masked_fill(~m, float("-inf")).argmax(-1))
+                            for size, m in masks.items()}
+                out.append((plan, alpha(logits.argmax(-1)), per_size))
         return out
 
     def _set(self, c: Choice) -> None:
@@ -664,10 +737,12 @@ class KnapSpecStrategy(Strategy):
                 alpha = a if self.alpha_mode == "top1" else max(0.0, min(1.0, st.value))
                 cands.append((Plan.from_options(st.run), alpha, st.value))
         tv = self.verify_times.at(lat, ctx, exact=True)
-        plan, d, v, v_ar = best_plan([(p, a) for p, a, _ in cands], lat, ctx, self.d_max, tv=tv,
-                                     draft_scale=self.verify_times.step_ratio())
-        alpha = next((a for p, a, _ in cands if p is plan), 0.0)
-        return cands, Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=v_ar, context=ctx)
+        v_ar = 1.0 / tv[0]
+        best = max(((p, *self.price(p, a, ctx, tv)) for p, a, _ in cands), key=lambda x: x[3], default=None)
+        if best is None or best[3] <= v_ar:
+            return cands, Choice(plan=None, d=0, alpha=0.0, tpt=v_ar, tpt_ar=v_ar, context=ctx)
+        plan, voc, d, v, alpha = best
+        return cands, Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=v_ar, context=ctx, vocab=voc)
 
     def describe(self) -> dict[str, Any]:
         """Plans made, and the skipped and windowed shares of attention / MLP sublayers averaged
@@ -707,6 +782,7 @@ def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: i
                                                     "resolution", "alpha", "margin", "probe_tokens")}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     kw["memory"] = planner_memory(model, options.get("memory", "auto"), kw["windows"])
+    kw["draft_vocab"] = load_draft_vocab(model, options.get("draft_vocab", "auto"))
     return KnapSpecStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
 
 

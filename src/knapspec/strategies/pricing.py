@@ -13,8 +13,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ..plan import Plan
-
 log = logging.getLogger(__name__)
 
 
@@ -49,22 +47,6 @@ def best_length(alpha: float, t_draft: float, t_verify: Sequence[float], d_max: 
     (``t_verify[d]``: the pass over ``d + 1`` tokens)."""
     best = max(range(1, d_max + 1), key=lambda d: tpt(alpha, d, t_draft, t_verify[d]))
     return best, tpt(alpha, best, t_draft, t_verify[best])
-
-
-def best_plan(candidates: Sequence[tuple[Plan, float]], latency: Any, ctx: int, d_max: int, *,
-              tv: Sequence[float] | None = None, draft_scale: float = 1.0) -> tuple[Plan | None, int, float, float]:
-    """Among ``(plan, alpha)`` candidates and plain decoding: ``(plan, d, tpt, tpt of plain
-    decoding)`` with the highest predicted TPT at ``ctx`` (plan None, d 0 when no draft beats a
-    plain step). ``tv``: verification times (default: the latency model's); ``draft_scale``
-    multiplies the predicted draft step times."""
-    tv = tv if tv is not None else verify_times(latency, ctx, d_max + 1)
-    t_ar = 1.0 / tv[0]
-    best: tuple[Plan | None, int, float] = (None, 0, t_ar)
-    for plan, alpha in candidates:
-        d, v = best_length(alpha, draft_scale * latency.predict(plan, ctx, 1), tv, d_max)
-        if v > best[2]:
-            best = (plan, d, v)
-    return (*best, t_ar)
 
 
 class VerifyTimes:

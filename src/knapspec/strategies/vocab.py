@@ -51,7 +51,8 @@ class DraftVocab:
                  prior: float = 8.0) -> None:
         V = model.cfg.vocab_size
         sizes = sizes_for(V) if sizes is None else sizes
-        ranked = [int(t) for t in ranked if 0 <= int(t) < V]
+        arr = np.asarray(ranked, dtype=np.int64).reshape(-1)
+        ranked = arr[(arr >= 0) & (arr < V)].tolist()
         if not ranked:
             raise ValueError("the vocabulary ranking is empty")
         self.model, self.V = model, V
@@ -72,11 +73,14 @@ class DraftVocab:
         """A new generation: the prompt's tokens are in every subset; the coverage prior is the
         coverage of the prompt by each size (a token counts as covered if frequent or seen before)."""
         self.seen = np.zeros(self.V, dtype=bool)
-        prior_hits = np.zeros(len(self.sizes))
-        for t in prompt:
-            prior_hits += self.seen[t] | (self.rank[t] < np.asarray(self.sizes))
-            self.seen[t] = True
-        self.prior_cov = prior_hits / max(1, len(prompt))
+        p = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        repeat = np.ones(p.shape[0], dtype=bool)          # seen earlier in the prompt
+        repeat[np.unique(p, return_index=True)[1]] = False
+        covered = repeat[:, None] | (self.rank[p][:, None] < np.asarray(self.sizes, dtype=np.int64)[None])
+        self.seen[p] = True
+        self.prior_cov = covered.sum(0) / max(1, len(prompt))
+        # per size: seen tokens outside its frequent ones (the subset's extra rows), kept up to date
+        self._outside = (self.rank[np.unique(p)][:, None] >= np.asarray(self.sizes, dtype=np.int64)[None]).sum(0)
         self._reset_counts()
         self.capacity = capacity
         self.size = None
@@ -94,6 +98,7 @@ class DraftVocab:
             self.seen_outputs += 1
             if not self.seen[t]:
                 self.seen[t] = True
+                self._outside += self.rank[t] >= sizes
                 if self._rows is not None and self.rank[t] >= self.size:
                     self._append(t)
 
@@ -151,11 +156,44 @@ class DraftVocab:
 
     def rows_for(self, size: int) -> int:
         """Rows the subset of ``size`` frequent tokens would have now."""
+        if size in self.sizes:
+            return size + int(self._outside[self.sizes.index(size)])
         return size + int(np.count_nonzero(self.seen & (self.rank >= size)))
 
     def describe(self) -> dict[str, Any]:
         return {"draft_vocab": self.size, "draft_vocab_rows": self.n_rows,
                 "coverage": {s: round(float(c), 3) for s, c in zip(self.sizes, self.coverage())}}
+
+
+def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
+    """``None``/"off": no truncation; "auto": the ranking of this model's vocab calibration file if
+    one exists, else the tokenizer's own order (:func:`id_ranking`); "ids": that order; a path: that
+    calibration file (must exist); a :class:`DraftVocab`: itself. None where the vocabulary is no
+    larger than the smallest subset."""
+    from .search import default_calibration_path, load_calibration
+    if spec is None or isinstance(spec, DraftVocab) or spec == "off":
+        return None if spec == "off" else spec
+    if model.cfg.vocab_size <= min(SIZES):
+        return None
+    if spec == "ids" or (spec == "auto" and not default_calibration_path("vocab", model).is_file()):
+        return DraftVocab(model, id_ranking(model))
+    doc, path = load_calibration(None if spec == "auto" else spec, "vocab", model)
+    try:
+        return DraftVocab(model, doc["ranked"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"calibration file {path} is malformed ({e}); "
+                         "re-run knapspec calibrate --strategy vocab") from None
+
+
+def id_ranking(model: Model) -> np.ndarray:
+    """The ranking used without a calibration: token ids in order. Byte-pair encodings number
+    their tokens in the order their merges were learned, most frequent pairs first, and
+    SentencePiece vocabularies by score, so low ids are the frequent tokens. Measured on the
+    Spec-Bench prompts: the first 8,192 ids of SmolLM2's vocabulary cover 82% of their tokens (a
+    ranking by token counts of 0.9 MB of other bundled text: 81%); the first 65,536 of Gemma 3's
+    262,144 cover 75% (that ranking: 83% with its 15k distinct tokens). Every token of the prompt
+    and of the output so far is in every subset besides."""
+    return np.arange(model.cfg.vocab_size)
 
 
 def rank_tokens(token_lists: list[list[int]]) -> list[int]:
