@@ -561,12 +561,16 @@ def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_
     assert full - sub == pytest.approx(strat.verify_times.step_ratio() * 2e-2 * (1 - vocab.rows_for(64) / 128),
                                        rel=1e-6)
     assert strat.memory.get(strat._bucket)["plan"] == str(c.plan)
-    # subsets that never hold an output token are not worth any head saving
-    vocab.hits[:] = 0
-    vocab.seen_outputs = 10_000
+    assert strat.memory.get(strat._bucket)["alphas"] == {"64": pytest.approx(c.alpha, abs=1e-4)}
     tv = strat.verify_times.at(lat, 200, exact=True)
+    # a subset is priced where its acceptance was measured, or for the probe's gate at α times its
+    # coverage; never from a DP's estimate alone
     assert strat.price(c.plan, 0.9, 200, tv)[0] is None
-    assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64      # ... unless measured otherwise
+    vocab.hits[:] = vocab.seen_outputs = 10_000                        # every output token covered
+    assert strat.price(c.plan, 0.9, 200, tv, covered=True)[0] == 64
+    vocab.hits[:] = 0                                                  # none: not worth any head saving
+    assert strat.price(c.plan, 0.9, 200, tv, covered=True)[0] is None
+    assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64       # ... unless measured otherwise
 
 
 def test_no_probe_where_windows_cannot_pay(tiny_root):

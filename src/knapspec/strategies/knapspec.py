@@ -421,28 +421,35 @@ class KnapSpecStrategy(Strategy):
         return scale * self.latency.predict(plan, ctx, 1, head_scale=self._head_scale(vocab))
 
     def price(self, plan: Plan, alpha: float, ctx: int, tv: Sequence[float],
-              alphas: dict[int, float] | None = None) -> tuple[int | None, int, float, float]:
+              alphas: dict[int, float] | None = None, *, covered: bool = False,
+              ) -> tuple[int | None, int, float, float]:
         """``(vocab, d, TPT, α)`` of the best way to draft with ``plan`` at ``ctx``: with the full
         vocabulary at acceptance ``alpha``, or with a subset of the draft vocabulary (a cheaper
-        head) at ``alphas[size]`` where measured (the window probe), else at ``alpha`` times the
-        subset's coverage of the output so far."""
+        head) at ``alphas[size]``, the acceptance measured with it (by the window probe or while
+        drafting); ``covered``: every subset at ``alpha`` times its coverage of the text so far
+        (the probe's gate). A subset is not priced from a DP's estimate: measured on Spec-Bench,
+        pricing the DP's candidates that way let marginal plans through the TPT bound, and DPs
+        that cost 21-50% of a generation ran on 5 of 26 prompts."""
         d, v = best_length(alpha, self.draft_time(plan, ctx), tv, self.d_max)
         best: tuple[int | None, int, float, float] = (None, d, v, alpha)
-        if self.vocab is not None:
-            for size, cov in zip(self.vocab.sizes, self.vocab.coverage()):
-                a = alphas[size] if alphas and size in alphas else alpha * float(cov)
-                d, v = best_length(a, self.draft_time(plan, ctx, size), tv, self.d_max)
-                if v > best[2]:
-                    best = (size, d, v, a)
+        if self.vocab is None or not (alphas or covered):
+            return best
+        for size, cov in zip(self.vocab.sizes, self.vocab.coverage()):
+            if alphas and size in alphas:
+                a = alphas[size]
+            elif covered:
+                a = alpha * float(cov)
+            else:
+                continue
+            d, v = best_length(a, self.draft_time(plan, ctx, size), tv, self.d_max)
+            if v > best[2]:
+                best = (size, d, v, a)
         return best
 
-    def _full_alpha(self, alpha: float, vocab: int | None) -> float:
-        """A plan's acceptance with the full vocabulary from one measured with a subset (what the
-        memory keeps: a later decision prices every subset from it)."""
-        if vocab is None or self.vocab is None:
-            return alpha
-        cov = float(self.vocab.coverage()[self.vocab.sizes.index(vocab)])
-        return min(1.0, alpha / max(cov, 1e-3))
+    @staticmethod
+    def _alphas(entry: dict[str, Any]) -> dict[int, float]:
+        """The per-subset acceptances a memory entry keeps for its plan (JSON keys are strings)."""
+        return {int(k): float(x) for k, x in (entry.get("alphas") or {}).items()}
 
     # ---- deciding -------------------------------------------------------------------------------
     def tpt_bound(self, ctx: int, tv: list[float] | None = None) -> float:
@@ -456,9 +463,7 @@ class KnapSpecStrategy(Strategy):
         lat = self.latency
         tv = tv if tv is not None else self.verify_times.at(lat, ctx)
         n = self.model.cfg.n_layers
-        least = min(self.vocab.sizes) if self.vocab is not None and self.vocab.sizes else None
-        t_min = min(self.draft_time(Plan.from_sublayer_skips(n, set(range(2 * n)) - {s}), ctx, least)
-                    for s in (0, 1))
+        t_min = min(self.draft_time(Plan.from_sublayer_skips(n, set(range(2 * n)) - {s}), ctx) for s in (0, 1))
         _, structural = best_length(1.0, t_min, tv, self.d_max)
         cands = self._nearest_candidates(bucket(ctx))
         if cands is None:
@@ -471,7 +476,8 @@ class KnapSpecStrategy(Strategy):
                 return structural
             if not self._offered(plan):
                 return structural
-            best = max(best, self.price(plan, min(1.0, a + self.margin), ctx, tv)[2])
+            _, v = best_length(min(1.0, a + self.margin), self.draft_time(plan, ctx), tv, self.d_max)
+            best = max(best, v)
         return min(best, structural)
 
     def _offered(self, plan: Plan) -> bool:
@@ -506,11 +512,13 @@ class KnapSpecStrategy(Strategy):
         old = self.choice
         if trigger == "acceptance" and old is not None and old.plan is not None:
             # what drafting measured replaces the estimate, in the plan and in the candidates
-            a, text = round(self._full_alpha(self.measured_alpha(), old.vocab), 4), str(old.plan)
+            a, text = round(self.measured_alpha(), 4), str(old.plan)
             upd: dict[str, Any] = {}
-            if entry.get("plan") == text:
+            if entry.get("plan") == text and old.vocab is not None:
+                upd["alphas"] = {**(entry.get("alphas") or {}), str(old.vocab): a}
+            elif entry.get("plan") == text:
                 upd["alpha"] = a
-            if entry.get("candidates"):
+            if entry.get("candidates") and old.vocab is None:
                 upd["candidates"] = [[t, a if t == text else x] for t, x in entry["candidates"]]
             if upd:
                 self.memory.update(b, **upd)
@@ -522,8 +530,9 @@ class KnapSpecStrategy(Strategy):
             d, v = best_length(a, self.draft_time(old.plan, ctx, old.vocab), tv, self.d_max)
             if v > t_ar:
                 if not entry.get("plan"):
-                    self.memory.update(b, plan=str(old.plan), alpha=round(self._full_alpha(a, old.vocab), 4), d=d,
-                                       streak=0, gated=0)
+                    alphas = {} if old.vocab is None else {str(old.vocab): round(a, 4)}
+                    self.memory.update(b, plan=str(old.plan), alpha=round(a, 4), alphas=alphas, d=d, streak=0,
+                                       gated=0)
                 self._set(Choice(plan=old.plan, d=d, alpha=old.alpha, tpt=v, tpt_ar=t_ar, context=ctx,
                                  source="carried", vocab=old.vocab))
                 return
@@ -533,7 +542,7 @@ class KnapSpecStrategy(Strategy):
         if entry.get("plan") and trigger != "acceptance":
             try:
                 plan = Plan.parse(entry["plan"], n)
-                voc, d, v, a = self.price(plan, float(entry.get("alpha", 0.0)), ctx, tv)
+                voc, d, v, a = self.price(plan, float(entry.get("alpha", 0.0)), ctx, tv, self._alphas(entry))
                 if v > t_ar and self._offered(plan):
                     self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory",
                                      vocab=voc))
@@ -556,8 +565,9 @@ class KnapSpecStrategy(Strategy):
                        key=lambda x: x[4], default=None)
             if best is not None and best[4] > t_ar:
                 plan, a_full, voc, d, v, a = best
+                per_size = next(x for p, _, x in cands if p is plan)
                 self.memory.update(b, probed=probed, plan=str(plan), alpha=round(a_full, 4), d=d, streak=0,
-                                   gated=0)
+                                   gated=0, alphas={str(k): round(x, 4) for k, x in per_size.items()})
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
                                  vocab=voc))
                 return
@@ -587,8 +597,7 @@ class KnapSpecStrategy(Strategy):
             self.memory.update(b, streak=streak + 1, gated=0, plan=None,
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         else:
-            a_full = round(self._full_alpha(c.alpha, c.vocab), 4)
-            self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=a_full, d=c.d,
+            self.memory.update(b, streak=0, gated=0, plan=str(c.plan), alpha=round(c.alpha, 4), d=c.d, alphas={},
                                candidates=[[str(p), round(a, 4)] for p, a, _ in keep])
         self._set(c)
 
@@ -607,7 +616,8 @@ class KnapSpecStrategy(Strategy):
     def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
-        step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA``, about the best an all-windowed draft
+        step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
+        vocabulary where there is one: at that acceptance times the subset's coverage), about the best an all-windowed draft
         reached on the embedded model's long documents (0.86-0.92 at 8k). Where even that would
         not pay enough, the probe's cost (a pass over ``probe_tokens`` tokens per window) is
         saved: on the embedded model up to ~5k tokens of context, where attention is a smaller
@@ -620,7 +630,7 @@ class KnapSpecStrategy(Strategy):
         for w in self.windows:
             if ctx <= 2 * (w + SINK) + self.probe_tokens:
                 continue
-            _, v = best_length(PROBE_ALPHA, self.draft_time(windowed_plan(n, w), ctx), tv, self.d_max)
+            _, _, v, _ = self.price(windowed_plan(n, w), PROBE_ALPHA, ctx, tv, covered=True)
             if v > (1.0 + PROBE_GAIN) * t_ar:
                 out.append(w)
         return out
