@@ -573,6 +573,32 @@ def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_
     assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64       # ... unless measured otherwise
 
 
+def test_a_probed_plan_that_stops_paying_gives_way_without_a_dp(tiny_root):
+    """In a bucket the probe looked at, a plan whose acceptance measured while drafting no longer
+    pays is replaced by the best other probed plan at the acceptances known, or by plain steps;
+    the memory's probed acceptances take what drafting measured, and no DP runs."""
+    from knapspec.strategies.memory import PlanMemory, bucket
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=40, stop_ids=()).tokens
+    bad = Plan.from_sublayer_skips(n, set(range(1, 2 * n - 1)))      # drafts almost never accepted
+    mem = PlanMemory(None)
+    b = bucket(len(prompt) + 1)
+    mem.update(b, plan=str(bad), alpha=0.99, d=4, probed=[[str(bad), 0.99, {}]])
+    strat = KnapSpecStrategy(m, _costly_attention(n), windows=(64,), memory=mem, threshold=0.0)
+    got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
+    assert got.tokens == ref
+    assert [c.source for c in strat.history][:2] == ["memory", "probe"]
+    assert strat.history[1].plan is None and strat.dp_runs == 0 and strat.probe_runs == 0
+    entry = mem.get(b)
+    assert entry["plan"] is None and entry["probed"][0][1] < 0.5          # what drafting measured
+    again = eng.generate(prompt, strat, max_new_tokens=20, stop_ids=(), threshold=0.0)
+    assert again.tokens == ref[:20] and strat.dp_runs == 0
+    assert [c.source for c in strat.history] == ["probe"] and strat.history[0].plan is None
+
+
 def test_no_probe_where_windows_cannot_pay(tiny_root):
     """When a windowed plan cannot beat a plain step even if every draft were accepted (attention
     costs nothing here), or no windows are offered, the strategy does not probe."""

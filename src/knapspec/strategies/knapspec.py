@@ -447,6 +447,16 @@ class KnapSpecStrategy(Strategy):
         return best
 
     @staticmethod
+    def _probed(entry: dict[str, Any]) -> list[tuple[str, float, dict[str, float]]]:
+        """The window probe's verdict in a memory entry: (plan, α, {subset size: α}) per plan
+        (entries written before subsets were probed have no third item)."""
+        out = []
+        for item in entry.get("probed") or []:
+            per = item[2] if len(item) > 2 and isinstance(item[2], dict) else {}
+            out.append((str(item[0]), float(item[1]), {str(k): float(x) for k, x in per.items()}))
+        return out
+
+    @staticmethod
     def _alphas(entry: dict[str, Any]) -> dict[int, float]:
         """The per-subset acceptances a memory entry keeps for its plan (JSON keys are strings)."""
         return {int(k): float(x) for k, x in (entry.get("alphas") or {}).items()}
@@ -520,6 +530,9 @@ class KnapSpecStrategy(Strategy):
                 upd["alpha"] = a
             if entry.get("candidates") and old.vocab is None:
                 upd["candidates"] = [[t, a if t == text else x] for t, x in entry["candidates"]]
+            if entry.get("probed"):          # (a subset's acceptance bounds the full head's from below)
+                upd["probed"] = [[t, min(x, a), {k: min(y, a) for k, y in per.items()}] if t == text else
+                                 [t, x, per] for t, x, per in self._probed(entry)]
             if upd:
                 self.memory.update(b, **upd)
                 entry = self.memory.get(b)
@@ -559,20 +572,34 @@ class KnapSpecStrategy(Strategy):
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
                 return
-            cands = self.probe(state, probe)
-            probed = [[str(p), round(a, 4)] for p, a, _ in cands]
-            best = max(((p, a, *self.price(p, a, ctx, tv, per_size)) for p, a, per_size in cands),
-                       key=lambda x: x[4], default=None)
-            if best is not None and best[4] > t_ar:
-                plan, a_full, voc, d, v, a = best
-                per_size = next(x for p, _, x in cands if p is plan)
-                self.memory.update(b, probed=probed, plan=str(plan), alpha=round(a_full, 4), d=d, streak=0,
-                                   gated=0, alphas={str(k): round(x, 4) for k, x in per_size.items()})
+            probed = [[str(p), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}]
+                      for p, a, per in self.probe(state, probe)]
+            self.memory.update(b, probed=probed)
+            entry = self.memory.get(b)
+        # 1c. a probed bucket: the probed plan that pays best at the acceptances measured (by the
+        #     probe, or while drafting with it), else no draft; no DP where the probe looked (the
+        #     DP's bound re-prices short-context candidates there, and a DP at 8k tokens of context
+        #     cost 0.8 s, 40% of a 96-token generation, after a probed plan stopped paying)
+        if entry.get("probed"):
+            best = None
+            for text, a_full, per in self._probed(entry):
+                try:
+                    plan = Plan.parse(text, n)
+                except ValueError:
+                    continue
+                if self._offered(plan):
+                    r = self.price(plan, a_full, ctx, tv, {int(k): y for k, y in per.items()})
+                    if best is None or r[2] > best[1][2]:
+                        best = (plan, r, a_full, per)
+            if best is not None and best[1][2] > t_ar:
+                plan, (voc, d, v, a), a_full, per = best
+                self.memory.update(b, plan=str(plan), alpha=a_full, alphas=per, d=d, streak=0, gated=0)
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
                                  vocab=voc))
                 return
-            self.memory.update(b, probed=probed)
-            entry = self.memory.get(b)
+            self.memory.update(b, plan=None, alphas={})
+            self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx, source="probe"))
+            return
         # 2. a remembered "no draft" verdict, while the back-off lasts; and no second DP in one
         #    generation before ``every << streak`` rounds
         streak = int(entry.get("streak", 0))
@@ -617,8 +644,9 @@ class KnapSpecStrategy(Strategy):
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
         step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
-        vocabulary where there is one: at that acceptance times the subset's coverage), about the best an all-windowed draft
-        reached on the embedded model's long documents (0.86-0.92 at 8k). Where even that would
+        vocabulary where there is one: at that acceptance times the subset's coverage), about the
+        best an all-windowed draft reached on the embedded model's long documents (0.86-0.92 at
+        8k). Where even that would
         not pay enough, the probe's cost (a pass over ``probe_tokens`` tokens per window) is
         saved: on the embedded model up to ~5k tokens of context, where attention is a smaller
         share of a step (measured there: at 4k the probe found no plan that pays, and probing
