@@ -101,17 +101,18 @@ def test_greedy_with_truncated_draft_vocabulary_equals_autoregressive(tiny_root,
     assert eng.generate(prompt, hyb, max_new_tokens=n_new, stop_ids=(2,)).tokens == ref
 
 
-def test_without_a_calibration_the_ranking_is_the_tokenizers_order(tiny_root, monkeypatch, tmp_path):
-    """``draft_vocab=auto`` with no calibration file: token ids in order (merge / score order);
-    none where the vocabulary is no larger than the smallest subset; ``off``: none."""
+def test_the_tokenizers_order_as_a_ranking_and_auto_without_a_calibration(tiny_root, monkeypatch, tmp_path):
+    """``draft_vocab=ids``: token ids in order (merge / score order), no calibration needed;
+    ``auto`` with no calibration file and ``off``: none; none where the vocabulary is no larger
+    than the smallest subset."""
     from types import SimpleNamespace
 
     from knapspec.strategies import search
     from knapspec.strategies.vocab import SIZES, load_draft_vocab
     monkeypatch.setattr(search, "default_calibration_path", lambda method, model: tmp_path / "missing.json")
     big = SimpleNamespace(cfg=SimpleNamespace(vocab_size=3000))
-    v = load_draft_vocab(big, "auto")
+    v = load_draft_vocab(big, "ids")
     assert v is not None and v.ranked == list(range(3000)) and v.sizes == (1024, 2048)
-    assert load_draft_vocab(big, "off") is None
-    assert load_draft_vocab(tiny_model("llama", tiny_root), "auto") is None    # 128 tokens
+    assert load_draft_vocab(big, "auto") is None and load_draft_vocab(big, "off") is None
+    assert load_draft_vocab(tiny_model("llama", tiny_root), "ids") is None    # 128 tokens
     assert min(SIZES) >= 128

@@ -167,16 +167,18 @@ class DraftVocab:
 
 def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
     """``None``/"off": no truncation; "auto": the ranking of this model's vocab calibration file if
-    one exists, else the tokenizer's own order (:func:`id_ranking`); "ids": that order; a path: that
-    calibration file (must exist); a :class:`DraftVocab`: itself. None where the vocabulary is no
-    larger than the smallest subset."""
+    one exists, else none; "ids": the tokenizer's own order (:func:`id_ranking`, no calibration
+    needed); a path: that calibration file (must exist); a :class:`DraftVocab`: itself. None where
+    the vocabulary is no larger than the smallest subset."""
     from .search import default_calibration_path, load_calibration
     if spec is None or isinstance(spec, DraftVocab) or spec == "off":
         return None if spec == "off" else spec
     if model.cfg.vocab_size <= min(SIZES):
         return None
-    if spec == "ids" or (spec == "auto" and not default_calibration_path("vocab", model).is_file()):
+    if spec == "ids":
         return DraftVocab(model, id_ranking(model))
+    if spec == "auto" and not default_calibration_path("vocab", model).is_file():
+        return None
     doc, path = load_calibration(None if spec == "auto" else spec, "vocab", model)
     try:
         return DraftVocab(model, doc["ranked"])
@@ -186,7 +188,7 @@ def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab 
 
 
 def id_ranking(model: Model) -> np.ndarray:
-    """The ranking used without a calibration: token ids in order. Byte-pair encodings number
+    """A ranking that needs no calibration (``draft_vocab=ids``): token ids in order. Byte-pair encodings number
     their tokens in the order their merges were learned, most frequent pairs first, and
     SentencePiece vocabularies by score, so low ids are the frequent tokens. Measured on the
     Spec-Bench prompts: the first 8,192 ids of SmolLM2's vocabulary cover 82% of their tokens (a
