@@ -500,6 +500,32 @@ def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_ro
     assert agree[None] > agree[8] > 0           # (w = 96: the check saw both kinds of token)
 
 
+def test_the_probe_times_verification_passes_and_leaves_the_cache(tiny_root):
+    """With a measured (not given) latency model, the probe also times full-model passes over 2
+    and 4 committed tokens (three each), feeds them to the verification corrections, and the
+    cache is still exactly what it was."""
+    m = tiny_model("llama", tiny_root, "native-bf16")
+    prompt = [3 + (7 * i) % 50 for i in range(100)]
+    tokens = prompt + Engine(m).generate(prompt, max_new_tokens=20, stop_ids=()).tokens
+    end = len(tokens) - 1
+    cache = m.new_cache(len(tokens) + 8)
+    m.forward(torch.tensor([tokens[:end]]), 0, cache, last_only=True)
+    held = [(name, [t.clone() for t in getattr(cache, name)]) for name in ("k", "v", "kt", "vt")
+            if getattr(cache, name) is not None]
+    lat = _costly_attention(m.cfg.n_layers)
+    lat.key = {**lat.key, "analytic": False}                 # as if measured on this machine
+    assert not lat.given
+    strat = KnapSpecStrategy(m, lat, windows=(8,), probe_tokens=12)
+    strat.verify_times.at(lat, end, exact=True)              # as a decision does before probing
+    state = RoundState(model=m, cache=cache, tokens=tokens, n_prompt=100, round=0,
+                       sampling=SamplingParams(), remaining=8)
+    strat.probe(state, (8,))
+    assert sorted(w for w, _ in strat.verify_times._log) == [1, 1, 1, 3, 3, 3]     # widths 2 and 4
+    assert cache.length == end
+    for name, before in held:
+        assert all(torch.equal(a, b) for a, b in zip(getattr(cache, name), before)), name
+
+
 def test_knapspec_probes_windows_once_per_bucket_and_stays_exact(tiny_root):
     """Where attention dominates and windows are offered: plain steps until ``probe_tokens``
     tokens were generated, one probe, then drafts with an all-windowed plan; the output equals
