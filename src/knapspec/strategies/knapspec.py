@@ -38,6 +38,10 @@ pays.
    per width (:class:`~knapspec.strategies.pricing.VerifyTimes`), draft steps by the measured ratio
    of the plan in use; a profile whose one-token steps are off by more than ``LatencyWatch.limit``
    is logged once and dropped from the cache folder, so that the next process measures it again.
+   The window probe also times full-model passes over 2 and 4 tokens before it prices its plans.
+6. **Draft vocabulary** (opt-in, ``draft_vocab``; see ``vocab.py``): a plan may draft through a
+   subset of the lm_head's rows, priced only at an acceptance measured with that subset (the
+   probe measures each subset; drafting updates it), never from a DP's estimate.
 """
 
 from __future__ import annotations
