@@ -653,11 +653,10 @@ class KnapSpecStrategy(Strategy):
         step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
         vocabulary where there is one: at that acceptance times the subset's coverage), about the
         best an all-windowed draft reached on the embedded model's long documents (0.86-0.92 at
-        8k). Where even that would
-        not pay enough, the probe's cost (a pass over ``probe_tokens`` tokens per window) is
-        saved: on the embedded model up to ~5k tokens of context, where attention is a smaller
-        share of a step (measured there: at 4k the probe found no plan that pays, and probing
-        cost up to 3.5% of a 96-token generation)."""
+        8k). Where even that would not pay enough, the probe's cost (a pass over ``probe_tokens``
+        tokens per window) is saved: on the embedded model up to ~5k tokens of context, where
+        attention is a smaller share of a step (measured there: at 4k the probe found no plan
+        that pays, and probing cost up to 3.5% of a 96-token generation)."""
         if "probed" in entry or not self.windows:
             return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
@@ -676,9 +675,10 @@ class KnapSpecStrategy(Strategy):
         ``windows``: α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy
         token agreeing with the next committed token on the last ``probe_tokens`` committed tokens,
         and per subset size of the draft vocabulary the same with the greedy token taken among that
-        subset (the frequent tokens and those of the text before the probed tokens) (after plain
-        steps these are the full model's own greedy tokens; under sampling they are samples, and
-        the agreement with them is only a proxy for speculative sampling's acceptance). Each plan
+        subset: its frequent tokens and those of the text before the probed tokens. After plain
+        steps the committed tokens are the full model's own greedy tokens; under sampling they are
+        samples, and the agreement with them is only a proxy for speculative sampling's
+        acceptance. Each plan
         runs as its drafts do, one pass over those tokens at their own positions (its own keys
         for them, the cache's before them), on the fused native path where the model has one;
         the cache entries it overwrites are put back after it.
@@ -714,8 +714,8 @@ class KnapSpecStrategy(Strategy):
 
     def _time_verification(self, state: RoundState, end: int) -> None:
         """Time full-model passes over the widths a windowed plan's drafts would be verified at
-        (2 and 4 tokens, three passes each, over committed tokens before ``end``,
-        inside the probe's scratch region) and feed them to the verification corrections: until
+        (2 and 4 tokens, three passes each, over committed tokens before ``end``, inside the
+        probe's scratch region) and feed them to the verification corrections: until
         now only one-token steps were measured here, and on a host where attention over many query
         rows is dear the profile's ratios understate what verification costs (measured on an EPYC
         host at 8k: 4 tokens 2.06x a step, the profile 1.45x; the probe's plan lost 9%)."""
