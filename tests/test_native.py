@@ -63,6 +63,29 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
         assert len(calls) == 21
 
 
+def _set_bf16_kernel(kernel: str, request) -> None:
+    """The bfloat16 attention's kernel for one test: "fma" (AVX-512 float32 multiply-adds), "dot"
+    (VDPBF16PS pair products) or "amx" (tiles; skipped where the CPU or OS has none); restored after."""
+    _need(torch.bfloat16)
+
+    def restore():
+        native.set_amx(None)
+        native.set_dot(None)
+    request.addfinalizer(restore)
+    if kernel == "amx":
+        if not native.set_amx(True):
+            pytest.skip("no AMX tiles on this CPU / OS")
+    else:
+        native.set_amx(False)
+        assert native.set_dot(kernel == "dot") == (kernel == "dot")
+
+
+@pytest.fixture
+def bf16_kernel(request):
+    _set_bf16_kernel(request.param, request)
+    return request.param
+
+
 @pytest.fixture
 def amx_attention():
     """The bfloat16 attention on AMX tiles for one test (skipped where the CPU or OS has none)."""
@@ -83,12 +106,14 @@ def test_native_pass_equals_one_token_steps_bit_for_bit(kind, dtype):
     _pass_equals_steps(kind, dtype, _NATIVE)
 
 
+@pytest.mark.parametrize("bf16_kernel", ["fma", "dot", "amx"], indirect=True)
 @pytest.mark.parametrize("kind,head_dim", [("llama", 32), ("gemma3", 64), ("qwen3", 96)])
-def test_amx_attention_pass_equals_one_token_steps_bit_for_bit(kind, head_dim, amx_attention):
-    """The same on AMX tiles (KNAPSPEC_AMX=1): 3 query heads per KV head, so 30 rows in a 10-token
-    pass (groups of 16 and 14 rows); value passes of 2, 4 and 4 + 2 tiles of 16 dimensions; the
-    one-token steps on a cache whose capacity ends inside a 32-key span."""
-    assert native.amx()
+def test_bfloat16_attention_kernels_pass_equals_one_token_steps_bit_for_bit(kind, head_dim, bf16_kernel):
+    """The same for each bfloat16 attention kernel: 3 query heads per KV head, so 30 rows in a
+    10-token pass (AMX: groups of 16 and 14 rows; others: 7 groups of 4 and one of 2); value passes
+    of 2, 4 and 4 + 2 groups of 16 dimensions; the one-token steps on a cache whose capacity ends
+    inside a 32-key span (and on an odd number of keys)."""
+    assert native.amx() == (bf16_kernel == "amx") and native.dot() == (bf16_kernel == "dot")
     _pass_equals_steps(kind, torch.bfloat16, dict(_NATIVE, head_dim=head_dim, hidden_size=96, num_attention_heads=6,
                                                   num_key_value_heads=2), odd_capacity=True)
 
@@ -111,6 +136,54 @@ def test_amx_attention_is_as_close_to_the_float32_reference_as_the_avx512_path(a
                         + [m.forward(prompt[:, j:j + 1], j, cache).logits for j in range(290, 300)], dim=1)
         errs.append(((out - ref[:, 250:]).abs().max() / ref.abs().max()).item())
     assert errs[0] <= max(0.06, 1.5 * errs[1]), errs
+
+
+@pytest.mark.parametrize("bf16_kernel", ["dot"], indirect=True)
+def test_dot_attention_is_as_close_to_the_float32_reference_as_the_fma_path(bf16_kernel):
+    """VDPBF16PS takes the queries and probabilities in bfloat16 (as AMX tiles do): the logits of a
+    250-token prefill, a 40-token pass and 10 steps stay as close to transformers' float32 logits
+    as the float32-product path's (bfloat16 noise), and differ from them (another kernel ran)."""
+    hf = build_tiny_hf("llama", **_NATIVE)
+    torch.manual_seed(1)
+    prompt = torch.randint(3, 128, (1, 300))
+    with torch.no_grad():
+        ref = hf(prompt).logits
+    m = _ours(hf, torch.bfloat16)
+    errs, outs = [], []
+    for on in (True, False):
+        native.set_dot(on)
+        cache = m.new_cache(310)
+        m.forward(prompt[:, :250], 0, cache, logits=False)
+        out = torch.cat([m.forward(prompt[:, 250:290], 250, cache).logits]
+                        + [m.forward(prompt[:, j:j + 1], j, cache).logits for j in range(290, 300)], dim=1)
+        outs.append(out)
+        errs.append(((out - ref[:, 250:]).abs().max() / ref.abs().max()).item())
+    assert not torch.equal(outs[0], outs[1])
+    assert errs[0] <= max(0.06, 1.5 * errs[1]), errs
+
+
+def test_dot_attention_is_chosen_by_the_measured_issue_rates(monkeypatch):
+    """By default the VDPBF16PS attention runs where that instruction issues at >= 0.6x the FMA
+    rate (measured once per process); KNAPSPEC_DOT=0/1 and set_dot decide over the measurement."""
+    _need(torch.bfloat16)
+    d, f = native.dot_rates()
+    assert d > 0 and f > 0
+    monkeypatch.delenv("KNAPSPEC_DOT", raising=False)
+    try:
+        native.set_dot(None)
+        for rates, want in (((3.6, 3.6), True), ((1.9, 7.5), False), ((2.3, 3.6), True)):
+            monkeypatch.setattr(native, "_dot_rates", [rates])
+            assert native.dot() is want, rates
+        monkeypatch.setattr(native, "_dot_rates", [(1.9, 7.5)])
+        monkeypatch.setenv("KNAPSPEC_DOT", "1")
+        assert native.dot() is True
+        monkeypatch.setenv("KNAPSPEC_DOT", "0")
+        monkeypatch.setattr(native, "_dot_rates", [(3.6, 3.6)])
+        assert native.dot() is False
+        assert native.set_dot(True) is True
+    finally:
+        monkeypatch.undo()
+        native.set_dot(None)
 
 
 def _pass_equals_steps(kind: str, dtype: torch.dtype, cfg: dict, odd_capacity: bool = False) -> None:
@@ -344,15 +417,16 @@ def test_the_head_takes_the_native_norm_where_the_stack_runs_natively(monkeypatc
     assert calls["native"] == 2 and calls["torch"] >= 1
 
 
-@pytest.mark.parametrize("kernel,dtype", [("avx512", torch.bfloat16), ("avx512", torch.float32),
+@pytest.mark.parametrize("kernel,dtype", [("fma", torch.bfloat16), ("avx512", torch.float32),
+                                          ("dot", torch.bfloat16),
                                           ("amx", torch.bfloat16)])     # AMX serves bfloat16 caches
 def test_attention_in_token_batches_gives_the_same_bits(kernel, dtype, request):
     """A pass whose partial results would outgrow the attention's budget is taken in batches of
     tokens: a 300-token prompt and a 7-token pass with a draft window (sink work items) give the
     same bits with batches of 1, 5 and all tokens."""
     _need(dtype)
-    if kernel == "amx":
-        request.getfixturevalue("amx_attention")
+    if dtype == torch.bfloat16:
+        _set_bf16_kernel(kernel, request)
     mod = native._module()
     hf = build_tiny_hf("qwen3", **_NATIVE)
     m = _ours(hf, dtype)

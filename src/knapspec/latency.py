@@ -98,6 +98,8 @@ def profile_key(model: Any) -> dict[str, Any]:
         from . import native  # and another for every change to them
         key["kernels"] = kernels
         key["native"] = native.version()
+        if model.dtype == torch.bfloat16 and native.dot():     # the attention's other kernel
+            key["native"] += "+dot"
     return key
 
 

@@ -106,12 +106,16 @@ def bench_ar(model: str | None, *, device: str, threads: int | None, contexts: l
     return rows
 
 
+_ATTENTIONS = ("fma", "dot", "amx", "avx512")      # avx512: fma's earlier name
+
+
 def _check_attentions(attentions: list[str]) -> None:
-    """Raise unless each is "avx512" or "amx", and AMX tiles are usable here when asked for."""
+    """Raise unless each is a kernel of the native bfloat16 attention ("fma": AVX-512 float32
+    multiply-adds; "dot": VDPBF16PS pair products; "amx": AMX tiles; "avx512": fma) usable here."""
     from .. import native
     for att in attentions:
-        if att not in ("avx512", "amx"):
-            raise ValueError(f"unknown attention kernels {att!r}: choose avx512 or amx")
+        if att not in _ATTENTIONS:
+            raise ValueError(f"unknown attention kernels {att!r}: choose fma, dot or amx")
     if "amx" in attentions:
         usable = native.set_amx(True)
         native.set_amx(None)
@@ -119,15 +123,27 @@ def _check_attentions(attentions: list[str]) -> None:
             raise ValueError("--attention amx: this CPU / OS has no AMX tiles for bfloat16")
 
 
+def _use_attention(att: str | None) -> None:
+    """The native bfloat16 attention on kernel ``att`` for every pass (prompts included) from now
+    on; None: the defaults (``native.set_amx(None)``, ``native.set_dot(None)``)."""
+    from .. import native
+    if att is None:
+        native.set_amx(None)
+        native.set_dot(None)
+        return
+    native.set_amx(att == "amx")
+    if att != "amx":
+        native.set_dot(att == "dot")
+
+
 def bench_verify(model: str | None, *, device: str, threads: int | None, contexts: list[int],
                  widths: list[int], repeats: int, dtypes: list[str], exact: bool | None = None,
                  modes: list[str] | None = None, attentions: list[str] | None = None) -> list[dict]:
     """One full-model pass over n tokens vs a 1-token step. ``modes``: "exact" and/or "fused"
     (``Model.set_row_invariant`` on / off), timed interleaved on the same weights and cache;
-    None = the mode ``exact`` gives (None: the device's default). ``attentions``: "avx512" and/or
-    "amx", the native bfloat16 attention's kernels (``native.set_amx``), interleaved likewise;
-    None = as ``KNAPSPEC_AMX`` says."""
-    from .. import native
+    None = the mode ``exact`` gives (None: the device's default). ``attentions``: "fma", "dot"
+    and/or "amx", the native bfloat16 attention's kernels (:func:`_use_attention`), interleaved
+    likewise; None = the defaults (``native.amx`` / ``native.dot``)."""
     from ..api import load
     for mode in modes or []:
         if mode not in ("exact", "fused"):
@@ -153,7 +169,7 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
             def step(mode: str, att: str | None, w: int) -> None:
                 m.set_row_invariant(mode == "exact")
                 if att is not None:
-                    native.set_amx(att == "amx")
+                    _use_attention(att)
                 cache.rollback(ctx)
                 m.forward(toks[w], ctx, cache)
             for c in cases:
@@ -174,7 +190,7 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
                     row = dict(row, attention=att)
                 rows.append(row)
     if attentions:
-        native.set_amx(None)
+        _use_attention(None)
 
     return rows
 
@@ -182,13 +198,12 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
 def bench_prefill(model: str | None, *, device: str, threads: int | None, contexts: list[int], repeats: int,
                   attentions: list[str] | None = None) -> list[dict]:
     """Prefill time of prompts of each length (``engine.prefill``, its 512-token chunks), the
-    attention kernels of ``attentions`` ("avx512": ``native.set_amx(False)``; "amx": on AMX tiles,
-    prompts' default where the CPU has them) interleaved on the same weights; medians of
-    ``repeats`` after one warm-up each."""
-    from .. import native
+    attention kernels of ``attentions`` ("fma", "dot", "amx": :func:`_use_attention`; AMX is
+    prompts' default where the CPU has it) interleaved on the same weights; medians of ``repeats``
+    after one warm-up each."""
     from ..api import load
     from ..engine import prefill
-    attentions = attentions or ["avx512", "amx"]
+    attentions = attentions or ["fma", "amx"]
     _check_attentions(attentions)
     llm = load(model, dtype="auto", device=device, threads=threads)
     m = llm.model
@@ -200,7 +215,7 @@ def bench_prefill(model: str | None, *, device: str, threads: int | None, contex
             times: dict[str, list[float]] = {att: [] for att in attentions}
             for rep in range(repeats + 1):
                 for att in attentions:
-                    native.set_amx(att == "amx")       # True: prompts (and every pass) on AMX
+                    _use_attention(att)
                     cache.rollback(0)
                     t0 = time.perf_counter()
                     prefill(m, ids, cache)
@@ -213,7 +228,7 @@ def bench_prefill(model: str | None, *, device: str, threads: int | None, contex
                                  speedup=base / med))
                 log.info("%s", rows[-1])
     finally:
-        native.set_amx(None)
+        _use_attention(None)
     return rows
 
 

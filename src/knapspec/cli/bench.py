@@ -39,14 +39,14 @@ def add_parsers(sub: Any) -> None:
                     help="exact and/or fused (--exact / --no-exact; comma-separated, interleaved on the "
                          "same weights; default: the one mode --exact/--no-exact gives)")
     vf.add_argument("--attention", default=None,
-                    help="avx512 and/or amx: the native bfloat16 attention's kernels (comma-separated, "
-                         "interleaved; default: as KNAPSPEC_AMX says, i.e. avx512)")
-    pf = bsub.add_parser("prefill", help="prompt prefill time on the AVX-512 and AMX attention kernels")
+                    help="fma, dot and/or amx: the native bfloat16 attention's kernels (comma-separated, "
+                         "interleaved; default: as KNAPSPEC_AMX / KNAPSPEC_DOT and this CPU say)")
+    pf = bsub.add_parser("prefill", help="prompt prefill time on the native attention's kernels")
     add_model_args(pf)
     pf.add_argument("--contexts", default="512,4096,8000")
     pf.add_argument("--repeats", type=positive_int("--repeats"), default=3)
-    pf.add_argument("--attention", default="avx512,amx",
-                    help="avx512 and/or amx (comma-separated, interleaved; speedup against the first)")
+    pf.add_argument("--attention", default="fma,amx",
+                    help="fma, dot and/or amx (comma-separated, interleaved; speedup against the first)")
     tp = bsub.add_parser("tpt", help="predicted TPT vs measured tokens/s across the DP's candidate plans")
     add_model_args(tp)
     tp.add_argument("--contexts", default="512,2048,4096")

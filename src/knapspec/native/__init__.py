@@ -17,7 +17,9 @@ after. When it cannot be built or the CPU lacks the instructions, :func:`availab
 dequantised weights (GGUF block types). ``KNAPSPEC_NATIVE=0`` turns the native kernels off;
 ``KNAPSPEC_ISA=avx2`` makes the quantized products take the AVX2 path on an AVX-512 CPU.
 Where the CPU has AMX tiles, prompts take an AMX attention for bfloat16 (:func:`amx_prompts`);
-``KNAPSPEC_AMX=1`` puts every pass on it (:func:`amx`), ``KNAPSPEC_AMX=0`` none.
+``KNAPSPEC_AMX=1`` puts every pass on it (:func:`amx`), ``KNAPSPEC_AMX=0`` none. Elsewhere the
+bfloat16 attention takes VDPBF16PS pair products where they issue about as fast as float32 FMAs
+(:func:`dot`, measured once per process; ``KNAPSPEC_DOT=0/1`` decides instead).
 """
 
 from __future__ import annotations
@@ -160,6 +162,59 @@ def set_amx(on: bool | None) -> bool:
     return amx()
 
 
+_dot_override: bool | None = None
+_dot_rates: list[tuple[float, float]] = []
+
+
+def dot_rates() -> tuple[float, float]:
+    """(VDPBF16PS, float32 FMA) instructions a second on this CPU, in G/s, 512 bits wide: the best
+    of three 2-ms timings each, taken once per process (~12 ms); (0, 0) without the instruction
+    or the kernels."""
+    mod = _module()
+    if mod is None or "avx512_bf16" not in _cpu_flags():
+        return (0.0, 0.0)
+    return _measure_dot(mod)
+
+
+def _measure_dot(mod: ModuleType) -> tuple[float, float]:
+    if not _dot_rates:
+        runs = [mod.dot_rate(2.0) for _ in range(3)]
+        _dot_rates.append((max(r[0] for r in runs), max(r[1] for r in runs)))
+    return _dot_rates[0]
+
+
+def _dot_wanted(mod: ModuleType) -> bool:
+    if "avx512_bf16" not in _cpu_flags():
+        return False
+    if _dot_override is not None:
+        return _dot_override
+    env = os.environ.get("KNAPSPEC_DOT", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    d, f = _measure_dot(mod)
+    return d >= 0.6 * f
+
+
+def dot() -> bool:
+    """Whether the bfloat16 attention (outside AMX tiles) takes its products on VDPBF16PS, two
+    bfloat16 multiply-adds per lane and instruction, with the probabilities rounded to bfloat16 as
+    on AMX tiles. By default where that instruction issues at least 0.6x as fast as a float32 FMA
+    (:func:`dot_rates`: the AMD EPYC measured issues both at the same rate, which halves the
+    attention's arithmetic; the Xeon measured issues it at a quarter of the FMA rate);
+    ``KNAPSPEC_DOT=0/1`` (or :func:`set_dot`) decides instead. One kernel for a whole process: the
+    two round differently, each is row-invariant."""
+    mod = _module()
+    return bool(mod is not None and mod.set_dot(int(_dot_wanted(mod))))
+
+
+def set_dot(on: bool | None) -> bool:
+    """The VDPBF16PS attention on (True), off (False) or as measured / ``KNAPSPEC_DOT`` says
+    (None); returns :func:`dot`."""
+    global _dot_override
+    _dot_override = on
+    return dot()
+
+
 def quant_available() -> str | None:
     """None when the native quantized products can run on this CPU, else why not."""
     if _isa_name() is None:
@@ -177,6 +232,11 @@ def version() -> str:
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (_DIR / name).read_bytes())
     return h.hexdigest()[:12]
+
+
+def _configure_dot(mod: ModuleType) -> None:
+    """The attention's products as :func:`dot` decides, set before any pass runs."""
+    mod.set_dot(int(_dot_wanted(mod)))
 
 
 @lru_cache(maxsize=1)
@@ -204,6 +264,7 @@ def _module() -> ModuleType | None:
             loader.exec_module(mod)
             mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
             mod.set_amx(int(_amx_all()))
+            _configure_dot(mod)
             return mod
         except (ImportError, OSError) as e:     # a broken build: built again below
             log.warning("rebuilding the native kernels (%s)", e)
@@ -220,6 +281,7 @@ def _module() -> ModuleType | None:
                        verbose=False)
         mod.set_isa(_ISA_CODES.get(_isa_name(), 0))
         mod.set_amx(int(_amx_all()))
+        _configure_dot(mod)
         log.warning("native kernels built in %.0f s (cached)", time.perf_counter() - t0)
         return mod
     except Exception as e:          # no compiler, no ninja, a failed build: oneDNN's kernels stay

@@ -102,9 +102,11 @@ inline float act_f32(uint16_t v) {
 }
 
 // A 64-byte line of bfloat16 pairs as float32: the even elements (a shift) and the odd ones (a
-// mask), exactly. Products with them are float32 FMAs: VDPBF16PS, the one-instruction bfloat16
-// pair product, issues at a quarter of the FMA rate on the CPUs measured (1.87 G against 7.5 G
-// instructions/s a core), i.e. half the multiply-adds a second, so no kernel here uses it.
+// mask), exactly. Products with them are float32 FMAs. VDPBF16PS, the one-instruction bfloat16 pair
+// product, issues at a quarter of the FMA rate on the Xeon measured (1.87 G against 7.5 G
+// instructions/s a core), i.e. half the multiply-adds a second, and at the FMA rate on the AMD EPYC
+// measured: the products here read their weights from memory at one or a few rows and do not use
+// it; the attention does where it is fast (sublayers.h, set_dot).
 KS_TARGET inline __m512 even_bf16(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 KS_TARGET inline __m512 odd_bf16(__m512i v) {
   return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));

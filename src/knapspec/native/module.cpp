@@ -8,6 +8,7 @@
 // this library links to), so the products share torch's threads instead of competing.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "dense.h"
 #include "quant.h"
@@ -24,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_rows", &ks::dequant_rows);
   m.def("set_isa", &ks::set_isa);
   m.def("set_amx", &ks::set_amx);
+  m.def("set_dot", &ks::set_dot);
+  m.def("dot_rate", &ks::dot_rate);
   m.def("set_partial_bytes", &ks::set_partial_bytes);
   m.def("amx_granted", &ks::amx_granted);
   m.def("repack", &ks::repack);

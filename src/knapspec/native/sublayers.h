@@ -9,11 +9,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dense.h"
@@ -423,6 +425,244 @@ KS_TARGET void attend_rows(const float* q, int64_t R, const int64_t* ra, const i
   }
 }
 
+// ---- AVX512_BF16 dot products for the bfloat16 attention ---------------------------------------
+// VDPBF16PS multiplies a pair of bfloat16 elements by a pair and adds both products to a float32
+// lane: one instruction for the two multiply-adds that the path above spends two FMAs and two
+// conversions on. Where it issues as fast as an FMA (the AMD EPYC measured: 3.6 G instructions/s a
+// core for both), that halves the attention's arithmetic, which is what a multi-token pass at long
+// context spends its time on; where it issues at a quarter of the FMA rate (the Xeon measured,
+// dense.h), it would double it. Python times both once per process (dot_rate) and picks.
+// The keys' layout is already the instruction's pair layout (lane j: key j's dimensions 2dp,
+// 2dp+1), and so is the values' (lane d: dimension d of keys 2i, 2i+1). The queries enter in
+// bfloat16 (they are stored in it), the probabilities rounded to bfloat16 as on AMX tiles and in
+// GPU flash attention kernels, their sum l in float32. Each lane's sum runs over the dimension pairs
+// (scores) or key pairs aligned to even positions (values) in order, whatever rows share its group,
+// so a row's result is the same alone or in a pass. A process takes one path for every call
+// (set_dot).
+inline int g_dot = 0;    // 1: the bfloat16 attention runs on VDPBF16PS (without AMX)
+inline int64_t set_dot(int64_t on) {
+  g_dot = on ? 1 : 0;
+  return g_dot;
+}
+
+KS_TARGET inline __m512bh pair_bf16(const uint16_t* p) {       // p[0], p[1] into every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+// Unscaled scores of G query rows (qb: bfloat16, rows D apart) against NB 16-key blocks (kb: the
+// first), into s (rows kChunk apart).
+template <int G, int NB>
+KS_TARGET inline void scores_dot(const uint16_t* qb, int64_t D, const uint16_t* kb, float* s, Prefetch& pf) {
+#define KS_SDECL(r) __m512 s##r##0 = _mm512_setzero_ps(), s##r##1 = s##r##0, s##r##2 = s##r##0, s##r##3 = s##r##0;
+  KS_4(KS_SDECL)
+#undef KS_SDECL
+  const int64_t bstride = D * kBlk;
+  for (int64_t dp = 0; dp < D / 2; ++dp) {
+    pf.step(NB);
+    const uint16_t* kp = kb + dp * 2 * kBlk;
+    __m512bh k0_, k1_, k2_, k3_;
+#define KS_KLOAD(b) \
+    if constexpr (NB > b) k##b##_ = (__m512bh)_mm512_loadu_si512(kp + b * bstride);
+    KS_4(KS_KLOAD)
+#undef KS_KLOAD
+#define KS_SROW(r)                                                                     \
+    if constexpr (G > r) {                                                             \
+      const __m512bh qv = pair_bf16(qb + r * D + 2 * dp);                              \
+      s##r##0 = _mm512_dpbf16_ps(s##r##0, k0_, qv);                                    \
+      if constexpr (NB > 1) s##r##1 = _mm512_dpbf16_ps(s##r##1, k1_, qv);              \
+      if constexpr (NB > 2) s##r##2 = _mm512_dpbf16_ps(s##r##2, k2_, qv);              \
+      if constexpr (NB > 3) s##r##3 = _mm512_dpbf16_ps(s##r##3, k3_, qv);              \
+    }
+    KS_4(KS_SROW)
+#undef KS_SROW
+  }
+#define KS_SSTORE(r)                                                                   \
+  if constexpr (G > r) {                                                               \
+    _mm512_storeu_ps(s + r * kChunk, s##r##0);                                         \
+    if constexpr (NB > 1) _mm512_storeu_ps(s + r * kChunk + kBlk, s##r##1);            \
+    if constexpr (NB > 2) _mm512_storeu_ps(s + r * kChunk + 2 * kBlk, s##r##2);        \
+    if constexpr (NB > 3) _mm512_storeu_ps(s + r * kChunk + 3 * kBlk, s##r##3);        \
+  }
+  KS_4(KS_SSTORE)
+#undef KS_SSTORE
+}
+
+template <int G>
+KS_TARGET inline void scores_dot_nb(const uint16_t* qb, int64_t D, const uint16_t* kb, float* s, int64_t nb,
+                                    Prefetch& pf) {
+  switch (nb) {
+    case 1: scores_dot<G, 1>(qb, D, kb, s, pf); break;
+    case 2: scores_dot<G, 2>(qb, D, kb, s, pf); break;
+    case 3: scores_dot<G, 3>(qb, D, kb, s, pf); break;
+    default: scores_dot<G, 4>(qb, D, kb, s, pf); break;
+  }
+}
+
+// o[r] (float32) = sum over the key pairs [j0, j1) (j0 even) of the chunk of p[r] (bfloat16, rows
+// kChunk apart, 0 outside each row's keys) times the values, NV groups of 16 dimensions from vt
+// (this pass's first dimension in the pair layout); o's rows D apart.
+template <int G, int NV>
+KS_TARGET inline void values_dot(const uint16_t* p, const uint16_t* vt, int64_t j0, int64_t j1, float* o,
+                                 int64_t D, Prefetch& pf) {
+#define KS_VDECL(r) __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0, o##r##2 = o##r##0, o##r##3 = o##r##0;
+  KS_4(KS_VDECL)
+#undef KS_VDECL
+  for (int64_t j = j0; j < j1; j += 2) {
+    pf.step(NV);
+    const uint16_t* w = vt + j * D;
+    __m512bh v0_, v1_, v2_, v3_;
+#define KS_VLOAD(i) \
+    if constexpr (NV > i) v##i##_ = (__m512bh)_mm512_loadu_si512(w + i * 32);
+    KS_4(KS_VLOAD)
+#undef KS_VLOAD
+#define KS_VROW(r)                                                                     \
+    if constexpr (G > r) {                                                             \
+      const __m512bh pv = pair_bf16(p + r * kChunk + j);                               \
+      o##r##0 = _mm512_dpbf16_ps(o##r##0, v0_, pv);                                    \
+      if constexpr (NV > 1) o##r##1 = _mm512_dpbf16_ps(o##r##1, v1_, pv);              \
+      if constexpr (NV > 2) o##r##2 = _mm512_dpbf16_ps(o##r##2, v2_, pv);              \
+      if constexpr (NV > 3) o##r##3 = _mm512_dpbf16_ps(o##r##3, v3_, pv);              \
+    }
+    KS_4(KS_VROW)
+#undef KS_VROW
+  }
+#define KS_VSTORE(r)                                                                   \
+  if constexpr (G > r) {                                                               \
+    _mm512_storeu_ps(o + r * D, o##r##0);                                              \
+    if constexpr (NV > 1) _mm512_storeu_ps(o + r * D + 16, o##r##1);                   \
+    if constexpr (NV > 2) _mm512_storeu_ps(o + r * D + 32, o##r##2);                   \
+    if constexpr (NV > 3) _mm512_storeu_ps(o + r * D + 48, o##r##3);                   \
+  }
+  KS_4(KS_VSTORE)
+#undef KS_VSTORE
+}
+
+template <int G>
+KS_TARGET inline void values_dot_nv(const uint16_t* p, const uint16_t* vt, int64_t j0, int64_t j1, float* o,
+                                    int64_t D, int64_t nv, Prefetch& pf) {
+  switch (nv) {
+    case 1: values_dot<G, 1>(p, vt, j0, j1, o, D, pf); break;
+    case 2: values_dot<G, 2>(p, vt, j0, j1, o, D, pf); break;
+    case 3: values_dot<G, 3>(p, vt, j0, j1, o, D, pf); break;
+    default: values_dot<G, 4>(p, vt, j0, j1, o, D, pf); break;
+  }
+}
+
+// attend_rows (above) on VDPBF16PS for a bfloat16 cache: qb, the rows' queries in bfloat16 (D
+// apart); s: 4 x kChunk floats, pb: 4 x kChunk bfloat16. The softmax as on AMX tiles: the maximum
+// of the unscaled scores, 2^(s scale log2(e) - max scale log2(e)).
+KS_TARGET void attend_rows_dot(const uint16_t* qb, int64_t R, const int64_t* ra, const int64_t* rb,
+                               const uint16_t* kt, const uint16_t* vt, int64_t D, int64_t k0, int64_t k1,
+                               float scale, float* s, uint16_t* pb, float* m_out, float* l_out, float* o_out,
+                               Prefetch& pf_first, Prefetch& pf_rest) {
+  const float scale2 = scale * 1.44269504088896341f;
+  const __m512 sc2 = _mm512_set1_ps(scale2);
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    Prefetch& pf_v = r0 == 0 ? pf_first : pf_rest;
+    Prefetch& pf_k = pf_rest;
+    const int64_t n = std::min<int64_t>(4, R - r0);
+    int64_t A, B;
+    if (!group_keys(ra, rb, r0, n, k0, k1, D, A, B, m_out, l_out, o_out)) continue;
+    const int64_t blk0 = (A - k0) / kBlk, blk1 = (B - k0 + kBlk - 1) / kBlk;
+    const uint16_t* qg = qb + r0 * D;
+    for (int64_t bi = blk0; bi < blk1; bi += 4) {
+      const int64_t nb = std::min<int64_t>(4, blk1 - bi);
+      const uint16_t* kb = kt + (k0 / kBlk + bi) * D * kBlk;
+      float* sb = s + bi * kBlk;
+      switch (n) {
+        case 1: scores_dot_nb<1>(qg, D, kb, sb, nb, pf_v); break;
+        case 2: scores_dot_nb<2>(qg, D, kb, sb, nb, pf_v); break;
+        case 3: scores_dot_nb<3>(qg, D, kb, sb, nb, pf_v); break;
+        default: scores_dot_nb<4>(qg, D, kb, sb, nb, pf_v); break;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = r0 + i;
+      const int64_t a = std::max(k0, ra[r]) - k0, b = std::min(k1, rb[r]) - k0;
+      const float* sr = s + i * kChunk;
+      uint16_t* pr = pb + i * kChunk;
+      if (a >= b) {
+        std::fill(pr + blk0 * kBlk, pr + blk1 * kBlk, uint16_t{0});
+        m_out[r] = -INFINITY;
+        l_out[r] = 0.0f;
+        continue;
+      }
+      __m512 mxv = _mm512_set1_ps(-INFINITY);
+      for (int64_t bi = blk0; bi < blk1; ++bi)
+        mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
+      const float smax = _mm512_reduce_max_ps(mxv);
+      const __m512 mxs = _mm512_set1_ps(smax * scale2);
+      __m512 lv = _mm512_setzero_ps();
+      for (int64_t bi = blk0; bi < blk1; ++bi) {
+        const __mmask16 mk = block_mask(bi, a, b);
+        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc2, mxs)))
+                            : _mm512_setzero_ps();
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), (__m256i)_mm512_cvtneps_pbh(e));
+        lv = _mm512_add_ps(lv, e);
+      }
+      m_out[r] = smax * scale;
+      l_out[r] = _mm512_reduce_add_ps(lv);
+    }
+    const int64_t j0 = (A - k0) / 2 * 2, j1 = B - k0;
+    const uint16_t* vs = vt + k0 * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const uint16_t* vd = vs + d0 * 2;
+      const int64_t nv = std::min<int64_t>(D - d0, 64) / 16;
+      float* og = o_out + r0 * D + d0;
+      switch (n) {
+        case 1: values_dot_nv<1>(pb, vd, j0, j1, og, D, nv, pf_k); break;
+        case 2: values_dot_nv<2>(pb, vd, j0, j1, og, D, nv, pf_k); break;
+        case 3: values_dot_nv<3>(pb, vd, j0, j1, og, D, nv, pf_k); break;
+        default: values_dot_nv<4>(pb, vd, j0, j1, og, D, nv, pf_k); break;
+      }
+    }
+  }
+}
+
+// Instructions a second, in G/s, of VDPBF16PS (dot) or float32 FMAs, 512 bits wide, 12 independent
+// sums, on this thread, over about `ms` milliseconds.
+#define KS_12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+template <bool Dot>
+KS_TARGET double issue_rate(double ms) {
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t n = 0;
+  const __m512 b = _mm512_set1_ps(1.0001f), c = _mm512_set1_ps(0.9999f);
+  const __m512bh bb = (__m512bh)_mm512_set1_epi16(0x3f80), cb = (__m512bh)_mm512_set1_epi16(0x3f00);
+#define KS_RDECL(i) __m512 a##i = _mm512_set1_ps(static_cast<float>(i));
+  KS_12(KS_RDECL)
+#undef KS_RDECL
+  double el = 0.0;
+  do {
+    for (int k = 0; k < 4096; ++k) {
+      if constexpr (Dot) {
+#define KS_RDOT(i) a##i = _mm512_dpbf16_ps(a##i, bb, cb);
+        KS_12(KS_RDOT)
+#undef KS_RDOT
+      } else {
+#define KS_RFMA(i) a##i = _mm512_fmadd_ps(a##i, b, c);
+        KS_12(KS_RFMA)
+#undef KS_RFMA
+      }
+      __asm__ volatile("");
+    }
+    n += 4096 * 12;
+    el = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  } while (el < ms);
+  __m512 sum = _mm512_setzero_ps();
+#define KS_RSUM(i) sum = _mm512_add_ps(sum, a##i);
+  KS_12(KS_RSUM)
+#undef KS_RSUM
+  volatile float keep = _mm512_reduce_add_ps(sum);
+  (void)keep;
+  return static_cast<double>(n) / el * 1e-6;
+}
+#undef KS_12
+
+// (VDPBF16PS, FMA) issue rates in G instructions/s, each timed over `ms` milliseconds.
+inline std::pair<double, double> dot_rate(double ms) { return {issue_rate<true>(ms), issue_rate<false>(ms)}; }
+
 // ---- AMX (Advanced Matrix Extensions) for the bfloat16 attention ------------------------------
 // With AMX, each (row, key) score and each (row, output dimension) sum over a bfloat16 cache is a
 // tile product: TDPBF16PS sums 32 bfloat16 products per element, each element from its own row of
@@ -707,6 +947,8 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
   // --- end draft windows
   const float scale = scale_ > 0.0f ? scale_ : 1.0f / std::sqrt(static_cast<float>(D));
   const bool amx = bf16 && (amx_call < 0 ? g_amx != 0 : amx_call != 0 && amx_granted());
+  const bool dot = bf16 && !amx && g_dot != 0;        // VDPBF16PS (above)
+  const bool qb16 = amx || dot;                        // the queries in bfloat16
   // Tokens per batch: each row is computed the same way whatever the batch (the rows of a work
   // item never mix), so batching bounds the memory only, not the bits.
   const int64_t nc_all = (start + Tn - 1) / kChunk - lo_of(start) / kChunk + 1 + (sinks ? 1 : 0);
@@ -735,13 +977,13 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
     // and each row's keys: [lo(p), p] for the chunks, [lo', min(sink, lo(p))) for the sink keys
     // (AMX: in bfloat16, each KV head's rows padded to a multiple of 16)
     const int64_t Rpad = amx ? (R + 15) / 16 * 16 : R;
-    std::vector<float> qf(amx ? 0 : hkv * R * D);
-    std::vector<uint16_t> qb(amx ? hkv * Rpad * D : 0);
+    std::vector<float> qf(qb16 ? 0 : hkv * R * D);
+    std::vector<uint16_t> qb(qb16 ? hkv * Rpad * D : 0);
     for (int64_t kvh = 0; kvh < hkv; ++kvh)
       for (int64_t t = 0; t < tn; ++t)
         for (int64_t i = 0; i < g; ++i) {
           const T* src = q.data() + (t0 + t) * nq + (kvh * g + i) * D;
-          if (amx) {
+          if (qb16) {
             std::memcpy(qb.data() + (kvh * Rpad + t * g + i) * D, src, D * sizeof(uint16_t));
             continue;
           }
@@ -759,7 +1001,8 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
       }
     }
     at::parallel_for(0, hkv * nc, keys < kSerialKeys ? hkv * nc : 1, [&](int64_t ia, int64_t ib) {
-      std::vector<float> sbuf(amx ? 0 : 4 * kChunk), pbuf(amx ? 0 : 4 * kChunk);
+      std::vector<float> sbuf(amx ? 0 : 4 * kChunk), pbuf(amx || dot ? 0 : 4 * kChunk);
+      std::vector<uint16_t> pbuf16(dot ? 4 * kChunk : 0);
       AmxBuffers* abuf = nullptr;
       if (amx) {
         thread_local AmxBuffers tbuf;       // per thread, kept between calls (no allocation per call)
@@ -815,6 +1058,12 @@ KS_TARGET void attention_t(const T* x, T* out, int64_t Tn, int64_t H, const T* n
             attend_rows_amx(qb.data() + kvh * Rpad * D, R, sink_item ? sa.data() : ra.data(),
                             sink_item ? sb.data() : rb.data(), ktk, vsk, D, npair, k0, k1, scale, *abuf,
                             pm + r, pl + r, po + r * D, pf_v, pf_k);
+            continue;
+          }
+          if (dot) {
+            attend_rows_dot(qb.data() + kvh * R * D, R, sink_item ? sa.data() : ra.data(),
+                            sink_item ? sb.data() : rb.data(), ktk, vsk, D, k0, k1, scale, sbuf.data(),
+                            pbuf16.data(), pm + r, pl + r, po + r * D, pf_v, pf_k);
             continue;
           }
         }
