@@ -330,6 +330,29 @@ def test_decisions_only_at_start_bucket_changes_and_acceptance_drops(tiny_root, 
     assert len([t for t, _ in triggers if t == "bucket"]) == len(seen) - 1 >= 2
 
 
+def test_the_draft_length_follows_the_measured_acceptance(tiny_root):
+    """A plan chosen at a low estimated acceptance drafts 1 token a round; once drafting has
+    measured a high acceptance the length is re-priced there (longer), and once it measures one
+    at which the plan no longer pays the strategy says so (a new decision follows)."""
+    from knapspec.strategies.knapspec import Choice
+    from knapspec.strategies.pricing import best_length
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    strat = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8)
+    plan = Plan.from_sublayer_skips(n, {1})
+    ctx = 40
+    tv = strat.verify_times.at(strat.latency, ctx)
+    td = strat.draft_time(plan, ctx)
+    assert best_length(0.3, td, tv, 8)[0] == 1
+    strat.choice = Choice(plan=plan, d=1, alpha=0.3, tpt=1.0, tpt_ar=1.0, context=ctx)
+    strat._tried, strat._acc = 200.0, 196.0
+    assert strat._still_pays(ctx)
+    want = best_length(strat.measured_alpha(), td, tv, 8)[0]
+    assert strat.choice.d == want > 1 and strat.choice.plan is plan
+    strat._tried, strat._acc = 200.0, 0.0
+    assert not strat._still_pays(ctx)
+
+
 # ---- windowed drafts --------------------------------------------------------------------------------
 def _windowed_plans(n_layers: int):
     """Plans whose attention sublayers are full, skipped or windowed (sink + 2, 3 or 8 keys) and
