@@ -189,7 +189,8 @@ def _hybrid_for_sampling(m: Model):
                                 width_factor=0.02)
     # the planner from the first round, over a 2-token window: skip drafts and lookups both happen
     return HybridStrategy(m, lat, alpha="cosine", min_cosine=-1.0, plan_after=0, window=2, every=1,
-                          d_max=2, max_lookup=2, min_lookup=0, persist=False, memory=None)
+                          d_max=2, max_lookup=2, min_lookup=0, persist=False, memory=None,
+                          score_prompt=True)       # skip drafts from the first round (3 tokens here)
 
 
 @pytest.mark.parametrize("name, kind", [("lookup", "llama"), ("hybrid", "llama"), ("hybrid", "gemma3")])

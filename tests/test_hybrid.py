@@ -91,9 +91,10 @@ def test_planner_starts_after_lookup_misses_and_backs_off(tiny_root, monkeypatch
     eng.generate([5, 6, 7, 8] * 10, s, max_new_tokens=3, stop_ids=())
     assert not s.planner.history and not s.wants_hidden      # lookups hit: no planning
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
-    out = eng.generate(list(range(3, 40)), s, max_new_tokens=8, stop_ids=())   # lookups never match
-    assert len(s.planner.history) == 1 and out.stats.new_tokens == 8    # misses: the planner ran once
-    assert s.planner.history[0].plan is None                 # ... found nothing worth drafting
+    out = eng.generate(list(range(3, 40)), s, max_new_tokens=12, stop_ids=())  # lookups never match
+    # misses: the planner woke, waited for `window` generated tokens to score, and ran once
+    assert [c.source for c in s.planner.history] == ["dp-wait", "dp"] and out.stats.new_tokens == 12
+    assert s.planner.history[-1].plan is None                # ... found nothing worth drafting
     assert not s.wants_hidden and s._plan_after_now == 6     # ... and sleeps until 6 misses in a row
     eng.generate(list(range(3, 40)), s, max_new_tokens=6, stop_ids=())   # 5 misses < 6: no planner
     assert not s.wants_hidden
@@ -119,8 +120,8 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))
     prompt = list(range(3, 40))                              # bucket 8 (< 384 tokens)
-    eng.generate(prompt, s, max_new_tokens=8, stop_ids=())
-    assert s.planner.dp_runs == 1 and s.planner.history[0].plan is None and s._plan_after_now == 6
+    eng.generate(prompt, s, max_new_tokens=12, stop_ids=())     # (the DP waits for 8 generated tokens)
+    assert s.planner.dp_runs == 1 and s.planner.history[-1].plan is None and s._plan_after_now == 6
 
     def entry() -> dict:
         return json.loads(path.read_text())["buckets"]["8"]
@@ -130,7 +131,7 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     eng.generate(prompt, again, max_new_tokens=6, stop_ids=())   # 5 misses < 6: asleep
     assert not again.planner.history and again.describe()["plan_after_now"] == 6
     off = REGISTRY.create("hybrid", m, latency=slow, plan_after=3, memory="off")
-    eng.generate(prompt, off, max_new_tokens=6, stop_ids=())     # 3 misses: awake, a DP of its own
+    eng.generate(prompt, off, max_new_tokens=12, stop_ids=())    # 3 misses: awake, a DP of its own
     assert off.planner.dp_runs == 1
     # 19 rounds: awake after 6 misses, the remembered verdict (no DP); asleep; the same after 6
     # more; awake after 6 more: the back-off (2 decisions after one verdict) ran out, but the TPT
@@ -144,9 +145,10 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
                            min_cosine=0.0, margin=1.0)
     fast.memory.update(8, gated=4)                           # the back-off has run out
     fast._wake_now = True                                    # and the planner wakes at once
-    eng.generate(prompt, fast, max_new_tokens=6, stop_ids=())
-    assert fast.planner.history[0].source == "dp" and fast.planner.history[0].plan is not None
-    assert entry()["streak"] == 0 and entry()["plan"] == str(fast.planner.history[0].plan)
+    eng.generate(prompt, fast, max_new_tokens=12, stop_ids=())
+    assert [c.source for c in fast.planner.history][:2] == ["dp-wait", "dp"]
+    assert fast.planner.history[1].plan is not None
+    assert entry()["streak"] == 0 and entry()["plan"] == str(fast.planner.history[1].plan)
     path.write_text("{not json")
     fresh = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
     eng.generate(prompt, fresh, max_new_tokens=2, stop_ids=())
@@ -154,7 +156,7 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     assert "ignoring the planner's memory" in caplog.text
     (tmp_path / "a-file").write_text("")                    # a cache that cannot be written: no error
     stuck = HybridStrategy(m, slow, plan_after=3, memory=tmp_path / "a-file" / "memory.json")
-    eng.generate(prompt, stuck, max_new_tokens=8, stop_ids=())
+    eng.generate(prompt, stuck, max_new_tokens=12, stop_ids=())
     assert stuck._plan_after_now == 6 and not (tmp_path / "a-file").is_dir()
 
 

@@ -145,7 +145,9 @@ def _state(m, prompt):
 def test_planner_never_skips_everything_or_the_first_layer(kind, tiny_root):
     m = tiny_model(kind, tiny_root)
     strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers), min_cosine=-1.0, max_states=64)
-    strat.start(_state(m, list(range(3, 30))))
+    state = _state(m, list(range(3, 30)))
+    strat.start(state)
+    strat.collect_prompt(state)          # the DP's states (start() waits for generated tokens)
     cands, choice = strat.optimise(27)
     assert cands, "the DP produced no candidate"
     for plan, alpha, cos in cands:
@@ -168,6 +170,7 @@ def test_planner_values_are_cosines_of_the_real_hidden_states(tiny_root):
     strat = KnapSpecStrategy(m, _cheap_drafts(m.cfg.n_layers), min_cosine=-1.0, max_states=256)
     state = _state(m, list(range(3, 20)))
     strat.start(state)
+    strat.collect_prompt(state)          # the DP's states (start() waits for generated tokens)
     cands, _ = strat.optimise(17)
     _, hidden, targets = strat._collected()
     # recompute one candidate's final hidden state with the ordinary forward over the window
@@ -303,8 +306,9 @@ def test_where_no_draft_pays_plain_steps_run_fused_and_planning_stops(profile, p
 
 
 def test_decisions_only_at_start_bucket_changes_and_acceptance_drops(tiny_root, monkeypatch):
-    """The planner decides at the start, when the context enters another bucket (here buckets of
-    16 tokens) and when the measured acceptance no longer pays for the plan, never on a timer."""
+    """The planner decides at the start, once when the DP's wait for generated tokens ends, when
+    the context enters another bucket (here buckets of 16 tokens) and when the measured acceptance
+    no longer pays for the plan, never on a timer."""
     monkeypatch.setattr("knapspec.strategies.knapspec.bucket", lambda ctx: ctx // 16)
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)
@@ -321,11 +325,14 @@ def test_decisions_only_at_start_bucket_changes_and_acceptance_drops(tiny_root, 
     out = eng.generate(prompt, strat, max_new_tokens=60, stop_ids=(), threshold=0.0)
     assert out.tokens == ref
     assert triggers[0] == ("start", len(prompt) + 1)
+    # the DP scores generated tokens: at the start it waits for `window` of them, once
+    assert [x for x in triggers if x[0] == "probe"] == [("probe", len(prompt) + strat.window)]
     seen = {(len(prompt) + 1) // 16}
     for trig, ctx in triggers[1:]:
-        assert trig in ("bucket", "acceptance"), trig
+        assert trig in ("bucket", "acceptance", "probe"), trig
         if trig == "bucket":
             assert ctx // 16 not in seen
+        if trig in ("bucket", "probe"):
             seen.add(ctx // 16)
     assert len([t for t, _ in triggers if t == "bucket"]) == len(seen) - 1 >= 2
 

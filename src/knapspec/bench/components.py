@@ -293,8 +293,10 @@ def alpha_from_mean_accepted(mean_accepted: float, d: int) -> float:
 def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, window: int,
               root=None, progress: bool = True) -> list[dict]:
     """For long-document prompts at each context: the KnapSpec DP's candidate plans (spread over
-    the time saved), each decoded with its TPT-optimal draft length as a fixed plan (confidence
-    exit off, so rounds draft exactly d as TPT assumes); predicted TPT vs measured tokens/s.
+    the time saved; scored, as the strategy's DP is, on ``window`` positions from the prompt's
+    last one on, i.e. predicting generated tokens),
+    each decoded with its TPT-optimal draft length as a fixed plan (confidence exit off, so rounds
+    draft exactly d as TPT assumes); predicted TPT vs measured tokens/s.
     ``predicted_post`` uses the acceptance measured in the run (isolates the latency model)."""
     from tqdm import tqdm
 
@@ -312,17 +314,21 @@ def bench_tpt(llm, *, contexts: list[int], n: int, new_tokens: int, plans: int, 
     bar = tqdm(total=len(jobs) * (plans + 1), disable=not progress, desc="tpt", unit="run")
     for ctx, p in jobs:
         ids = llm.encode_prompt(p.text, chat=p.chat)
-        cache = m.new_cache(len(ids) + 1)
-        prefill(m, ids, cache, logits=False)
+        g = eng.generate(ids, max_new_tokens=new_tokens, stop_ids=())
+        # the DP scores the positions from the prompt's last one on (its target is the first
+        # generated token), `window` of them, as the strategy's DP does (it waits for those tokens
+        # with plain steps), on a cache holding the prompt and the tokens before the last position
+        seen = ids + g.tokens[:window - 1]
+        cache = m.new_cache(len(seen) + 1)
+        prefill(m, seen, cache, logits=False)
         strat = KnapSpecStrategy(m, lat, window=window, max_states=4 * plans, min_cosine=0.0,
                                  windows=DEFAULT_WINDOWS)
-        strat.collect_prompt(RoundState(model=m, cache=cache, tokens=ids + [0], n_prompt=len(ids), round=0,
-                                        sampling=SamplingParams(), remaining=new_tokens))
-        cands, _ = strat.optimise(len(ids))
+        strat.collect(RoundState(model=m, cache=cache, tokens=seen + [0], n_prompt=len(ids), round=0,
+                                 sampling=SamplingParams(), remaining=new_tokens), len(seen))
+        cands, _ = strat.optimise(len(seen))
         if len(cands) > plans:
             idx = np.linspace(0, len(cands) - 1, plans).round().astype(int)
             cands = [cands[i] for i in sorted(set(idx.tolist()))]
-        g = eng.generate(ids, max_new_tokens=new_tokens, stop_ids=())
         t1 = lat.predict(None, len(ids), 1)
         rows.append(dict(context=ctx, prompt_tokens=len(ids), prompt_id=p.id, plan="full", skipped=0, d=0,
                          alpha=1.0, predicted_tps=1 / t1, predicted_post=1 / t1,
