@@ -550,15 +550,39 @@ KS_TARGET inline void values_dot_nv(const uint16_t* p, const uint16_t* vt, int64
   }
 }
 
+// One row's partial softmax in bfloat16 over its keys [a, b) of the chunk (a < b), in the 16-key
+// blocks [blk0, blk1) (0 outside [a, b)): the maximum of the unscaled scores sr (scale > 0;
+// rounding is monotonic, so max(s) * scale is the maximum of the scaled ones), then
+// 2^(s * scale * log2(e) - max * scale * log2(e)) with one rounding of the argument (exp2_16: the
+// probabilities are rounded to bfloat16 next) into pr; m = max * scale, l = the float32 sum of the
+// unrounded probabilities. Shared by the VDPBF16PS path and AMX tiles.
+KS_TARGET inline void probs_bf16(const float* sr, uint16_t* pr, int64_t a, int64_t b, int64_t blk0, int64_t blk1,
+                                 float scale, float& m, float& l) {
+  const float scale2 = scale * 1.44269504088896341f;     // and log2(e)
+  const __m512 sc2 = _mm512_set1_ps(scale2);
+  __m512 mxv = _mm512_set1_ps(-INFINITY);
+  for (int64_t bi = blk0; bi < blk1; ++bi)
+    mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
+  const float smax = _mm512_reduce_max_ps(mxv);
+  const __m512 mxs = _mm512_set1_ps(smax * scale2);
+  __m512 lv = _mm512_setzero_ps();
+  for (int64_t bi = blk0; bi < blk1; ++bi) {
+    const __mmask16 mk = block_mask(bi, a, b);
+    const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc2, mxs)))
+                        : _mm512_setzero_ps();
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), (__m256i)_mm512_cvtneps_pbh(e));
+    lv = _mm512_add_ps(lv, e);
+  }
+  m = smax * scale;
+  l = _mm512_reduce_add_ps(lv);
+}
+
 // attend_rows (above) on VDPBF16PS for a bfloat16 cache: qb, the rows' queries in bfloat16 (D
-// apart); s: 4 x kChunk floats, pb: 4 x kChunk bfloat16. The softmax as on AMX tiles: the maximum
-// of the unscaled scores, 2^(s scale log2(e) - max scale log2(e)).
+// apart); s: 4 x kChunk floats, pb: 4 x kChunk bfloat16. The softmax as on AMX tiles (probs_bf16).
 KS_TARGET void attend_rows_dot(const uint16_t* qb, int64_t R, const int64_t* ra, const int64_t* rb,
                                const uint16_t* kt, const uint16_t* vt, int64_t D, int64_t k0, int64_t k1,
                                float scale, float* s, uint16_t* pb, float* m_out, float* l_out, float* o_out,
                                Prefetch& pf_first, Prefetch& pf_rest) {
-  const float scale2 = scale * 1.44269504088896341f;
-  const __m512 sc2 = _mm512_set1_ps(scale2);
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     Prefetch& pf_v = r0 == 0 ? pf_first : pf_rest;
     Prefetch& pf_k = pf_rest;
@@ -589,21 +613,7 @@ KS_TARGET void attend_rows_dot(const uint16_t* qb, int64_t R, const int64_t* ra,
         l_out[r] = 0.0f;
         continue;
       }
-      __m512 mxv = _mm512_set1_ps(-INFINITY);
-      for (int64_t bi = blk0; bi < blk1; ++bi)
-        mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
-      const float smax = _mm512_reduce_max_ps(mxv);
-      const __m512 mxs = _mm512_set1_ps(smax * scale2);
-      __m512 lv = _mm512_setzero_ps();
-      for (int64_t bi = blk0; bi < blk1; ++bi) {
-        const __mmask16 mk = block_mask(bi, a, b);
-        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc2, mxs)))
-                            : _mm512_setzero_ps();
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), (__m256i)_mm512_cvtneps_pbh(e));
-        lv = _mm512_add_ps(lv, e);
-      }
-      m_out[r] = smax * scale;
-      l_out[r] = _mm512_reduce_add_ps(lv);
+      probs_bf16(sr, pr, a, b, blk0, blk1, scale, m_out[r], l_out[r]);
     }
     const int64_t j0 = (A - k0) / 2 * 2, j1 = B - k0;
     const uint16_t* vs = vt + k0 * D;
@@ -746,8 +756,6 @@ KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t*
                                    float* l_out, float* o_out, Prefetch& pf_first, Prefetch& pf_rest) {
   float* s = buf.s.data();
   uint16_t* p = buf.p.data();
-  const float scale2 = scale * 1.44269504088896341f;     // and log2(e)
-  const __m512 sc2 = _mm512_set1_ps(scale2);
   // groups of 16 rows and a last one of R % 16: last group first when the tiles are configured
   // for its size (the previous work item ended with it), so that a pass reconfigures once per item
   const int64_t ng = (R + 15) / 16;
@@ -803,25 +811,7 @@ KS_AMX_TARGET void attend_rows_amx(const uint16_t* qb, int64_t R, const int64_t*
         l_out[r] = 0.0f;
         continue;
       }
-      // max of the unscaled scores (scale > 0; rounding is monotonic, so max(s) * scale is the
-      // maximum of the scaled ones), then 2^(s * scale * log2(e) - max * scale * log2(e)) with
-      // one rounding of the argument (exp2_16: the probabilities are rounded to bfloat16 next)
-      __m512 mxv = _mm512_set1_ps(-INFINITY);
-      for (int64_t bi = blk0; bi < blk1; ++bi)
-        mxv = _mm512_mask_max_ps(mxv, block_mask(bi, a, b), mxv, _mm512_loadu_ps(sr + bi * kBlk));
-      const float smax = _mm512_reduce_max_ps(mxv);
-      const float mx = smax * scale;
-      const __m512 mxs = _mm512_set1_ps(smax * scale2);
-      __m512 lv = _mm512_setzero_ps();
-      for (int64_t bi = blk0; bi < blk1; ++bi) {
-        const __mmask16 mk = block_mask(bi, a, b);
-        const __m512 e = mk ? _mm512_maskz_mov_ps(mk, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + bi * kBlk), sc2, mxs)))
-                            : _mm512_setzero_ps();
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + bi * kBlk), (__m256i)_mm512_cvtneps_pbh(e));
-        lv = _mm512_add_ps(lv, e);
-      }
-      m_out[r] = mx;
-      l_out[r] = _mm512_reduce_add_ps(lv);
+      probs_bf16(sr, pr, a, b, blk0, blk1, scale, m_out[r], l_out[r]);
     }
     // values: 16 rows x 16 output dimensions per tile, summed over 32-key spans, in passes of up
     // to 64 dimensions
