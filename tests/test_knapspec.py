@@ -530,27 +530,48 @@ def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_ro
     assert agree[None] > agree[8] > 0           # (w = 96: the check saw both kinds of token)
 
 
-def test_the_probe_times_verification_passes_and_leaves_the_cache(tiny_root):
-    """With a measured (not given) latency model, the probe also times full-model passes over 2
-    and 4 committed tokens (three each), feeds them to the verification corrections, and the
-    cache is still exactly what it was."""
+@pytest.mark.parametrize("pays", ["more for smaller windows", "the same for every window", "nothing"])
+def test_the_probe_tries_the_largest_window_first_and_stops_where_it_does_not_pay(pays, tiny_root):
+    """The decision's probe runs the windows largest first; a window whose plan does not pay at
+    its probed acceptance ends it (smaller windows see a subset of its keys), and so does one
+    whose next smaller window would not pay ``PROBE_STEP`` more at that acceptance. The probe runs
+    nothing but the windowed passes (no timed verification passes: the corrections learn from
+    drafting rounds), and leaves the cache as it was."""
     m = tiny_model("llama", tiny_root, "native-bf16")
-    prompt = [3 + (7 * i) % 50 for i in range(100)]
+    n = m.cfg.n_layers
+    prompt = [3 + (7 * i) % 50 for i in range(200)]
     tokens = prompt + Engine(m).generate(prompt, max_new_tokens=20, stop_ids=()).tokens
     end = len(tokens) - 1
     cache = m.new_cache(len(tokens) + 8)
     m.forward(torch.tensor([tokens[:end]]), 0, cache, last_only=True)
     held = [(name, [t.clone() for t in getattr(cache, name)]) for name in ("k", "v", "kt", "vt")
             if getattr(cache, name) is not None]
-    lat = _costly_attention(m.cfg.n_layers)
+    lat = _costly_attention(n)
     lat.key = {**lat.key, "analytic": False}                 # as if measured on this machine
-    assert not lat.given
-    strat = KnapSpecStrategy(m, lat, windows=(8,), probe_tokens=12)
-    strat.verify_times.at(lat, end, exact=True)              # as a decision does before probing
-    state = RoundState(model=m, cache=cache, tokens=tokens, n_prompt=100, round=0,
+    priced: list[int] = []
+
+    class Probing(KnapSpecStrategy):
+        def price(self, plan, alpha, ctx, tv, alphas=None, *, covered=False):
+            r = super().price(plan, alpha, ctx, tv, alphas, covered=covered)
+            if covered:                                      # the gate before the probe: as it is
+                return r
+            w = next(iter(plan.attn_windowed.values()))
+            priced.append(w)
+            v = {"more for smaller windows": 1e6 / w, "the same for every window": 1e6}.get(pays, 0.0)
+            return (r[0], r[1], v, r[3])
+
+    strat = Probing(m, lat, windows=(8, 32, 96), probe_tokens=12)
+    state = RoundState(model=m, cache=cache, tokens=tokens, n_prompt=200, round=0,
                        sampling=SamplingParams(), remaining=8)
-    strat.probe(state, (8,))
-    assert sorted(w for w, _ in strat.verify_times._log) == [1, 1, 1, 3, 3, 3]     # widths 2 and 4
+    strat.reset()
+    strat.decide(state, "start")
+    assert strat.probe_runs == 1
+    entry = strat.memory.get(strat._bucket)
+    probed = [next(iter(Plan.parse(t, n).attn_windowed.values())) for t, _, _ in entry["probed"]]
+    assert probed == ([96, 32, 8] if pays == "more for smaller windows" else [96])
+    assert priced[0] == 96                                   # priced as probed, largest first
+    assert (strat.choice.plan is not None) == (pays != "nothing")
+    assert strat.verify_times._log == [] and all(c == 0 for c in strat.verify_times._count)
     assert cache.length == end
     for name, before in held:
         assert all(torch.equal(a, b) for a, b in zip(getattr(cache, name), before)), name

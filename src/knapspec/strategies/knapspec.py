@@ -41,7 +41,7 @@ pays.
    per width (:class:`~knapspec.strategies.pricing.VerifyTimes`), draft steps by the measured ratio
    of the plan in use; a profile whose one-token steps are off by more than ``LatencyWatch.limit``
    is logged once and dropped from the cache folder, so that the next process measures it again.
-   The window probe also times full-model passes over 2 and 4 tokens before it prices its plans.
+   (The window probe no longer times verification passes of its own: see :meth:`probe`.)
 6. **Draft vocabulary** (opt-in, ``draft_vocab``; see ``vocab.py``): a plan may draft through a
    subset of the lm_head's rows, priced only at an acceptance measured with that subset (the
    probe measures each subset; drafting updates it), never from a DP's estimate.
@@ -50,7 +50,6 @@ pays.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -176,6 +175,11 @@ class Choice:
 # the acceptance at which an all-windowed plan must pay for the window probe to run
 PROBE_ALPHA = 0.9
 PROBE_GAIN = 0.15       # ... and by how much more than a plain step
+# the probe tries a smaller window only where, at the acceptance of the larger one probed before it,
+# it would pay this much more than the best plan probed so far: one token of the probe's 16 moves
+# the acceptance by ~6%, so a smaller difference is not one the probe can tell (on the embedded
+# model at 8k: W = 64 drafts ~5% faster than W = 256, whose pass was ~19 ms, 2% of a generation)
+PROBE_STEP = 0.05
 
 # the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
 # decisions taken from the memory
@@ -592,12 +596,28 @@ class KnapSpecStrategy(Strategy):
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
                 return
+            # the largest window first. A smaller window attends to a subset of its keys (and
+            # agreed less often wherever measured: 73% / 84% / 87% at W = 64 / 256 / 1024 on a
+            # 4k-token report), so the probe ends at a window whose plan does not pay, or where the
+            # next one would not pay ``PROBE_STEP`` more than the best so far even at this one's
+            # acceptance
+            order = sorted(probe, reverse=True)
+            best = [t_ar]
+
+            def enough(plan: Plan, a: float, per: dict[int, float]) -> bool:
+                v = self.price(plan, a, ctx, tv, per)[2]
+                if v <= t_ar:
+                    return True
+                best[0] = max(best[0], v)
+                i = order.index(max(plan.attn_windowed.values()))
+                if i + 1 == len(order):
+                    return True
+                nxt = self.price(windowed_plan(n, order[i + 1]), a, ctx, tv, per)[2]
+                return nxt < (1.0 + PROBE_STEP) * best[0]
             probed = [[str(p), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}]
-                      for p, a, per in self.probe(state, probe)]
+                      for p, a, per in self.probe(state, order, until=enough)]
             self.memory.update(b, probed=probed)
             entry = self.memory.get(b)
-            tv = self.verify_times.at(lat, ctx, exact=True)      # with the probe's verification times
-            t_ar = 1.0 / tv[0]
         # 1c. a probed bucket: the probed plan that pays best at the acceptances measured (by the
         #     probe, or while drafting with it), else no draft; no DP where the probe looked (the
         #     DP's bound re-prices short-context candidates there, and a DP at 8k tokens of context
@@ -697,7 +717,9 @@ class KnapSpecStrategy(Strategy):
         return out
 
     @torch.inference_mode()
-    def probe(self, state: RoundState, windows: Sequence[int]) -> list[tuple[Plan, float, dict[int, float]]]:
+    def probe(self, state: RoundState, windows: Sequence[int],
+              until: Callable[[Plan, float, dict[int, float]], bool] | None = None,
+              ) -> list[tuple[Plan, float, dict[int, float]]]:
         """``(plan, α, {size: α})`` for each plan that windows every attention sublayer to one of
         ``windows``: α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy
         token agreeing with the next committed token on the last ``probe_tokens`` committed tokens,
@@ -709,9 +731,19 @@ class KnapSpecStrategy(Strategy):
         runs as its drafts do, one pass over those tokens at their own positions (its own keys
         for them, the cache's before them), on the fused native path where the model has one;
         the cache entries it overwrites are put back after it.
-        Costs one pass over ``probe_tokens`` tokens per window (about what verifying as many
-        draft tokens costs at short context), where the DP's collection alone is a
-        full-attention pass over its tokens and the DP many more."""
+        Windows are probed in the order given; ``until(plan, α, {size: α})`` true ends the probe
+        after that window. Costs one pass over ``probe_tokens`` tokens per window (about what
+        verifying as many draft tokens costs at short context), where the DP's collection alone is
+        a full-attention pass over its tokens and the DP many more.
+
+        The probe used to time full-model passes over 2 and 4 tokens as well (three each), because
+        the latency profile had mis-stated them at long context (EPYC host, float32-FMA attention:
+        4 tokens at 8k 2.06x a step, the profile 1.45x). That cost 86 ms of the probe's 150 ms at
+        8,000 tokens of context (14% of a 96-token generation's decode time). The profile is
+        measured with the attention kernel in use (its key names it), and with the VDPBF16PS
+        kernel it is within 12% of measured passes over 2-8 tokens at 4k-8k; the verification
+        corrections (:class:`~knapspec.strategies.pricing.VerifyTimes`) learn the rest from the
+        first drafting rounds, and a plan that stops paying at the measured times gives way."""
         model, cache = state.model, state.cache
         assert cache is not None
         n, k = model.cfg.n_layers, self.probe_tokens
@@ -736,28 +768,9 @@ class KnapSpecStrategy(Strategy):
                 per_size = {size: alpha(logits.masked_fill(~m, float("-inf")).argmax(-1))
                             for size, m in masks.items()}
                 out.append((plan, alpha(logits.argmax(-1)), per_size))
-            self._time_verification(state, end)
+                if until is not None and until(*out[-1]):
+                    break
         return out
-
-    def _time_verification(self, state: RoundState, end: int) -> None:
-        """Time full-model passes over the widths a windowed plan's drafts would be verified at
-        (2 and 4 tokens, three passes each, over committed tokens before ``end``, inside the
-        probe's scratch region) and feed them to the verification corrections: until
-        now only one-token steps were measured here, and on a host where attention over many query
-        rows is dear the profile's ratios understate what verification costs (measured on an EPYC
-        host at 8k: 4 tokens 2.06x a step, the profile 1.45x; the probe's plan lost 9%)."""
-        if self.latency.given:
-            return
-        model, cache = state.model, state.cache
-        assert cache is not None
-        for width in (2, 4):
-            if width > min(self.probe_tokens, end):
-                continue
-            ids = torch.tensor([state.tokens[end - width:end]], device=model.device)
-            for _ in range(3):                   # (a width counts in the corrections from 3 passes)
-                t0 = _clock(model)
-                model.forward(ids, end - width, cache, last_only=False)
-                self.verify_times.observe(width, _clock(model) - t0)
 
     def _set(self, c: Choice) -> None:
         self.choice = c
@@ -861,12 +874,6 @@ class KnapSpecStrategy(Strategy):
             out["last_plan"] = str(last.plan) if last.plan is not None else "none"
             out["decided_by"] = [c.source for c in self.history]
         return out
-
-
-def _clock(model: Model) -> float:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def windowed_plan(n_layers: int, w: int) -> Plan:
