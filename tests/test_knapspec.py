@@ -676,6 +676,38 @@ def test_a_probed_plan_that_stops_paying_gives_way_without_a_dp(tiny_root):
     assert [c.source for c in strat.history] == ["probe"] and strat.history[0].plan is None
 
 
+def test_a_probe_that_found_nothing_runs_again_after_a_back_off(tiny_root):
+    """A bucket whose window probe found no plan that pays is probed again after
+    ``backoff(probe_streak)`` generations (2, then 4, ...) instead of never; a probe that finds a
+    plan ends the back-off; outputs stay autoregressive ones."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=24, stop_ids=()).tokens
+    pays = [False]
+
+    class Verdict(KnapSpecStrategy):
+        def price(self, plan, alpha, ctx, tv, alphas=None, *, covered=False):
+            r = super().price(plan, alpha, ctx, tv, alphas, covered=covered)
+            return r if covered else (r[0], r[1], 1e9 if pays[0] else 0.0, r[3])
+
+    strat = Verdict(m, _costly_attention(m.cfg.n_layers), windows=(64,), probe_tokens=6, threshold=0.0)
+    runs = []
+    for _ in range(8):
+        assert eng.generate(prompt, strat, max_new_tokens=24, stop_ids=(), threshold=0.0).tokens == ref
+        runs.append(strat.probe_runs)
+    assert runs == [1, 1, 1, 2, 2, 2, 2, 2]                  # again after 2 generations, then after 4
+    assert strat.memory.get(strat._bucket)["probe_streak"] == 2
+    pays[0] = True
+    for _ in range(4):
+        assert eng.generate(prompt, strat, max_new_tokens=24, stop_ids=(), threshold=0.0).tokens == ref
+        runs.append(strat.probe_runs)
+    assert runs[8:] == [3, 3, 3, 3]                          # found a plan: kept, no probe
+    entry = strat.memory.get(strat._bucket)
+    assert entry["plan"] and entry["probe_streak"] == 0
+    assert strat.history[0].source == "memory" and strat.history[0].plan is not None
+
+
 def test_no_probe_where_windows_cannot_pay(tiny_root):
     """When a windowed plan cannot beat a plain step even if every draft were accepted (attention
     costs nothing here), or no windows are offered, the strategy does not probe."""

@@ -28,7 +28,8 @@ pays.
    bucket's remembered plan if it still pays at this context; once per bucket, where windowed
    attention could pay, the *window probe* (:meth:`KnapSpecStrategy.probe`: the plans that window
    every attention sublayer, one per window size, priced at the agreement of their greedy tokens
-   with the full model's on the last ``probe_tokens`` committed tokens); the
+   with the full model's on the last ``probe_tokens`` committed tokens; where it found nothing
+   that pays, again after a back-off of ``2**probe_streak`` generations); the
    remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
    verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
    (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; and only then the DP, on the
@@ -266,6 +267,7 @@ class KnapSpecStrategy(Strategy):
         self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
         self._draft_obs = 0
         self._probe_at = -1                        # committed tokens at which the window probe runs
+        self._reprobe = False                      # ... where it runs again (a negative verdict's back-off)
         self._n_vocab = 0                          # tokens the draft vocabulary has seen
         self.verify_times.reset()
 
@@ -586,12 +588,21 @@ class KnapSpecStrategy(Strategy):
                     return
             except ValueError:
                 pass
-        # 1b. the window probe, once per bucket where windowed attention could pay: plain steps
+        # 1b. the window probe, once per bucket where windowed attention could pay (again, after
+        #     a back-off, where it found nothing that pays: see ``_reprobe_due``): plain steps
         #     until ``probe_tokens`` tokens were generated, then the probe on them
-        probe = self._probe_windows(entry, ctx, tv)
+        again = False
+        if self.windows and "probed" in entry and not entry.get("plan") and trigger in ("start", "probe"):
+            if self._reprobe or self._reprobe_due(entry):
+                again = True
+            elif trigger == "start":
+                self.memory.update(b, probe_gated=int(entry.get("probe_gated", 0)) + 1)
+        self._reprobe = False
+        probe = self._probe_windows(entry, ctx, tv, again=again)
         if probe:
             need = state.n_prompt + self.probe_tokens + 1
             if len(state.tokens) < need:
+                self._reprobe = again
                 self._probe_at = need
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
@@ -616,6 +627,7 @@ class KnapSpecStrategy(Strategy):
                 return nxt < (1.0 + PROBE_STEP) * best[0]
             probed = [[str(p), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}]
                       for p, a, per in self.probe(state, order, until=enough)]
+            streak_p = int(entry.get("probe_streak", 0)) if again else 0
             self.memory.update(b, probed=probed)
             entry = self.memory.get(b)
         # 1c. a probed bucket: the probed plan that pays best at the acceptances measured (by the
@@ -635,11 +647,15 @@ class KnapSpecStrategy(Strategy):
                         best = (plan, r, a_full, per)
             if best is not None and best[1][2] > t_ar:
                 plan, (voc, d, v, a), a_full, per = best
-                self.memory.update(b, plan=str(plan), alpha=a_full, alphas=per, d=d, streak=0, gated=0)
+                self.memory.update(b, plan=str(plan), alpha=a_full, alphas=per, d=d, streak=0, gated=0,
+                                   probe_streak=0, probe_gated=0)
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
                                  vocab=voc))
                 return
-            self.memory.update(b, plan=None, alphas={})
+            if probe:                                # this decision probed and found nothing
+                self.memory.update(b, plan=None, alphas={}, probe_streak=streak_p + 1, probe_gated=0)
+            else:
+                self.memory.update(b, plan=None, alphas={})
             self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx, source="probe"))
             return
         # 2. a remembered "no draft" verdict, while the back-off lasts; and no second DP in one
@@ -684,9 +700,23 @@ class KnapSpecStrategy(Strategy):
     def probe_due(self, ctx: int) -> bool:
         """Whether a decision at ``ctx`` would start with the window probe."""
         entry = self.memory.get(bucket(ctx))
-        if not self.windows or "probed" in entry:          # before pricing anything
+        again = "probed" in entry and not entry.get("plan") and self._reprobe_due(entry)
+        if not self.windows or ("probed" in entry and not again):          # before pricing anything
             return False
-        return bool(self._probe_windows(entry, ctx, self.verify_times.at(self.latency, ctx, exact=True)))
+        return bool(self._probe_windows(entry, ctx, self.verify_times.at(self.latency, ctx, exact=True),
+                                        again=again))
+
+    @staticmethod
+    def _reprobe_due(entry: dict[str, Any]) -> bool:
+        """Whether a bucket whose probe found no plan that pays is probed again now: after
+        ``backoff(probe_streak)`` generations (decisions at their start) that took the verdict
+        from the memory. A probe's verdict depends on the text it scored (at 8,000 tokens of
+        context, one report's windowed plan drafted at 98% acceptance, 1.2x, while on another
+        none paid), and a plan that pays is re-checked by what drafting measures, while a
+        "nothing pays" verdict would otherwise hold for good; a probe that finds nothing costs one
+        pass over ``probe_tokens`` tokens (the largest window's plan does not pay), ~20 ms, 2% of
+        a 96-token generation at 8k, and less once amortised by the back-off."""
+        return int(entry.get("probe_gated", 0)) >= backoff(int(entry.get("probe_streak", 1)))
 
     @property
     def waiting_for_probe(self) -> bool:
@@ -694,7 +724,8 @@ class KnapSpecStrategy(Strategy):
         generated)."""
         return self._probe_at >= 0
 
-    def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
+    def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float], *,
+                       again: bool = False) -> list[int]:
         """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
         step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
@@ -704,7 +735,7 @@ class KnapSpecStrategy(Strategy):
         tokens per window) is saved: on the embedded model up to ~5k tokens of context, where
         attention is a smaller share of a step (measured there: at 4k the probe found no plan
         that pays, and probing cost up to 3.5% of a 96-token generation)."""
-        if "probed" in entry or not self.windows:
+        if ("probed" in entry and not again) or not self.windows:
             return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
         out = []

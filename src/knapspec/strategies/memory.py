@@ -14,7 +14,11 @@ per context bucket (powers of two, :func:`bucket`):
 * ``plan``, ``alpha``, ``d``: the plan that paid last (text form), its acceptance (updated with
   the acceptance measured while drafting) and draft length; ``null`` after a "no draft" verdict;
 * ``candidates``: the last program's candidate plans with their acceptance, which price an upper
-  bound on what another run of the program could find (``KnapSpecStrategy.tpt_bound``).
+  bound on what another run of the program could find (``KnapSpecStrategy.tpt_bound``);
+* ``probed``: the window probe's plans with their acceptance (full vocabulary and per subset of
+  the draft vocabulary); ``probe_streak``: probes in a row that found no plan that pays, and
+  ``probe_gated``: generations since the last one (the probe runs again after ``2**probe_streak``
+  of them, at most 64).
 
 The hybrid strategy's planner uses the same file, so both strategies learn from each other. A
 file of another version is ignored (and replaced).
