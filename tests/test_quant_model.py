@@ -259,6 +259,27 @@ def test_speculative_sampling_is_exact_with_quantized_weights(tmp_path):
     assert _chi2(samples, exact) > 0.01
 
 
+def test_the_draft_vocabularys_quantized_rows_are_the_lm_heads(tiny_root):
+    """The subset's lm_head rows (the frequent ones, kept per size across generations, and the
+    prompt's and output's other tokens) are the lm_head's rows tile byte for tile byte, in every
+    generation and for a size that is not whole tiles."""
+    m = tiny_gguf_model("q4_1", tiny_root)
+    V = m.cfg.vocab_size
+    ranking = [(37 * i + 5) % V for i in range(V)]
+    vocab = DraftVocab(m, ranking, sizes=(16, 24, 32))
+    for prompt in ([1, 2, 3, 90, 91], [7, 8, 120, 64, 65, 66]):
+        vocab.start(prompt, capacity=8)
+        for size in (16, 24, 32):
+            vocab.select(size)
+            vocab.commit([100, 101])
+            head, ids = vocab.head()
+            want = QuantWeight.empty(m.lm_head.qtype, len(ids), m.lm_head.k)
+            want.copy_rows(np.arange(len(ids)), m.lm_head, ids.numpy())
+            assert set(ids.tolist()) >= set(ranking[:size]) | set(prompt) | {100, 101}
+            assert torch.equal(head.tiles, want.tiles), (prompt, size)
+    assert sorted(vocab._bases) == [16, 32]                 # kept per size (24: not whole tiles)
+
+
 def test_a_type_without_a_kernel_is_dequantised_or_refused_in_one_line(tmp_path, caplog, monkeypatch):
     # Q5_1 (gguf can dequantise it): the fused gate/up weight is dequantised, with a warning
     TINY_GGUF["q51"] = dict(TINY_GGUF["q4_1"], types=dict(TINY_GGUF["q4_1"]["types"], up="Q5_1"))
