@@ -234,18 +234,25 @@ def test_products_on_real_blocks_equal_dequantise_then_matmul(real_ggufs, isa):
     assert seen == {int(q) for q in QType} - {int(QType.Q4_0)}
 
 
-@pytest.mark.parametrize("n", [5, 200])
-def test_rows_copied_from_another_weight_keep_their_bytes(n):
+@pytest.mark.parametrize("n,run", [(5, False), (200, False), (64, True), (48, True)])
+def test_rows_copied_from_another_weight_keep_their_bytes(n, run):
     """A row subset copied tile bytes to tile bytes (the draft vocabulary's lm_head) equals the
-    same rows packed from the file's bytes, for a few rows (one by one) and many (by lanes)."""
+    same rows packed from the file's bytes, for a few rows (one by one), many (by lanes), and a
+    run of whole tiles in order (a block copy), also into rows after others."""
     rng = np.random.default_rng(8)
     k = 64
     raw = random_blocks(QType.Q8_0, 300, k, rng)
     full = QuantWeight.from_raw(raw, QType.Q8_0, k)
-    pick = rng.choice(300, size=n, replace=False)
+    pick = 32 + np.arange(n) if run else rng.choice(300, size=n, replace=False)
     sub = QuantWeight.empty(QType.Q8_0, n, k)
     sub.copy_rows(np.arange(n), full, pick)
     assert np.array_equal(sub.tiles.numpy(), QuantWeight.from_raw(raw[pick], QType.Q8_0, k).tiles.numpy())
+    if run:                                    # into rows 16.. of a larger weight, after one other row
+        big = QuantWeight.empty(QType.Q8_0, n + 16, k)
+        big.copy_rows([0], full, [7])
+        big.copy_rows(16 + np.arange(n), full, pick)
+        want = np.concatenate([raw[[7]], np.zeros_like(raw[:15]), raw[pick]])
+        assert np.array_equal(big.tiles.numpy(), QuantWeight.from_raw(want, QType.Q8_0, k).tiles.numpy())
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)

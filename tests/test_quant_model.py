@@ -277,7 +277,17 @@ def test_the_draft_vocabularys_quantized_rows_are_the_lm_heads(tiny_root):
             want.copy_rows(np.arange(len(ids)), m.lm_head, ids.numpy())
             assert set(ids.tolist()) >= set(ranking[:size]) | set(prompt) | {100, 101}
             assert torch.equal(head.tiles, want.tiles), (prompt, size)
-    assert sorted(vocab._bases) == [16, 32]                 # kept per size (24: not whole tiles)
+    kept = m.__dict__["_draft_head_rows"]                   # kept with the model, per size and ranking
+    assert {size for size, _ in kept} >= {16, 32} and not any(size == 24 for size, _ in kept)
+    n_kept = len(kept)
+    for rank, more in ((ranking, 0), (ranking[::-1], 1)):   # the same ranking reuses its rows
+        other = DraftVocab(m, rank, sizes=(16,))
+        other.start([1, 2], capacity=4)
+        other.select(16)
+        head, ids = other.head()
+        want = QuantWeight.empty(m.lm_head.qtype, len(ids), m.lm_head.k)
+        want.copy_rows(np.arange(len(ids)), m.lm_head, ids.numpy())
+        assert torch.equal(head.tiles, want.tiles) and len(kept) == n_kept + more
 
 
 def test_a_type_without_a_kernel_is_dequantised_or_refused_in_one_line(tmp_path, caplog, monkeypatch):

@@ -324,6 +324,15 @@ class QuantWeight:
         dst, s = self.tiles.numpy(), src.tiles.numpy()
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         src_rows = np.asarray(src_rows, dtype=np.int64).reshape(-1)
+        n = rows.size
+        if (n and n % LANES == 0 and rows[0] % LANES == 0 and src_rows[0] % LANES == 0
+                and np.array_equal(rows, rows[0] + np.arange(n))
+                and np.array_equal(src_rows, src_rows[0] + np.arange(n))):
+            # whole tiles in order (the first rows of a vocabulary ranked by id): a block copy
+            # (the byte gather below takes ~5 us a row: 45 ms for 8,192 rows of SmolLM2's head)
+            r0, s0 = rows[0] // LANES, src_rows[0] // LANES
+            dst[r0:r0 + n // LANES] = s[s0:s0 + n // LANES]
+            return
         if rows.size < 64:             # a few rows (the draft vocabulary's appends): one by one
             for r, t in zip(rows.tolist(), src_rows.tolist()):
                 dst[r // LANES, idx[r % LANES]] = s[t // LANES, idx[t % LANES]]

@@ -21,6 +21,7 @@ calibration text under the model's tokenizer), saved as a calibration file.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
 
@@ -136,19 +137,24 @@ class DraftVocab:
         """The lm_head rows of the ``size`` most frequent tokens, built once per size (they are the
         same in every generation: rebuilding them cost ~15 ms per generation on the embedded model,
         ~1.5% of a 96-token generation at 8k, where the rows of the prompt's other tokens are a few
-        hundred). Quantized rows are kept as whole tiles of 16 rows (None for another size)."""
-        cache = self.__dict__.setdefault("_bases", {})
-        if size not in cache:
-            lm, ids = self.model.lm_head, self.ranked[:size]
+        hundred). They are kept with the model, for every draft vocabulary over the same ranking
+        (a benchmark or a server builds a strategy, and its vocabulary, per run), keyed by the
+        size and the ranking's first ``size`` tokens. Quantized rows are kept as whole tiles of
+        16 rows (None for another size)."""
+        ids = self.ranked[:size]
+        key = (size, hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest())
+        cache = self.model.__dict__.setdefault("_draft_head_rows", {})
+        if key not in cache:
+            lm = self.model.lm_head
             if isinstance(lm, QuantWeight):
                 if size % LANES:
                     return None
                 head = QuantWeight.empty(lm.qtype, size, lm.k)
                 head.copy_rows(np.arange(size), lm, ids)
-                cache[size] = head
+                cache[key] = head
             else:
-                cache[size] = lm[torch.tensor(ids, device=lm.device)].clone()
-        return cache[size]
+                cache[key] = lm[torch.tensor(ids, device=lm.device)].clone()
+        return cache[key]
 
     def _append(self, t: int) -> None:
         assert self._rows is not None
