@@ -17,13 +17,13 @@ The engine sees token ids only, never text, and never chooses plans.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .cache import KVCache
+from .clock import now
 from .model import ForwardOut, Model, rms_norm
 from .sampling import SamplingParams, accept, accept_greedy, greedy_confidence, greedy_ids, probs, sample
 from .strategies.base import Draft, Outcome, RoundState, Strategy
@@ -123,13 +123,10 @@ class Engine:
     def __init__(self, model: Model, *, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk
-        self._cuda = model.device.type == "cuda"
         self.last_cache: KVCache | None = None
 
     def _now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return now(self.model.device)
 
     def generate(self, prompt: list[int], strategy: Strategy | None = None, **kw) -> Generation:
         gen = Generation(tokens=[])

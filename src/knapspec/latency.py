@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .clock import sync
 from .plan import SINK, Plan
 from .storage import cache_dir, write_text_atomic
 
@@ -123,12 +124,11 @@ class Profile:
 
 class _Timer:
     def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
-        self.cuda = device.type == "cuda"
+        self.device = device
         self.clock = clock
 
     def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
         return self.clock()
 
 

@@ -15,10 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from ..clock import sync
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -135,9 +135,9 @@ class DraftVocab:
 
     def _base(self, size: int) -> torch.Tensor | QuantWeight | None:
         """The lm_head rows of the ``size`` most frequent tokens, built once per size (they are the
-        same in every generation: rebuilding them cost ~15 ms per generation on the embedded model,
-        ~1.5% of a 96-token generation at 8k, where the rows of the prompt's other tokens are a few
-        hundred). They are kept with the model, for every draft vocabulary over the same ranking
+        same in every generation: rebuilding them cost 15-45 ms per generation on the embedded
+        model, 2-5% of a 96-token generation at 8k, where the rows of the prompt's other tokens are
+        a few hundred). They are kept with the model, for every draft vocabulary over the same ranking
         (a benchmark or a server builds a strategy, and its vocabulary, per run), keyed by the
         size and the ranking's first ``size`` tokens. Quantized rows are kept as whole tiles of
         16 rows (None for another size)."""
