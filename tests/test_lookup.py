@@ -77,6 +77,24 @@ def test_ngram_index_answers_like_the_scan(seq, steps, max_ngram, min_ngram, max
         assert idx.find(max_ngram=max_ngram, min_ngram=min_ngram, max_len=max_len) == want
 
 
+def test_ngram_index_tables_hold_each_ngrams_most_recent_successor():
+    """Built at once or token run by token run, the index's tables map every n-gram to the
+    position after its most recent occurrence (the definition, written as a loop here)."""
+    rng = np.random.default_rng(3)
+    t = rng.integers(0, 40, size=700).tolist()
+    want = [{} for _ in range(4)]
+    for p in range(1, len(t)):
+        for n in range(1, min(3, p) + 1):
+            want[n][t[p - 1] if n == 1 else tuple(t[p - n:p])] = p
+    whole, parts = NgramIndex(3), NgramIndex(3)
+    whole.update(t)
+    for k in range(0, len(t), 37):
+        parts.update(t[:k])
+    parts.update(t)
+    for idx in (whole, parts):
+        assert all(idx._next[n] == want[n] for n in range(1, 4))
+
+
 def test_reference_index_follows_the_reference_in_order():
     # "1 2" occurs twice in the reference; the cursor picks the copy after the last answer
     ref = [1, 2, 3, 4, 1, 2, 5, 6]
