@@ -267,7 +267,6 @@ class KnapSpecStrategy(Strategy):
         self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
         self._draft_obs = 0
         self._probe_at = -1                        # committed tokens at which the window probe runs
-        self._reprobe = False                      # ... where it runs again (a negative verdict's back-off)
         self._n_vocab = 0                          # tokens the draft vocabulary has seen
         self.verify_times.reset()
 
@@ -591,18 +590,13 @@ class KnapSpecStrategy(Strategy):
         # 1b. the window probe, once per bucket where windowed attention could pay (again, after
         #     a back-off, where it found nothing that pays: see ``_reprobe_due``): plain steps
         #     until ``probe_tokens`` tokens were generated, then the probe on them
-        again = False
-        if self.windows and "probed" in entry and not entry.get("plan") and trigger in ("start", "probe"):
-            if self._reprobe or self._reprobe_due(entry):
-                again = True
-            elif trigger == "start":
-                self.memory.update(b, probe_gated=int(entry.get("probe_gated", 0)) + 1)
-        self._reprobe = False
-        probe = self._probe_windows(entry, ctx, tv, again=again)
+        if (trigger == "start" and self.windows and "probed" in entry and not entry.get("plan")
+                and not self._reprobe_due(entry)):
+            self.memory.update(b, probe_gated=int(entry.get("probe_gated", 0)) + 1)
+        probe = self._probe_windows(entry, ctx, tv)
         if probe:
             need = state.n_prompt + self.probe_tokens + 1
-            if len(state.tokens) < need:
-                self._reprobe = again
+            if len(state.tokens) < need:              # (a due re-probe stays due while it waits)
                 self._probe_at = need
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
@@ -627,7 +621,7 @@ class KnapSpecStrategy(Strategy):
                 return nxt < (1.0 + PROBE_STEP) * best[0]
             probed = [[str(p), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}]
                       for p, a, per in self.probe(state, order, until=enough)]
-            streak_p = int(entry.get("probe_streak", 0)) if again else 0
+            streak_p = int(entry.get("probe_streak", 0))     # (0 before the bucket's first probe)
             self.memory.update(b, probed=probed)
             entry = self.memory.get(b)
         # 1c. a probed bucket: the probed plan that pays best at the acceptances measured (by the
@@ -700,11 +694,16 @@ class KnapSpecStrategy(Strategy):
     def probe_due(self, ctx: int) -> bool:
         """Whether a decision at ``ctx`` would start with the window probe."""
         entry = self.memory.get(bucket(ctx))
-        again = "probed" in entry and not entry.get("plan") and self._reprobe_due(entry)
-        if not self.windows or ("probed" in entry and not again):          # before pricing anything
+        if not self._probe_open(entry):                     # before pricing anything
             return False
-        return bool(self._probe_windows(entry, ctx, self.verify_times.at(self.latency, ctx, exact=True),
-                                        again=again))
+        return bool(self._probe_windows(entry, ctx, self.verify_times.at(self.latency, ctx, exact=True)))
+
+    def _probe_open(self, entry: dict[str, Any]) -> bool:
+        """Whether the bucket may be probed: never probed yet, or its probe found nothing that
+        pays and the back-off says again (:meth:`_reprobe_due`); windows offered."""
+        if not self.windows:
+            return False
+        return "probed" not in entry or (not entry.get("plan") and self._reprobe_due(entry))
 
     @staticmethod
     def _reprobe_due(entry: dict[str, Any]) -> bool:
@@ -724,9 +723,9 @@ class KnapSpecStrategy(Strategy):
         generated)."""
         return self._probe_at >= 0
 
-    def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float], *,
-                       again: bool = False) -> list[int]:
-        """The windows the probe should try at ``ctx``: none once the bucket was probed; else each
+    def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
+        """The windows the probe should try at ``ctx``: none where the bucket may not be probed
+        (:meth:`_probe_open`: probed already, unless a "nothing pays" verdict's back-off is over); else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
         step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
         vocabulary where there is one: at that acceptance times the subset's coverage), about the
@@ -735,7 +734,7 @@ class KnapSpecStrategy(Strategy):
         tokens per window) is saved: on the embedded model up to ~5k tokens of context, where
         attention is a smaller share of a step (measured there: at 4k the probe found no plan
         that pays, and probing cost up to 3.5% of a 96-token generation)."""
-        if ("probed" in entry and not again) or not self.windows:
+        if not self._probe_open(entry):
             return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
         out = []
