@@ -123,10 +123,11 @@ class Engine:
     def __init__(self, model: Model, *, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self._device = model.device                    # (read once: _now runs several times a round)
         self.last_cache: KVCache | None = None
 
     def _now(self) -> float:
-        return now(self.model.device)
+        return now(self._device)
 
     def generate(self, prompt: list[int], strategy: Strategy | None = None, **kw) -> Generation:
         gen = Generation(tokens=[])
