@@ -14,11 +14,31 @@ from knapspec.plan import Plan
 from knapspec.strategies.base import Draft, Strategy
 from knapspec.strategies.hybrid import HybridStrategy
 from knapspec.strategies.knapspec import Choice
-from knapspec.strategies.vocab import DraftVocab, rank_tokens
+import torch
+
+from knapspec.strategies.vocab import DraftVocab, rank_tokens, subset_agreement
 
 
 def test_rank_tokens_by_frequency():
     assert rank_tokens([[5, 5, 7], [7, 5, 9]]) == [5, 7, 9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.sampled_from([4, 40]))
+def test_subset_agreement_counts_what_a_masked_argmax_per_size_counts(seed, k, levels):
+    """The probe's per-size agreement equals its definition, a masked argmax per subset size, with
+    ties to the lowest id as argmax breaks them (few logit levels: many ties)."""
+    g = np.random.default_rng(seed)
+    V, sizes = 64, (4, 8, 16, 32)
+    logits = torch.from_numpy(g.integers(0, levels, size=(k, V)).astype(np.float32))
+    targets = torch.from_numpy(np.where(g.random(k) < 0.5, logits.argmax(-1).numpy(), g.integers(0, V, k)))
+    seen = g.random(V) < 0.2
+    rank = np.full(V, V, dtype=np.int64)
+    ranked = g.permutation(V)[:g.integers(1, V)]
+    rank[ranked] = np.arange(len(ranked))
+    want = {s: int((logits.masked_fill(~torch.from_numpy(seen | (rank < s)), float("-inf")).argmax(-1)
+                    == targets).sum()) for s in sizes}
+    assert subset_agreement(logits, targets, seen, rank, sizes) == want
 
 
 def test_subset_holds_frequent_prompt_and_output_tokens(tiny_root):

@@ -68,7 +68,7 @@ from . import memory as plan_memory
 from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .memory import PlanMemory, bucket
 from .pricing import LatencyWatch, VerifyTimes, best_length
-from .vocab import DraftVocab, load_draft_vocab
+from .vocab import DraftVocab, load_draft_vocab, subset_agreement
 
 log = logging.getLogger(__name__)
 
@@ -781,23 +781,24 @@ class KnapSpecStrategy(Strategy):
         p0 = end - k
         ids = torch.tensor([state.tokens[p0:end]], device=model.device)
         targets = torch.tensor(state.tokens[p0 + 1:end + 1])
-        masks: dict[int, torch.Tensor] = {}
+        seen = None
         if self.vocab is not None:
             seen = np.zeros(self.vocab.V, dtype=bool)
             seen[np.asarray(state.tokens[:p0 + 1], dtype=np.int64)] = True
-            masks = {size: torch.from_numpy(seen | (self.vocab.rank < size)) for size in self.vocab.sizes}
         self.probe_runs += 1
         out = []
 
-        def alpha(top: torch.Tensor) -> float:
-            return (float((top == targets).sum().item()) + 1.0) / (k + 2.0)
+        def alpha(agreeing: int) -> float:
+            return (agreeing + 1.0) / (k + 2.0)
         with cache.scratch(p0, end):
             for w in windows:
                 plan = windowed_plan(n, w)
                 logits = model.forward(ids, p0, cache, plan).logits[0].float().cpu()
-                per_size = {size: alpha(logits.masked_fill(~m, float("-inf")).argmax(-1))
-                            for size, m in masks.items()}
-                out.append((plan, alpha(logits.argmax(-1)), per_size))
+                per_size: dict[int, float] = {}
+                if self.vocab is not None:
+                    per_size = {size: alpha(c) for size, c in subset_agreement(
+                        logits, targets, seen, self.vocab.rank, self.vocab.sizes).items()}
+                out.append((plan, alpha(int((logits.argmax(-1) == targets).sum())), per_size))
                 if until is not None and until(*out[-1]):
                     break
         return out

@@ -193,6 +193,29 @@ class DraftVocab:
                 "coverage": {s: round(float(c), 3) for s, c in zip(self.sizes, self.coverage())}}
 
 
+def subset_agreement(logits: torch.Tensor, targets: torch.Tensor, seen: np.ndarray, rank: np.ndarray,
+                     sizes: tuple[int, ...]) -> dict[int, int]:
+    """Per subset size, how many rows' greedy token among that subset (``seen`` tokens, or ``rank``
+    < size) is the row's target: the count of ``logits.masked_fill(~subset, -inf).argmax(-1) ==
+    targets``, ties to the lowest id as ``argmax`` breaks them, without a masked copy of the
+    logits per size. A row agrees at a size iff its target is in that subset and none of the tokens
+    that would beat it (a higher logit, or an equal one at a lower id) is: none of them seen, and
+    the best ranked of them at or beyond the size. One pass over ``logits`` ([rows, V], float)
+    instead of one masked copy and argmax per size (5 sizes x 16 x 49,152 logits cost ~4 ms per
+    probed window on the embedded model, a fifth of the probe)."""
+    k, V = logits.shape
+    t = targets.reshape(-1).to(torch.long).cpu()
+    lt = logits.gather(1, t[:, None])
+    beats = (logits > lt) | ((logits == lt) & (torch.arange(V)[None] < t[:, None]))
+    rows, cols = (x.numpy() for x in beats.nonzero(as_tuple=True))
+    blocked = np.zeros(k, dtype=bool)
+    blocked[rows[seen[cols]]] = True
+    best = np.full(k, V, dtype=np.int64)
+    np.minimum.at(best, rows, rank[cols])
+    tn = t.numpy()
+    return {s: int(np.count_nonzero((seen[tn] | (rank[tn] < s)) & ~blocked & (best >= s))) for s in sizes}
+
+
 def load_draft_vocab(model: Model, spec: str | DraftVocab | None) -> DraftVocab | None:
     """``None``/"off": no truncation; "auto": the ranking of this model's vocab calibration file if
     one exists, else none; "ids": the tokenizer's own order (:func:`id_ranking`, no calibration
