@@ -4,6 +4,7 @@ output (greedy here; exact sampling in test_engine.py)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,8 +15,6 @@ from knapspec.plan import Plan
 from knapspec.strategies.base import Draft, Strategy
 from knapspec.strategies.hybrid import HybridStrategy
 from knapspec.strategies.knapspec import Choice
-import torch
-
 from knapspec.strategies.vocab import DraftVocab, rank_tokens, subset_agreement
 
 
