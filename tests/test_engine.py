@@ -62,6 +62,48 @@ def test_greedy_speculative_equals_autoregressive(kind, path, tiny_root):
     drafting_property(check, max_examples=25 if path == "torch-f32" else 12)
 
 
+@pytest.mark.parametrize("thr", [0.0, 0.5, 0.9])
+def test_each_model_draft_reports_its_own_probability_and_the_exit_stops_after_the_first_below(thr, tiny_root):
+    """``Outcome.draft_confidence``: one probability per model-drafted token (after lookup
+    tokens), the draft's top one under greedy decoding; every one before the last is at or above
+    the exit, and a round that stopped short of its length without a stop token or the budget
+    stopped at one below it. The generation's exit reaches the strategy as ``RoundState.threshold``."""
+    from knapspec.sampling import greedy_confidence
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    plan = Plan.from_skips(m.cfg.n_layers, attn=[1], mlp=[0])
+    seen: list = []
+    thresholds: list = []
+
+    class Record(Scripted):
+        def start(self, state):
+            thresholds.append(state.threshold)
+
+        def observe(self, outcome):
+            seen.append(outcome)
+    strat = Record([Draft(plan=plan, max_len=5, tokens=(7,)), Draft(plan=plan, max_len=4)])
+    prompt = list(range(3, 20))
+    g = eng.generate(prompt, strat, max_new_tokens=40, threshold=thr)
+    assert g.tokens == eng.generate(prompt, max_new_tokens=40).tokens
+    assert thresholds == [thr]
+    assert sum(len(o.draft_confidence) for o in seen) > 0
+    for o in seen:
+        confs = o.draft_confidence
+        assert len(confs) == o.drafted - o.n_lookup and all(0.0 < q <= 1.0 for q in confs)
+        assert all(q >= thr for q in confs[:-1])
+        short = o.drafted < o.draft.max_len and o.context_length + o.drafted + 1 < len(prompt) + 40
+        if confs and short:
+            assert confs[-1] < thr
+    # the reported probability is the draft's own: recompute one round's first model draft
+    o = next(o for o in seen if o.draft_confidence and o.n_lookup == 0)
+    L = o.context_length - 1
+    cache = m.new_cache(L + 8)
+    toks = (prompt + g.tokens)[:L + 1]
+    m.forward(torch.tensor([toks[:L]]), 0, cache, last_only=True)
+    out = m.forward(torch.tensor([[toks[L]]]), L, cache, plan, last_only=True)
+    assert greedy_confidence(out.logits[0, -1])[1] == pytest.approx(o.draft_confidence[0], rel=1e-5)
+
+
 def test_cache_after_rejections_equals_autoregressive_cache(tiny_root):
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)

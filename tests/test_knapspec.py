@@ -360,6 +360,53 @@ def test_the_draft_length_follows_the_measured_acceptance(tiny_root):
     assert not strat._still_pays(ctx)
 
 
+def test_drafting_goes_on_past_low_confidence_drafts_while_they_pay(tiny_root):
+    """The confidence exit, measured: while the drafts that fall below it are accepted often
+    enough for a further draft step to pay, the strategy's drafts carry no exit (threshold 0);
+    once they are mostly rejected, the generation's exit holds again. An explicit threshold is
+    kept as given."""
+    from knapspec.strategies.base import Outcome
+    from knapspec.strategies.knapspec import Choice
+    from knapspec.strategies.memory import bucket
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    plan = Plan.from_sublayer_skips(n, set(range(1, 2 * n)))        # a cheap draft: one sublayer runs
+    ctx = 40
+    prompt = list(range(3, 3 + ctx - 1))
+
+    def run(strat, rounds):
+        state = _state(m, prompt)
+        strat.start(state)                                           # (the generation's exit: 0.9)
+        strat.choice = Choice(plan=plan, d=3, alpha=0.9, tpt=1.0, tpt_ar=1.0, context=ctx)
+        strat._bucket, strat._probe_at = bucket(ctx), -1
+        tv = strat.verify_times.at(strat.latency, ctx)
+        assert strat.draft_time(plan, ctx) + (tv[-1] - tv[0]) / (len(tv) - 1) < 0.5 * tv[0]
+        out = []
+        for confs, accepted in rounds:
+            d = strat.propose(state)
+            out.append(d.threshold)
+            strat.observe(Outcome(draft=d, drafted=len(confs), accepted=accepted, context_length=ctx,
+                                  draft_confidence=confs))
+        return out, strat.propose(state).threshold
+
+    stops_accepted = [((0.95, 0.3), 2)] * 6                           # rounds ended by a low, accepted draft
+    strat = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8)
+    seen, last = run(strat, stops_accepted)
+    assert seen[0] is None and last == 0.0 and strat._low == [6, 6]
+    # once lifted, low drafts are still counted: a run of rejected ones restores the exit
+    seen, last = run(strat, stops_accepted + [((0.2, 0.1, 0.3), 0)] * 30)
+    assert 0.0 in seen and last is None and strat._low == [36, 6]
+    assert strat.choice.plan is plan                                 # (the plan itself still pays)
+    # (drafts after the first rejected one are not decided: not counted)
+    strat2 = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8)
+    _, last = run(strat2, [((0.95, 0.9, 0.2), 0)] * 6)
+    assert strat2._low == [0, 0] and last is None
+    # an explicit threshold is the user's: kept
+    fixed = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8, threshold=0.9)
+    seen, last = run(fixed, stops_accepted)
+    assert set(seen) == {0.9} and last == 0.9
+
+
 # ---- windowed drafts --------------------------------------------------------------------------------
 def _windowed_plans(n_layers: int):
     """Plans whose attention sublayers are full, skipped or windowed (sink + 2, 3 or 8 keys) and

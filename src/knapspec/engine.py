@@ -188,7 +188,7 @@ class Engine:
         state = RoundState(model=model, cache=cache, tokens=tokens, n_prompt=len(prompt), round=0,
                            sampling=sampling, remaining=max_new_tokens - 1,
                            prompt_embedding=None if embed_sum is None else embed_sum / len(prompt),
-                           reference=tuple(reference))
+                           reference=tuple(reference), threshold=threshold)
         ta = self._now()
         strategy.start(state)
         st.plan_s += self._now() - ta
@@ -202,8 +202,8 @@ class Engine:
             L = len(tokens) - 1                        # cache holds positions 0..L-1
             assert cache.length >= L
             cache.rollback(L)
-            drafts, q_rows = self._draft(draft, cache, tokens[-1], L, state.remaining - 1, sampling,
-                                         gen, stops, threshold)
+            drafts, q_rows, confs = self._draft(draft, cache, tokens[-1], L, state.remaining - 1, sampling,
+                                                gen, stops, threshold)
             tc = self._now()
             d = len(drafts)
             inp = torch.tensor([[tokens[-1]] + drafts], device=dev)
@@ -238,7 +238,7 @@ class Engine:
             hidden = out.hidden[:, 0, :n + 1] if out.hidden is not None else None
             outcome = Outcome(draft=draft, drafted=d, accepted=n, context_length=L + 1,
                               n_lookup=min(d, len(draft.tokens)), hidden=hidden, draft_s=tc - tb,
-                              verify_s=td - tc, draft_tokens=tuple(drafts),
+                              verify_s=td - tc, draft_tokens=tuple(drafts), draft_confidence=tuple(confs),
                               # the verifier's choices, for strategies that learn from the hidden
                               # states (an argmax over the vocabulary per row: not paid otherwise)
                               target_tokens=() if hidden is None else tuple(logits.argmax(-1).tolist()))
@@ -254,13 +254,15 @@ class Engine:
     def _draft(self, draft: Draft, cache: KVCache, last: int, L: int, budget: int,
                sampling: SamplingParams,
                gen: torch.Generator | None, stops: frozenset[int], threshold: float,
-               ) -> tuple[list[int], list[torch.Tensor]]:
+               ) -> tuple[list[int], list[torch.Tensor], list[float]]:
         """Propose up to ``min(draft.max_len, budget)`` tokens; ``q_rows`` are their draft
-        distributions (one-hot for lookup tokens). Writes draft KV at positions L.. of the cache."""
+        distributions (one-hot for lookup tokens), ``confs`` the model-drafted tokens' own
+        probabilities. Writes draft KV at positions L.. of the cache."""
         model = self.model
         limit = min(draft.max_len, budget)
+        confs: list[float] = []
         if limit <= 0:
-            return [], []
+            return [], [], confs
         thr = draft.threshold if draft.threshold is not None else threshold
         V = model.cfg.vocab_size
         drafts: list[int] = []
@@ -270,9 +272,9 @@ class Engine:
             if not sampling.greedy:
                 q_rows.append(torch.zeros(V, device=model.device).index_fill_(0, torch.tensor(int(t)), 1.0))
             if t in stops:
-                return drafts, q_rows
+                return drafts, q_rows, confs
         if draft.plan is None or len(drafts) >= limit:
-            return drafts, q_rows
+            return drafts, q_rows, confs
         # the model drafts from here: first over [last, lookup tokens...], then one token a step
         inp = [last] + drafts
         pos = L
@@ -294,7 +296,8 @@ class Engine:
                 conf = float(q[tok])
                 q_rows.append(q)
             drafts.append(tok)
+            confs.append(conf)
             inp = [tok]
             if tok in stops or conf < thr:
                 break
-        return drafts, q_rows
+        return drafts, q_rows, confs

@@ -55,6 +55,7 @@ class RoundState:
                                                    # (only for strategies with wants_prompt_embedding)
     reference: tuple[int, ...] = ()  # a predicted output (e.g. OpenAI's Predicted Outputs): more
                                      # text to copy lookup drafts from; read at ``start``
+    threshold: float = 0.9          # the generation's draft confidence exit (a Draft may override it)
 
     @property
     def context_length(self) -> int:
@@ -73,6 +74,9 @@ class Outcome:
     verify_s: float = 0.0
     draft_tokens: tuple[int, ...] = ()
     target_tokens: tuple[int, ...] = ()  # verifier's greedy choice at each verified position (with hidden)
+    # the model's drafts' own probabilities (greedy: the top one; sampling: the drafted token's),
+    # one per model-drafted token (after the ``n_lookup`` lookup tokens)
+    draft_confidence: tuple[float, ...] = ()
 
 
 class Strategy:
