@@ -244,6 +244,7 @@ class HybridStrategy(Strategy):
         # in a row (where lookups keep hitting, its DP would be pure overhead)
         self._active = False
         self.planner.reset()                      # no plan, no collected states, no history yet
+        self.planner.exit_threshold = state.threshold
         self.counts = {}
         self._misses = 0
         self._index.reset()
@@ -304,8 +305,10 @@ class HybridStrategy(Strategy):
         if best.n_skip and self.vocab is not None:
             self.vocab.select(best.vocab)
             head, ids = self.vocab.head()
+        # (skip drafts: without the confidence exit while the planner measures that it pays)
+        thr = self.planner.draft_threshold if best.n_skip and self.threshold is None else self.threshold
         return Draft(plan=plan, max_len=best.n_lookup + best.n_skip, tokens=tuple(cont[:best.n_lookup]),
-                     threshold=self.threshold, source=best.kind, head=head, head_ids=ids,
+                     threshold=thr, source=best.kind, head=head, head_ids=ids,
                      n_reference=best.n_lookup if from_ref else 0)
 
     def observe(self, outcome: Outcome) -> None:

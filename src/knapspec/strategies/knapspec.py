@@ -226,6 +226,7 @@ class KnapSpecStrategy(Strategy):
         self.window, self.d_max, self.every = window, d_max, every
         self.min_cosine, self.max_states, self.resolution = min_cosine, max_states, resolution
         self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
+        self.exit_threshold = 0.9                  # the generation's confidence exit (``start``)
         self.probe_tokens = probe_tokens
         self.score_prompt = score_prompt               # the DP may score the prompt's last tokens
         self.vocab = draft_vocab
@@ -269,7 +270,6 @@ class KnapSpecStrategy(Strategy):
         self._draft_obs = 0
         self._low = [0, 0]                         # drafts below the confidence exit: decided, accepted
         self._no_exit = False                      # drafting on past low-confidence tokens (``_exit_pays``)
-        self._exit = 0.9                           # the generation's confidence exit (``start``)
         self._probe_at = -1                        # committed tokens at which the window probe runs
         self._n_vocab = 0                          # tokens the draft vocabulary has seen
         self.verify_times.reset()
@@ -298,7 +298,7 @@ class KnapSpecStrategy(Strategy):
         tokens) before the first round."""
         self.reset()
         self._cache = state.cache
-        self._exit = state.threshold
+        self.exit_threshold = state.threshold
         if self.vocab is not None:
             self.vocab.start(state.tokens[:state.n_prompt], capacity=state.remaining + 2)
             self._n_vocab = state.n_prompt
@@ -360,8 +360,8 @@ class KnapSpecStrategy(Strategy):
             self._sync_vocab(state.tokens)
             self.vocab.select(c.vocab)
             head, ids = self.vocab.head()
-        thr = 0.0 if self._no_exit and self.threshold is None else self.threshold
-        return Draft(plan=c.plan, max_len=c.d, threshold=thr, source="knapspec", head=head, head_ids=ids)
+        return Draft(plan=c.plan, max_len=c.d, threshold=self.draft_threshold, source="knapspec", head=head,
+                     head_ids=ids)
 
     def observe(self, outcome: Outcome) -> None:
         if outcome.hidden is not None:             # a subclass that captures (CLaSp)
@@ -414,12 +414,18 @@ class KnapSpecStrategy(Strategy):
         accepted. A round that stops at such a token still verifies it, so this is measured while
         the exit holds. Drafting goes on past them while they are accepted often enough to pay
         (:meth:`_exit_pays`), and stops there again when they no longer are."""
-        low = [i < accepted for i, q in enumerate(confs[:accepted + 1]) if q < self._exit]
+        low = [i < accepted for i, q in enumerate(confs[:accepted + 1]) if q < self.exit_threshold]
         if not low:
             return
         self._low[0] += len(low)
         self._low[1] += sum(low)
         self._no_exit = self._exit_pays(ctx)
+
+    @property
+    def draft_threshold(self) -> float | None:
+        """The confidence exit for this plan's drafts: the one given, else none (0) while drafting
+        past low-confidence drafts pays, else the generation's (None)."""
+        return 0.0 if self._no_exit and self.threshold is None else self.threshold
 
     def _exit_pays(self, ctx: int, prior: float = 4.0) -> bool:
         """Whether a draft step after a low-confidence draft pays: it adds a token only if that
