@@ -51,6 +51,32 @@ def test_no_match_picks_skip_or_none(tiny_root):
     assert s2.choose(100, 0, []).kind == "none"
 
 
+@pytest.mark.parametrize("lifted, given, want", [(False, None, None), (True, None, 0.0), (True, 0.7, 0.7)])
+def test_skip_drafts_follow_the_planners_measured_confidence_exit(lifted, given, want, tiny_root):
+    """Where the planner measured that drafting past low-confidence drafts pays, the hybrid's
+    layer-skip drafts carry no exit (0), as KnapSpec's do; else the generation's (None); a
+    threshold given to the hybrid is kept."""
+    import torch
+
+    from knapspec.sampling import SamplingParams
+    from knapspec.strategies.base import RoundState
+    from knapspec.strategies.memory import bucket
+    m = tiny_model("llama", tiny_root)
+    s = HybridStrategy(m, _lat(m.cfg.n_layers), threshold=given, memory="off")
+    prompt = list(range(3, 60))                                      # no repeated n-gram: no lookup
+    cache = m.new_cache(len(prompt) + 8)
+    m.forward(torch.tensor([prompt]), 0, cache, last_only=True)
+    state = RoundState(model=m, cache=cache, tokens=prompt + [61], n_prompt=len(prompt), round=0,
+                       sampling=SamplingParams(), remaining=8, threshold=0.9)
+    s.start(state)
+    assert s.planner.exit_threshold == 0.9
+    _with_plan(s, 0.9)
+    s.planner._bucket, s.planner._no_exit = bucket(state.context_length), lifted
+    d = s.propose(state)
+    assert d.source == "skip" and d.plan is s.planner.choice.plan
+    assert d.threshold == want
+
+
 def test_rejected_lookups_lower_their_estimate(tiny_root):
     m = tiny_model("llama", tiny_root)
     s = HybridStrategy(m, _lat(m.cfg.n_layers), min_lookup=0)       # every lookup token priced

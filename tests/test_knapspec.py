@@ -598,10 +598,8 @@ def test_the_probe_tries_the_largest_window_first_and_stops_where_it_does_not_pa
     priced: list[int] = []
 
     class Probing(KnapSpecStrategy):
-        def price(self, plan, alpha, ctx, tv, alphas=None, *, covered=False):
-            r = super().price(plan, alpha, ctx, tv, alphas, covered=covered)
-            if covered:                                      # the gate before the probe: as it is
-                return r
+        def price(self, plan, alpha, ctx, tv, alphas=None):
+            r = super().price(plan, alpha, ctx, tv, alphas)
             w = next(iter(plan.attn_windowed.values()))
             priced.append(w)
             v = {"more for smaller windows": 1e6 / w, "the same for every window": 1e6}.get(pays, 0.0)
@@ -687,14 +685,18 @@ def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_
     assert strat.memory.get(strat._bucket)["plan"] == str(c.plan)
     assert strat.memory.get(strat._bucket)["alphas"] == {"64": pytest.approx(c.alpha, abs=1e-4)}
     tv = strat.verify_times.at(lat, 200, exact=True)
-    # a subset is priced where its acceptance was measured, or for the probe's gate at α times its
-    # coverage; never from a DP's estimate alone
-    assert strat.price(c.plan, 0.9, 200, tv)[0] is None
+    # a subset is priced where its acceptance was measured, never from an estimate alone
     vocab.hits[:] = vocab.seen_outputs = 10_000                        # every output token covered
-    assert strat.price(c.plan, 0.9, 200, tv, covered=True)[0] == 64
-    vocab.hits[:] = 0                                                  # none: not worth any head saving
-    assert strat.price(c.plan, 0.9, 200, tv, covered=True)[0] is None
-    assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64       # ... unless measured otherwise
+    assert strat.price(c.plan, 0.9, 200, tv)[0] is None
+    assert strat.price(c.plan, 0.9, 200, tv, {64: 0.9})[0] == 64
+    # nor do the subsets open the window probe: its gate is the full head's, with or without them
+    bare = KnapSpecStrategy(m, lat, windows=(64,), probe_tokens=6, threshold=0.0)
+    gates = []
+    for ctx in (100, 140, 200, 400, 1000):
+        tv = strat.verify_times.at(lat, ctx, exact=True)
+        gates.append(strat._probe_windows({}, ctx, tv))
+        assert gates[-1] == bare._probe_windows({}, ctx, tv)
+    assert [64] in gates
 
 
 def test_a_probed_plan_that_stops_paying_gives_way_without_a_dp(tiny_root):
@@ -734,9 +736,9 @@ def test_a_probe_that_found_nothing_runs_again_after_a_back_off(tiny_root):
     pays = [False]
 
     class Verdict(KnapSpecStrategy):
-        def price(self, plan, alpha, ctx, tv, alphas=None, *, covered=False):
-            r = super().price(plan, alpha, ctx, tv, alphas, covered=covered)
-            return r if covered else (r[0], r[1], 1e9 if pays[0] else 0.0, r[3])
+        def price(self, plan, alpha, ctx, tv, alphas=None):
+            r = super().price(plan, alpha, ctx, tv, alphas)
+            return (r[0], r[1], 1e9 if pays[0] else 0.0, r[3])
 
     strat = Verdict(m, _costly_attention(m.cfg.n_layers), windows=(64,), probe_tokens=6, threshold=0.0)
     runs = []

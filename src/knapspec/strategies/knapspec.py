@@ -489,26 +489,22 @@ class KnapSpecStrategy(Strategy):
         return scale * self.latency.predict(plan, ctx, 1, head_scale=self._head_scale(vocab))
 
     def price(self, plan: Plan, alpha: float, ctx: int, tv: Sequence[float],
-              alphas: dict[int, float] | None = None, *, covered: bool = False,
-              ) -> tuple[int | None, int, float, float]:
+              alphas: dict[int, float] | None = None) -> tuple[int | None, int, float, float]:
         """``(vocab, d, TPT, α)`` of the best way to draft with ``plan`` at ``ctx``: with the full
         vocabulary at acceptance ``alpha``, or with a subset of the draft vocabulary (a cheaper
         head) at ``alphas[size]``, the acceptance measured with it (by the window probe or while
-        drafting); ``covered``: every subset at ``alpha`` times its coverage of the text so far
-        (the probe's gate). A subset is not priced from a DP's estimate: measured on Spec-Bench,
-        pricing the DP's candidates that way let marginal plans through the TPT bound, and DPs
-        that cost 21-50% of a generation ran on 5 of 26 prompts."""
+        drafting). A subset is not priced from an estimate alone (a DP's, or α times its coverage):
+        measured on Spec-Bench, pricing the DP's candidates that way let marginal plans through the
+        TPT bound, and DPs that cost 21-50% of a generation ran on 5 of 26 prompts; gating the
+        probe that way made it run, and pick bad plans, at 2k (see :meth:`_probe_windows`)."""
         d, v = best_length(alpha, self.draft_time(plan, ctx), tv, self.d_max)
         best: tuple[int | None, int, float, float] = (None, d, v, alpha)
-        if self.vocab is None or not (alphas or covered):
+        if self.vocab is None or not alphas:
             return best
-        for size, cov in zip(self.vocab.sizes, self.vocab.coverage()):
-            if alphas and size in alphas:
-                a = alphas[size]
-            elif covered:
-                a = alpha * float(cov)
-            else:
+        for size in self.vocab.sizes:
+            if size not in alphas:
                 continue
+            a = alphas[size]
             d, v = best_length(a, self.draft_time(plan, ctx, size), tv, self.d_max)
             if v > best[2]:
                 best = (size, d, v, a)
@@ -771,13 +767,16 @@ class KnapSpecStrategy(Strategy):
         """The windows the probe should try at ``ctx``: none where the bucket may not be probed
         (:meth:`_probe_open`: probed already, unless a "nothing pays" verdict's back-off is over); else each
         offered window that leaves out keys here and whose all-windowed plan would beat a plain
-        step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` (through a subset of the draft
-        vocabulary where there is one: at that acceptance times the subset's coverage), about the
+        step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` with the full lm_head, about the
         best an all-windowed draft reached on the embedded model's long documents (0.86-0.92 at
         8k). Where even that would not pay enough, the probe's cost (a pass over ``probe_tokens``
         tokens per window) is saved: on the embedded model up to ~5k tokens of context, where
         attention is a smaller share of a step (measured there: at 4k the probe found no plan
-        that pays, and probing cost up to 3.5% of a 96-token generation)."""
+        that pays, and probing cost up to 3.5% of a 96-token generation). The draft vocabulary's
+        subsets do not open the probe (they are priced at what it measures): gated at α times
+        their coverage, the probe ran at 2k and 4k on the embedded model, found nothing at 4k
+        (0.96-0.97x autoregressive with its cost), and at 2k picked a plan from its 16 tokens
+        that drafting then measured at 75% (0.89x)."""
         if not self._probe_open(entry):
             return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
@@ -785,7 +784,7 @@ class KnapSpecStrategy(Strategy):
         for w in self.windows:
             if ctx <= 2 * (w + SINK) + self.probe_tokens:
                 continue
-            _, _, v, _ = self.price(windowed_plan(n, w), PROBE_ALPHA, ctx, tv, covered=True)
+            _, v = best_length(PROBE_ALPHA, self.draft_time(windowed_plan(n, w), ctx), tv, self.d_max)
             if v > (1.0 + PROBE_GAIN) * t_ar:
                 out.append(w)
         return out
