@@ -142,6 +142,11 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
     slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
     path = planner_memory(m, "auto", DEFAULT_WINDOWS).path   # one file per set of windows on offer
     assert path != planner_memory(m, "auto", ()).path
+    from knapspec.strategies.vocab import DraftVocab               # ... and per draft vocabulary
+    v = DraftVocab(m, list(range(128)), sizes=(16,))
+    assert planner_memory(m, "auto", DEFAULT_WINDOWS, v).path not in (path, planner_memory(m, "auto", ()).path)
+    assert planner_memory(m, "auto", DEFAULT_WINDOWS, v).path != planner_memory(
+        m, "auto", DEFAULT_WINDOWS, DraftVocab(m, list(range(127, -1, -1)), sizes=(16,))).path
     assert not path.exists()
     s = REGISTRY.create("hybrid", m, latency=slow, plan_after=3)
     monkeypatch.setattr("knapspec.strategies.lookup.NgramIndex.find", lambda *a, **k: (0, []))

@@ -52,7 +52,8 @@ residual stream it needs just before a dynamic program.
 
 That back-off is the planner's own memory (``memory.PlanMemory``: per context bucket, a small JSON
 file in the cache folder keyed like the latency profile by model shape, device, dtype and threads,
-shared with the ``knapspec`` strategy), so that every new ``knapspec generate`` does not pay the
+shared with the ``knapspec`` strategy where that drafts without a draft vocabulary, and per set of
+attention windows on offer), so that every new ``knapspec generate`` does not pay the
 planner's first wake (a full-model pass over its window and the DP: ~0.2 s for the embedded model
 on a CPU) to learn again what the last one found; once awake, the planner itself decides from that
 memory before it runs a DP. Created by name (the CLI, the API, the benchmark) the strategy uses

@@ -51,6 +51,7 @@ pays.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -961,7 +962,6 @@ def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: i
     kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
                                                     "resolution", "alpha", "margin", "probe_tokens")}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
-    kw["memory"] = planner_memory(model, options.get("memory", "auto"), kw["windows"])
     # the token ids' own order by default (no calibration needed; ``draft_vocab=off``: the full
     # head only). Measured side by side at 8,000 tokens of context on the embedded model (docs/
     # benchmarks.md, "KnapSpec through a draft vocabulary"): 1.22-1.23x autoregressive against
@@ -970,6 +970,7 @@ def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: i
     # found accepted half as often (0.91x at 8,000 tokens): the plan and its draft length now
     # follow the acceptance measured while drafting.
     kw["draft_vocab"] = load_draft_vocab(model, options.get("draft_vocab", "ids"))
+    kw["memory"] = planner_memory(model, options.get("memory", "auto"), kw["windows"], kw["draft_vocab"])
     return KnapSpecStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, **kw)
 
 
@@ -991,17 +992,22 @@ def parse_windows(spec: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in spec)
 
 
-def planner_memory(model: Model, spec: Any, windows: Sequence[int] = ()) -> PlanMemory:
-    """``"auto"``: this set-up's file in the cache folder (one per set of attention windows the
-    planner may choose, so that planners with other choices do not share verdicts);
+def planner_memory(model: Model, spec: Any, windows: Sequence[int] = (),
+                   vocab: DraftVocab | None = None) -> PlanMemory:
+    """``"auto"``: this set-up's file in the cache folder: one per set of attention windows the
+    planner may choose and per draft vocabulary (its ranking), so that planners with other choices
+    do not share verdicts (a plan that pays through a subset of the head may not pay without it,
+    and a planner without one would record its probes without the subsets' acceptances);
     ``"off"``/None: in the process only; a path; or a :class:`PlanMemory`."""
     if isinstance(spec, PlanMemory):
         return spec
     if spec == "auto":
         path = plan_memory.default_memory_path(model)
-        if windows:
-            path = path.with_name(f"{path.stem}-w{'-'.join(str(w) for w in sorted(windows))}{path.suffix}")
-        return PlanMemory(path)
+        tag = f"-w{'-'.join(str(w) for w in sorted(windows))}" if windows else ""
+        if vocab is not None:
+            ranked = np.asarray(vocab.ranked[:max(vocab.sizes, default=0)], dtype=np.int64)
+            tag += f"-v{hashlib.blake2b(ranked.tobytes(), digest_size=4).hexdigest()}"
+        return PlanMemory(path.with_name(f"{path.stem}{tag}{path.suffix}"))
     if spec in ("off", None):
         return PlanMemory(None)
     return PlanMemory(spec)
