@@ -137,13 +137,13 @@ def test_the_back_off_is_remembered_across_instances(tiny_root, tmp_path, monkey
 
     from knapspec.strategies import REGISTRY
     from knapspec.strategies.knapspec import DEFAULT_WINDOWS, planner_memory
+    from knapspec.strategies.vocab import DraftVocab
     m = tiny_model("llama", tiny_root)
     eng = Engine(m)
     slow = _lat(m.cfg.n_layers, draft_cheap=False)          # layer-skip drafts never pay
     path = planner_memory(m, "auto", DEFAULT_WINDOWS).path   # one file per set of windows on offer
     assert path != planner_memory(m, "auto", ()).path
-    from knapspec.strategies.vocab import DraftVocab               # ... and per draft vocabulary
-    v = DraftVocab(m, list(range(128)), sizes=(16,))
+    v = DraftVocab(m, list(range(128)), sizes=(16,))                 # ... and per draft vocabulary
     assert planner_memory(m, "auto", DEFAULT_WINDOWS, v).path not in (path, planner_memory(m, "auto", ()).path)
     assert planner_memory(m, "auto", DEFAULT_WINDOWS, v).path != planner_memory(
         m, "auto", DEFAULT_WINDOWS, DraftVocab(m, list(range(127, -1, -1)), sizes=(16,))).path

@@ -26,15 +26,9 @@ from .cache import KVCache
 from .clock import now
 from .model import ForwardOut, Model, rms_norm
 from .sampling import SamplingParams, accept, accept_greedy, greedy_confidence, greedy_ids, probs, sample
-from .strategies.base import Draft, Outcome, RoundState, Strategy
+from .strategies.base import DEFAULT_THRESHOLD, Draft, Outcome, RoundState, Strategy
 
 log = logging.getLogger(__name__)
-
-# Draft confidence exit: drafting stops after a token whose draft probability is below this.
-# Chosen by a measured sweep (docs/benchmarks.md, "Draft confidence threshold"): on the embedded
-# model on CPU, 0.9 was the fastest of 0, 0.3, 0.45, 0.6, 0.75 and 0.9 for a fixed layer-skip plan.
-DEFAULT_THRESHOLD = 0.9
-
 
 # Prompts run through the model in chunks of this many tokens: bounded attention memory for long
 # prompts, and every chunk within the native attention's limit (model.py).

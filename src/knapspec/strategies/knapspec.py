@@ -67,7 +67,7 @@ from ..latency import LatencyModel, get_latency_model
 from ..model import Model
 from ..plan import SINK, Plan
 from . import memory as plan_memory
-from .base import AUTOREGRESSIVE, REGISTRY, Draft, Outcome, RoundState, Strategy
+from .base import AUTOREGRESSIVE, DEFAULT_THRESHOLD, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .memory import PlanMemory, bucket
 from .pricing import LatencyWatch, VerifyTimes, best_length
 from .vocab import DraftVocab, load_draft_vocab, subset_agreement
@@ -227,7 +227,7 @@ class KnapSpecStrategy(Strategy):
         self.window, self.d_max, self.every = window, d_max, every
         self.min_cosine, self.max_states, self.resolution = min_cosine, max_states, resolution
         self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
-        self.exit_threshold = 0.9                  # the generation's confidence exit (``start``)
+        self.exit_threshold = DEFAULT_THRESHOLD    # the generation's confidence exit (``start``)
         self.probe_tokens = probe_tokens
         self.score_prompt = score_prompt               # the DP may score the prompt's last tokens
         self.vocab = draft_vocab
@@ -965,7 +965,7 @@ def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: i
     # the token ids' own order by default (no calibration needed; ``draft_vocab=off``: the full
     # head only). Measured side by side at 8,000 tokens of context on the embedded model (docs/
     # benchmarks.md, "KnapSpec through a draft vocabulary"): 1.22-1.23x autoregressive against
-    # 1.13-1.18x without it, the same at 4k (0.97-1.00x: the probe runs there and finds nothing).
+    # 1.13-1.18x without it, the same at 4k (0.97-1.00x: the probe finds nothing there).
     # It was off while the probe's estimates over its subsets picked plans that drafting then
     # found accepted half as often (0.91x at 8,000 tokens): the plan and its draft length now
     # follow the acceptance measured while drafting.
