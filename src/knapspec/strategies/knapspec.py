@@ -51,7 +51,6 @@ pays.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -1005,8 +1004,7 @@ def planner_memory(model: Model, spec: Any, windows: Sequence[int] = (),
         path = plan_memory.default_memory_path(model)
         tag = f"-w{'-'.join(str(w) for w in sorted(windows))}" if windows else ""
         if vocab is not None:
-            ranked = np.asarray(vocab.ranked[:max(vocab.sizes, default=0)], dtype=np.int64)
-            tag += f"-v{hashlib.blake2b(ranked.tobytes(), digest_size=4).hexdigest()}"
+            tag += f"-v{vocab.ranking_key(max(vocab.sizes, default=0))[:8]}"
         return PlanMemory(path.with_name(f"{path.stem}{tag}{path.suffix}"))
     if spec in ("off", None):
         return PlanMemory(None)

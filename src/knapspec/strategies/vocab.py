@@ -142,7 +142,7 @@ class DraftVocab:
         size and the ranking's first ``size`` tokens. Quantized rows are kept as whole tiles of
         16 rows (None for another size)."""
         ids = self.ranked[:size]
-        key = (size, hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest())
+        key = (size, self.ranking_key(size))
         cache = self.model.__dict__.setdefault("_draft_head_rows", {})
         if key not in cache:
             lm = self.model.lm_head
@@ -155,6 +155,11 @@ class DraftVocab:
             else:
                 cache[key] = lm[torch.tensor(ids, device=lm.device)].clone()
         return cache[key]
+
+    def ranking_key(self, n: int) -> str:
+        """A digest of the ranking's first ``n`` token ids: what names this vocabulary's cached
+        head rows and its planner's memory file."""
+        return hashlib.blake2b(np.asarray(self.ranked[:n], dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
     def _append(self, t: int) -> None:
         assert self._rows is not None
