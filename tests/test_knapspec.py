@@ -360,6 +360,37 @@ def test_the_draft_length_follows_the_measured_acceptance(tiny_root):
     assert not strat._still_pays(ctx)
 
 
+def test_the_draft_length_follows_the_recent_acceptance(tiny_root):
+    """Acceptance moves within a generation (at 8,000 tokens of context the first generated
+    tokens are drafted worse than the rest): the length is priced at the acceptance of the last
+    drafts (:meth:`recent_alpha`), while whether the plan still pays is judged on all of them."""
+    from knapspec.strategies.knapspec import Choice
+    from knapspec.strategies.pricing import best_length
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    strat = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8)
+    plan = Plan.from_sublayer_skips(n, set(range(1, 2 * n, 2)))    # every MLP skipped
+    ctx = 40
+    tv = strat.verify_times.at(strat.latency, ctx)
+    td = strat.draft_time(plan, ctx)
+    strat.choice = Choice(plan=plan, d=2, alpha=0.7, tpt=1.0, tpt_ar=1.0, context=ctx)
+    for _ in range(10):                                   # a poor start: 1 of 2 drafts accepted
+        strat.observe_acceptance(2, 1)
+    assert strat._still_pays(ctx)
+    d_start = strat.choice.d
+    for _ in range(12):                                   # then every draft accepted
+        strat.observe_acceptance(strat.choice.d, strat.choice.d)
+        assert strat._still_pays(ctx)
+    assert strat.recent_alpha() > strat.measured_alpha() + 0.1
+    assert strat.choice.d == best_length(strat.recent_alpha(), td, tv, 8)[0]
+    assert strat.choice.d > max(d_start, best_length(strat.measured_alpha(), td, tv, 8)[0])
+    for _ in range(6):                                    # and back: every first draft rejected
+        strat.observe_acceptance(strat.choice.d, 0)
+        strat._still_pays(ctx)
+    assert strat.recent_alpha() < strat.measured_alpha()
+    assert strat.choice.d == best_length(strat.recent_alpha(), td, tv, 8)[0] < d_start + 1
+
+
 def test_drafting_goes_on_past_low_confidence_drafts_while_they_pay(tiny_root):
     """The confidence exit, measured: while the drafts that fall below it are accepted often
     enough for a further draft step to pay, the strategy's drafts carry no exit (threshold 0);
@@ -380,7 +411,7 @@ def test_drafting_goes_on_past_low_confidence_drafts_while_they_pay(tiny_root):
         strat.choice = Choice(plan=plan, d=3, alpha=0.9, tpt=1.0, tpt_ar=1.0, context=ctx)
         strat._bucket, strat._probe_at = bucket(ctx), -1
         tv = strat.verify_times.at(strat.latency, ctx)
-        assert strat.draft_time(plan, ctx) + (tv[-1] - tv[0]) / (len(tv) - 1) < 0.5 * tv[0]
+        assert strat.draft_time(plan, ctx) + (tv[3] - tv[0]) / 3 < 0.5 * tv[0]
         out = []
         for confs, accepted in rounds:
             d = strat.propose(state)
@@ -405,6 +436,26 @@ def test_drafting_goes_on_past_low_confidence_drafts_while_they_pay(tiny_root):
     fixed = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8, threshold=0.9)
     seen, last = run(fixed, stops_accepted)
     assert set(seen) == {0.9} and last == 0.9
+
+
+def test_the_confidence_exit_prices_a_row_of_verification_at_the_plans_widths(tiny_root):
+    """A further draft step costs one more row of verification at the widths the plan verifies,
+    not the mean row over every width up to ``d_max + 2`` (long passes cost more per row)."""
+    from knapspec.strategies.knapspec import Choice
+    m = tiny_model("llama", tiny_root)
+    n = m.cfg.n_layers
+    strat = KnapSpecStrategy(m, _cheap_drafts(n), d_max=8)
+    plan = Plan.from_sublayer_skips(n, set(range(1, 2 * n, 2)))
+    ctx = 40
+    t0 = strat.verify_times.at(strat.latency, ctx)[0]
+    td = strat.draft_time(plan, ctx)
+    # rows cost 0.05 of a step up to 4 tokens, then 2 steps each
+    tv = [t0 * (1 + 0.05 * k) if k <= 3 else t0 * (1.15 + 2 * (k - 3)) for k in range(10)]
+    strat.verify_times.at = lambda *a, **k: tv
+    strat._tried, strat._acc, strat._low = 100.0, 95.0, [20, 19]
+    for d, pays in ((3, True), (9, False)):
+        strat.choice = Choice(plan=plan, d=d, alpha=0.95, tpt=1.0, tpt_ar=1.0, context=ctx)
+        assert td < 0.5 * t0 and strat._exit_pays(ctx) is pays
 
 
 # ---- windowed drafts --------------------------------------------------------------------------------
