@@ -305,6 +305,32 @@ def test_where_no_draft_pays_plain_steps_run_fused_and_planning_stops(profile, p
     assert dps == ([0, 0] if profile == "never" else [1, 0]), dps
 
 
+def test_no_first_dp_at_a_long_context_until_a_short_one_left_candidates(tiny_root, tmp_path):
+    """With a memory that holds no DP's candidates, a decision beyond ``dp_context`` tokens of
+    context takes plain steps and remembers nothing (a first DP there costs a third of a
+    generation on the embedded model); once a DP at a short context has left candidates, the TPT
+    bound re-prices them at the long one as before. Output stays the model's."""
+    from knapspec.strategies.memory import PlanMemory
+    m = tiny_model("llama", tiny_root)
+    lat = _drafts_pay_only_if_accepted(m.cfg.n_layers)
+    eng = Engine(m)
+    mem = PlanMemory(tmp_path / "memory.json")
+    long_prompt, short_prompt = list(range(3, 60)), list(range(3, 13))
+
+    def run(prompt):
+        strat = KnapSpecStrategy(m, lat, memory=mem, dp_context=32, score_prompt=True, every=1)
+        ref = eng.generate(prompt, max_new_tokens=12, stop_ids=()).tokens
+        assert eng.generate(prompt, strat, max_new_tokens=12, stop_ids=()).tokens == ref
+        return strat
+    strat = run(long_prompt)
+    assert strat.dp_runs == 0 and strat.history[0].source == "no-candidates"
+    assert not mem.buckets()                               # nothing remembered
+    strat = run(short_prompt)                              # (a short context: the DP runs)
+    assert strat.dp_runs == 1 and strat._nearest_candidates(0) is not None
+    strat = run(long_prompt)                               # candidates known: decided as before
+    assert strat.history[0].source in ("memory", "bound", "dp", "dp-wait")
+
+
 def test_decisions_only_at_start_bucket_changes_and_acceptance_drops(tiny_root, monkeypatch):
     """The planner decides at the start, once when the DP's wait for generated tokens ends, when
     the context enters another bucket (here buckets of 16 tokens) and when the measured acceptance

@@ -351,7 +351,7 @@ def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
                                                     "every", "min_cosine", "max_states", "resolution",
                                                     "alpha", "persist", "skip_prior", "seed",
-                                                    "min_lookup", "margin")}
+                                                    "min_lookup", "margin", "dp_context")}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
     windows = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,

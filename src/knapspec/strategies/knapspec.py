@@ -32,7 +32,9 @@ pays.
    that pays, again after a back-off of ``2**probe_streak`` generations); the
    remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
    verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
-   (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; and only then the DP, on the
+   (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; plain steps, nothing
+   remembered, beyond ``dp_context`` tokens of context while no DP has left candidates on this
+   machine (a first DP there costs a third of a generation); and only then the DP, on the
    full model's residual stream over the last ``window`` committed tokens, computed read-only just
    before it (nothing is captured during decoding, so plain steps keep the fused native path).
    The probe and the DP score generated tokens only: at the start of a generation they wait, with
@@ -170,7 +172,8 @@ class Choice:
     source: str = "dp"          # "dp" | "memory" (a remembered verdict) | "bound" (the TPT bound) |
                                 # "carried" (the plan in use, still paying in a new bucket) |
                                 # "probe" (the window probe) | "probe-wait" (plain steps until it) |
-                                # "dp-wait" (plain steps until the DP has generated tokens to score)
+                                # "dp-wait" (plain steps until the DP has generated tokens to score) |
+                                # "no-candidates" (no DP yet on this machine, and here one is dear)
     vocab: int | None = None    # the draft vocabulary's subset size (None: the full vocabulary)
 
 
@@ -202,7 +205,9 @@ class KnapSpecStrategy(Strategy):
     generation (doubled per "no draft" verdict); ``margin``: how much higher than last measured
     the TPT bound lets acceptance be; ``score_prompt``: the DP may score the prompt's last
     ``window`` tokens instead of waiting for generated ones (for raw-text prompts whose tail is
-    like the text to come; a chat prompt ends with the template's assistant header)."""
+    like the text to come; a chat prompt ends with the template's assistant header);
+    ``dp_context``: the longest context at which a DP runs while the memory holds no DP's
+    candidates at all (see :meth:`decide`)."""
 
     name = "knapspec"
     wants_hidden = False
@@ -212,13 +217,14 @@ class KnapSpecStrategy(Strategy):
                  every: int = 64, min_cosine: float = 0.5, max_states: int = 8, resolution: int = 8,
                  alpha: str = "top1", threshold: float | None = None, windows: Sequence[int] = (),
                  memory: PlanMemory | str | Any = None, margin: float = 0.1, probe_tokens: int = 16,
-                 draft_vocab: DraftVocab | None = None, score_prompt: bool = False) -> None:
+                 draft_vocab: DraftVocab | None = None, score_prompt: bool = False,
+                 dp_context: int = 512) -> None:
         if alpha not in ("top1", "cosine"):
             raise ValueError(f"alpha estimate must be 'top1' or 'cosine', got {alpha!r}")
         if latency is not None and latency.n_layers != model.cfg.n_layers:
             raise ValueError("the latency model is for a different number of layers")
         for k, v in (("window", window), ("d_max", d_max), ("every", every), ("resolution", resolution),
-                     ("max_states", max_states), ("probe_tokens", probe_tokens)):
+                     ("max_states", max_states), ("probe_tokens", probe_tokens), ("dp_context", dp_context)):
             if v < 1:
                 raise ValueError(f"{k} must be >= 1, got {v}")
         if any(int(w) < 2 for w in windows):
@@ -229,6 +235,7 @@ class KnapSpecStrategy(Strategy):
         self.alpha_mode, self.threshold, self.margin = alpha, threshold, margin
         self.exit_threshold = DEFAULT_THRESHOLD    # the generation's confidence exit (``start``)
         self.probe_tokens = probe_tokens
+        self.dp_context = dp_context
         self.score_prompt = score_prompt               # the DP may score the prompt's last tokens
         self.vocab = draft_vocab
         self.probe_runs = 0                            # window probes run by this instance
@@ -732,6 +739,16 @@ class KnapSpecStrategy(Strategy):
             self.memory.update(b, gated=0, streak=min(streak + 1, 7), plan=None)
             self._set(Choice(plan=None, d=0, alpha=0.0, tpt=bound, tpt_ar=t_ar, context=ctx, source="bound"))
             return
+        # 3b. no DP has left candidates on this machine yet, and here one is dear: plain steps for
+        #     this decision, nothing remembered. The DP's cost grows with the context (its branches
+        #     attend over the whole prefix); measured on the embedded model in a first generation
+        #     with a fresh memory: 0.24-0.31 s at 1k tokens (27-31% of a 96-token generation,
+        #     0.74-0.81x), 0.36-0.38 s at 2k (33%, 0.66x), ~0.1-0.16 s at a few hundred tokens. Once
+        #     a DP at a short context has left candidates, the bound above re-prices them here.
+        if ctx > self.dp_context and self._nearest_candidates(b) is None:
+            self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
+                             source="no-candidates"))
+            return
         # 4. the DP, on the residual stream of the last ``window`` committed tokens, once they are
         #    generated ones: plain steps until then. On the prompt's last tokens the chat template's
         #    own tokens (the assistant header a draft predicts as easily as the full model) made up
@@ -984,7 +1001,8 @@ def windowed_plan(n_layers: int, w: int) -> Plan:
 def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
               threshold: float | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
-                                                    "resolution", "alpha", "margin", "probe_tokens")}
+                                                    "resolution", "alpha", "margin", "probe_tokens",
+                                                    "dp_context")}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     # the token ids' own order by default (no calibration needed; ``draft_vocab=off``: the full
     # head only). Measured side by side at 8,000 tokens of context on the embedded model (docs/
