@@ -655,12 +655,15 @@ def test_the_window_probe_measures_what_stepwise_drafts_would_give(path, tiny_ro
 
 
 @pytest.mark.parametrize("pays", ["more for smaller windows", "the same for every window", "nothing"])
-def test_the_probe_tries_the_largest_window_first_and_stops_where_it_does_not_pay(pays, tiny_root):
-    """The decision's probe runs the windows largest first; a window whose plan does not pay at
-    its probed acceptance ends it (smaller windows see a subset of its keys), and so does one
-    whose next smaller window would not pay ``PROBE_STEP`` more at that acceptance. The probe runs
-    nothing but the windowed passes (no timed verification passes: the corrections learn from
-    drafting rounds), and leaves the cache as it was."""
+def test_the_probe_tries_one_window_a_generation_largest_first_and_stops_where_it_does_not_pay(pays, tiny_root):
+    """The probe runs one window per generation, largest first: a window whose plan does not pay
+    at its probed acceptance ends it (smaller windows see a subset of its keys), and so does one
+    whose next smaller window would not pay ``PROBE_STEP`` more at that acceptance; otherwise the
+    next generation drafts with the plan found, probes the next window once ``probe_tokens``
+    tokens were generated, and keeps the better plan. The probe runs nothing but the windowed
+    passes (no timed verification passes: the corrections learn from drafting rounds), and
+    leaves the cache as it was."""
+    from knapspec.strategies.knapspec import windowed_plan
     m = tiny_model("llama", tiny_root, "native-bf16")
     n = m.cfg.n_layers
     prompt = [3 + (7 * i) % 50 for i in range(200)]
@@ -685,14 +688,34 @@ def test_the_probe_tries_the_largest_window_first_and_stops_where_it_does_not_pa
     strat = Probing(m, lat, windows=(8, 32, 96), probe_tokens=12)
     state = RoundState(model=m, cache=cache, tokens=tokens, n_prompt=200, round=0,
                        sampling=SamplingParams(), remaining=8)
+
+    def windows_probed() -> list[int]:
+        entry = strat.memory.get(strat._bucket)
+        return [next(iter(Plan.parse(t, n).attn_windowed.values())) for t, _, _ in entry["probed"]]
     strat.reset()
-    strat.decide(state, "start")
-    assert strat.probe_runs == 1
-    entry = strat.memory.get(strat._bucket)
-    probed = [next(iter(Plan.parse(t, n).attn_windowed.values())) for t, _, _ in entry["probed"]]
-    assert probed == ([96, 32, 8] if pays == "more for smaller windows" else [96])
+    strat.decide(state, "start")                             # a generation's first decision
+    assert strat.probe_runs == 1 and windows_probed() == [96]
     assert priced[0] == 96                                   # priced as probed, largest first
     assert (strat.choice.plan is not None) == (pays != "nothing")
+    nxt = strat.memory.get(strat._bucket).get("probe_next")
+    assert nxt == (32 if pays == "more for smaller windows" else None)
+    strat.decide(state, "bucket")                            # no second probe in this generation
+    assert strat.probe_runs == 1 and strat._probe_at == -1
+    for w in (32, 8):
+        if pays != "more for smaller windows":
+            break
+        strat.reset()                                        # the next generation
+        strat.decide(state, "start")
+        assert strat.choice.source == "memory" and strat.probe_runs == (1 if w == 32 else 2)
+        assert strat._probe_at == 200 + 12 + 1               # after probe_tokens generated tokens
+        strat.decide(state, "probe")
+        assert windows_probed()[-1] == w and strat.choice.source == "probe"
+        assert strat.choice.plan == windowed_plan(n, w)      # the better plan is kept
+    assert windows_probed() == ([96, 32, 8] if pays == "more for smaller windows" else [96])
+    assert strat.memory.get(strat._bucket).get("probe_next") is None
+    strat.reset()
+    strat.decide(state, "start")                             # nothing left to probe
+    assert strat._probe_at == -1 and strat.probe_runs == len(windows_probed())
     assert strat.verify_times._log == [] and all(c == 0 for c in strat.verify_times._count)
     assert cache.length == end
     for name, before in held:
@@ -723,6 +746,36 @@ def test_knapspec_probes_windows_once_per_bucket_and_stays_exact(tiny_root):
     again = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
     assert again.tokens == ref and strat.probe_runs == 1
     assert strat.history[0].source == "memory"
+
+
+def test_one_probe_pass_a_generation_and_every_output_exact(tiny_root):
+    """Through the engine, where every smaller window pays more: each generation runs at most one
+    probe pass (the first after ``probe_tokens`` plain steps, the later ones while drafting with
+    the plan found before), the bucket ends on the smallest window, and every output equals
+    autoregressive decoding."""
+    from knapspec.strategies.knapspec import windowed_plan
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=40, stop_ids=()).tokens
+
+    class Smaller(KnapSpecStrategy):
+        def price(self, plan, alpha, ctx, tv, alphas=None):
+            r = super().price(plan, alpha, ctx, tv, alphas)
+            w = set(plan.attn_windowed.values())
+            return (r[0], r[1], 1e6 / max(w), r[3]) if w else r
+
+    strat = Smaller(m, _costly_attention(m.cfg.n_layers), windows=(8, 32, 64), probe_tokens=6, threshold=0.0)
+    runs, sources = [], []
+    for _ in range(4):
+        got = eng.generate(prompt, strat, max_new_tokens=40, stop_ids=(), threshold=0.0)
+        assert got.tokens == ref
+        runs.append(strat.probe_runs)
+        sources.append([c.source for c in strat.history][:2])
+    assert runs == [1, 2, 3, 3]
+    assert sources[0] == ["probe-wait", "probe"] and sources[1] == sources[2] == ["memory", "probe"]
+    assert strat.history[0].source == "memory" and strat.history[0].plan == windowed_plan(m.cfg.n_layers, 8)
+    assert got.stats.drafted > 0
 
 
 def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_root):

@@ -280,6 +280,7 @@ class KnapSpecStrategy(Strategy):
         self._low = [0, 0]                         # drafts below the confidence exit: decided, accepted
         self._no_exit = False                      # drafting on past low-confidence tokens (``_exit_pays``)
         self._probe_at = -1                        # committed tokens at which the window probe runs
+        self._probes_now = 0                       # window probe passes in this generation
         self._n_vocab = 0                          # tokens the draft vocabulary has seen
         self.verify_times.reset()
 
@@ -644,18 +645,26 @@ class KnapSpecStrategy(Strategy):
                 self._set(Choice(plan=old.plan, d=d, alpha=old.alpha, tpt=v, tpt_ar=t_ar, context=ctx,
                                  source="carried", vocab=old.vocab))
                 return
+        # the probe's next window, due in this bucket (``_probe_next``): tried once this generation
+        # has generated ``probe_tokens`` tokens, drafting with the remembered plan meanwhile
+        nxt = self._probe_next(entry, ctx, tv)
+        cont = trigger == "probe" and nxt is not None
+        kept = (self._tried, self._acc, list(self._recent), self._draft_ratio, self._draft_obs, list(self._low),
+                self._no_exit)
         self._tried = self._acc = 0.0
         self._recent = [0.0, 0.0]
         self._draft_ratio, self._draft_obs = 1.0, 0
         self._low, self._no_exit = [0, 0], False
         # 1. the bucket's remembered plan, if it still pays here
-        if entry.get("plan") and trigger != "acceptance":
+        if entry.get("plan") and trigger != "acceptance" and not cont:
             try:
                 plan = Plan.parse(entry["plan"], n)
                 voc, d, v, a = self.price(plan, float(entry.get("alpha", 0.0)), ctx, tv, self._alphas(entry))
                 if v > t_ar and self._offered(plan):
                     self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory",
                                      vocab=voc))
+                    if nxt is not None:
+                        self._probe_at = state.n_prompt + self.probe_tokens + 1
                     return
             except ValueError:
                 pass
@@ -673,28 +682,29 @@ class KnapSpecStrategy(Strategy):
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
                 return
-            # the largest window first. A smaller window attends to a subset of its keys (and
-            # agreed less often wherever measured: 73% / 84% / 87% at W = 64 / 256 / 1024 on a
-            # 4k-token report), so the probe ends at a window whose plan does not pay, or where the
-            # next one would not pay ``PROBE_STEP`` more than the best so far even at this one's
-            # acceptance
+            # the largest window first: one window per generation (``_probe_next``)
             order = sorted(probe, reverse=True)
-            best = [t_ar]
-
-            def enough(plan: Plan, a: float, per: dict[int, float]) -> bool:
-                v = self.price(plan, a, ctx, tv, per)[2]
-                if v <= t_ar:
-                    return True
-                best[0] = max(best[0], v)
-                i = order.index(max(plan.attn_windowed.values()))
-                if i + 1 == len(order):
-                    return True
-                nxt = self.price(windowed_plan(n, order[i + 1]), a, ctx, tv, per)[2]
-                return nxt < (1.0 + PROBE_STEP) * best[0]
-            probed = [[str(p), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}]
-                      for p, a, per in self.probe(state, order, until=enough)]
+            w, probed, best_v = order[0], [], t_ar
             streak_p = int(entry.get("probe_streak", 0))     # (0 before the bucket's first probe)
-            self.memory.update(b, probed=probed)
+        elif cont:
+            # the plan in use at the acceptance its drafts measured since this generation began,
+            # beside the window probed now on the same tokens
+            order = sorted(self._gate_windows(ctx, tv), reverse=True)
+            w, probed = nxt, [[t, x, dict(per)] for t, x, per in self._probed(entry)]
+            if old is not None and old.plan is not None and kept[0] > 0:
+                a_in = round((kept[1] + 8.0 * old.alpha) / (kept[0] + 8.0), 4)   # (measured_alpha's shrinkage)
+                for item in probed:
+                    if item[0] == str(old.plan):
+                        if old.vocab is None:
+                            item[1] = a_in
+                        else:
+                            item[2][str(old.vocab)] = a_in
+            best_v = max([t_ar] + [self._price_probed(t, x, per, ctx, tv)[1][2] for t, x, per in probed])
+        if probe or cont:
+            (plan, a, per), = self.probe(state, [w])
+            self._probes_now += 1
+            probed.append([str(plan), round(a, 4), {str(k): round(x, 4) for k, x in per.items()}])
+            self.memory.update(b, probed=probed, probe_next=self._next_window(order, w, a, per, best_v, ctx, tv))
             entry = self.memory.get(b)
         # 1c. a probed bucket: the probed plan that pays best at the acceptances measured (by the
         #     probe, or while drafting with it), else no draft; no DP where the probe looked (the
@@ -703,25 +713,24 @@ class KnapSpecStrategy(Strategy):
         if entry.get("probed"):
             best = None
             for text, a_full, per in self._probed(entry):
-                try:
-                    plan = Plan.parse(text, n)
-                except ValueError:
-                    continue
-                if self._offered(plan):
-                    r = self.price(plan, a_full, ctx, tv, {int(k): y for k, y in per.items()})
-                    if best is None or r[2] > best[1][2]:
-                        best = (plan, r, a_full, per)
+                r = self._price_probed(text, a_full, per, ctx, tv)
+                if r[0] is not None and (best is None or r[1][2] > best[1][2]):
+                    best = (r[0], r[1], a_full, per)
             if best is not None and best[1][2] > t_ar:
                 plan, (voc, d, v, a), a_full, per = best
                 self.memory.update(b, plan=str(plan), alpha=a_full, alphas=per, d=d, streak=0, gated=0,
                                    probe_streak=0, probe_gated=0)
+                if cont and old is not None and str(plan) == str(old.plan) and voc == old.vocab:   # goes on
+                    (self._tried, self._acc, self._recent, self._draft_ratio, self._draft_obs, self._low,
+                     self._no_exit) = kept
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
                                  vocab=voc))
                 return
             if probe:                                # this decision probed and found nothing
-                self.memory.update(b, plan=None, alphas={}, probe_streak=streak_p + 1, probe_gated=0)
+                self.memory.update(b, plan=None, alphas={}, probe_streak=streak_p + 1, probe_gated=0,
+                                   probe_next=None)
             else:
-                self.memory.update(b, plan=None, alphas={})
+                self.memory.update(b, plan=None, alphas={}, probe_next=None)
             self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx, source="probe"))
             return
         # 2. a remembered "no draft" verdict, while the back-off lasts; and no second DP in one
@@ -806,9 +815,15 @@ class KnapSpecStrategy(Strategy):
         return self._probe_at >= 0
 
     def _probe_windows(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> list[int]:
-        """The windows the probe should try at ``ctx``: none where the bucket may not be probed
-        (:meth:`_probe_open`: probed already, unless a "nothing pays" verdict's back-off is over); else each
-        offered window that leaves out keys here and whose all-windowed plan would beat a plain
+        """The windows a first probe (or a re-probe after its back-off) may try at ``ctx``: none
+        where the bucket may not be probed (:meth:`_probe_open`: probed already, unless a "nothing
+        pays" verdict's back-off is over); else :meth:`_gate_windows`."""
+        if not self._probe_open(entry):
+            return []
+        return self._gate_windows(ctx, tv)
+
+    def _gate_windows(self, ctx: int, tv: Sequence[float]) -> list[int]:
+        """Each offered window that leaves out keys here and whose all-windowed plan would beat a plain
         step by ``PROBE_GAIN`` at acceptance ``PROBE_ALPHA`` with the full lm_head, about the
         best an all-windowed draft reached on the embedded model's long documents (0.86-0.92 at
         8k). Where even that would not pay enough, the probe's cost (a pass over ``probe_tokens``
@@ -819,8 +834,6 @@ class KnapSpecStrategy(Strategy):
         their coverage, the probe ran at 2k and 4k on the embedded model, found nothing at 4k
         (0.96-0.97x autoregressive with its cost), and at 2k picked a plan from its 16 tokens
         that drafting then measured at 75% (0.89x)."""
-        if not self._probe_open(entry):
-            return []
         n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
         out = []
         for w in self.windows:
@@ -831,10 +844,48 @@ class KnapSpecStrategy(Strategy):
                 out.append(w)
         return out
 
+    def _probe_next(self, entry: dict[str, Any], ctx: int, tv: Sequence[float]) -> int | None:
+        """The window the probe tries next in this bucket, if it is due in this generation: the
+        probe runs one window per generation, largest first, and goes on to the next smaller one
+        (``probe_next`` in the memory, :meth:`_next_window`) in a later generation that drafts
+        with the plan it found, on that generation's first ``probe_tokens`` tokens. A probe pass
+        costs ~13-16 ms at 8,000 tokens of context (embedded model, EPYC host); two in one
+        96-token generation took 31 ms, 7% of the hybrid's decode time there."""
+        w = entry.get("probe_next")
+        if not w or self._probes_now or not entry.get("probed") or not entry.get("plan"):
+            return None
+        return int(w) if int(w) in self._gate_windows(ctx, tv) else None
+
+    def _next_window(self, order: Sequence[int], w: int, a: float, per: dict[int, float], best: float,
+                     ctx: int, tv: Sequence[float]) -> int | None:
+        """After probing window ``w`` at acceptance ``a`` (``per``: per subset): the next smaller
+        window of ``order`` (largest first) to probe, or None. A smaller window attends to a
+        subset of a larger one's keys (and agreed less often wherever measured: 73% / 84% / 87%
+        at W = 64 / 256 / 1024 on a 4k-token report), so the probe ends at a window whose plan
+        does not pay, and where the next one would not pay ``PROBE_STEP`` more than ``best`` (the
+        best TPT probed before) even at this one's acceptance."""
+        n, t_ar = self.model.cfg.n_layers, 1.0 / tv[0]
+        v = self.price(windowed_plan(n, w), a, ctx, tv, per)[2]
+        if v <= t_ar or w not in order or order.index(w) + 1 == len(order):
+            return None
+        nxt = order[order.index(w) + 1]
+        pays_more = self.price(windowed_plan(n, nxt), a, ctx, tv, per)[2] >= (1.0 + PROBE_STEP) * max(best, v)
+        return nxt if pays_more else None
+
+    def _price_probed(self, text: str, a_full: float, per: dict[str, float], ctx: int, tv: Sequence[float],
+                      ) -> tuple[Plan | None, tuple[int | None, int, float, float]]:
+        """A probed plan (memory text form) and :meth:`price` at its probed acceptances; (None,
+        zero TPT) where it does not parse or is not offered."""
+        try:
+            plan = Plan.parse(text, self.model.cfg.n_layers)
+        except ValueError:
+            return None, (None, 0, 0.0, 0.0)
+        if not self._offered(plan):
+            return None, (None, 0, 0.0, 0.0)
+        return plan, self.price(plan, a_full, ctx, tv, {int(k): y for k, y in per.items()})
+
     @torch.inference_mode()
-    def probe(self, state: RoundState, windows: Sequence[int],
-              until: Callable[[Plan, float, dict[int, float]], bool] | None = None,
-              ) -> list[tuple[Plan, float, dict[int, float]]]:
+    def probe(self, state: RoundState, windows: Sequence[int]) -> list[tuple[Plan, float, dict[int, float]]]:
         """``(plan, α, {size: α})`` for each plan that windows every attention sublayer to one of
         ``windows``: α is the posterior mean, (agreeing + 1) / (tokens + 2), of the plan's greedy
         token agreeing with the next committed token on the last ``probe_tokens`` committed tokens,
@@ -846,8 +897,8 @@ class KnapSpecStrategy(Strategy):
         runs as its drafts do, one pass over those tokens at their own positions (its own keys
         for them, the cache's before them), on the fused native path where the model has one;
         the cache entries it overwrites are put back after it.
-        Windows are probed in the order given; ``until(plan, α, {size: α})`` true ends the probe
-        after that window. Costs one pass over ``probe_tokens`` tokens per window (about what
+        Windows are probed in the order given (the strategy probes one per generation:
+        :meth:`_probe_next`). Costs one pass over ``probe_tokens`` tokens per window (about what
         verifying as many draft tokens costs at short context), where the DP's collection alone is
         a full-attention pass over its tokens and the DP many more.
 
@@ -884,8 +935,6 @@ class KnapSpecStrategy(Strategy):
                     per_size = {size: alpha(c) for size, c in subset_agreement(
                         logits, targets, seen, self.vocab.rank, self.vocab.sizes).items()}
                 out.append((plan, alpha(int((logits.argmax(-1) == targets).sum())), per_size))
-                if until is not None and until(*out[-1]):
-                    break
         return out
 
     def _set(self, c: Choice) -> None:
