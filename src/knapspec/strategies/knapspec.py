@@ -28,8 +28,10 @@ pays.
    bucket's remembered plan if it still pays at this context; once per bucket, where windowed
    attention could pay, the *window probe* (:meth:`KnapSpecStrategy.probe`: the plans that window
    every attention sublayer, one per window size, priced at the agreement of their greedy tokens
-   with the full model's on the last ``probe_tokens`` committed tokens; where it found nothing
-   that pays, again after a back-off of ``2**probe_streak`` generations); the
+   with the full model's on the last ``probe_tokens`` committed tokens; one window per
+   generation, largest first, the next smaller one in a later generation that drafts with the
+   plan found meanwhile; where it found nothing that pays, again after a back-off of
+   ``2**probe_streak`` generations); the
    remembered "no draft" verdict while the back-off lasts (``2**streak`` decisions after ``streak``
    verdicts in a row, at most 64); "no draft" when a cheap upper bound on any plan's TPT
    (:meth:`KnapSpecStrategy.tpt_bound`) does not beat a plain step; plain steps, nothing

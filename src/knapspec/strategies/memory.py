@@ -18,7 +18,8 @@ per context bucket (powers of two, :func:`bucket`):
 * ``probed``: the window probe's plans with their acceptance (full vocabulary and per subset of
   the draft vocabulary); ``probe_streak``: probes in a row that found no plan that pays, and
   ``probe_gated``: generations since the last one (the probe runs again after ``2**probe_streak``
-  of them, at most 64).
+  of them, at most 64); ``probe_next``: the window the probe tries in the next generation (it
+  probes one a generation, largest first), ``null`` when it is done.
 
 The hybrid strategy's planner uses the same file, so both strategies learn from each other. A
 file of another version is ignored (and replaced).
