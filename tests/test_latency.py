@@ -116,6 +116,22 @@ def test_fit_recovers_synthetic_latency():
     assert len(lm.sublayer_times(1500)) == 6
 
 
+def test_predictions_remembered_per_plan_context_and_width_are_the_computed_ones():
+    """``predict`` remembers the sublayers' sum per (plan, context, width): asked again, with any
+    lm_head scale, it gives what a model that never answered computes, for every key apart."""
+    lm = fitted()
+    plans = [None, Plan.from_skips(3, attn=[1], mlp=[0, 2]), Plan.from_options([64, 1, 1, 0, 16, 1])]
+    asks = [(p, ctx, n, hs) for p in plans for ctx in (100, 1500, 6000) for n in (1, 4) for hs in (1.0, 0.25)]
+    first = [lm.predict(p, ctx, n, head_scale=hs) for p, ctx, n, hs in asks]
+    again = [lm.predict(p, ctx, n, head_scale=hs) for p, ctx, n, hs in reversed(asks)][::-1]
+    fresh = [latency.LatencyModel.from_json(lm.to_json()).predict(p, ctx, n, head_scale=hs) for p, ctx, n, hs in asks]
+    assert first == again == fresh
+    assert len(set(first)) > len(asks) // 2                   # the keys do tell the answers apart
+    for p, ctx, n, _ in asks[:6]:
+        assert lm.predict(p, ctx, n, head_scale=0.25) == pytest.approx(
+            lm.predict(p, ctx, n) - 0.75 * lm.head_time(n), rel=1e-12)
+
+
 def test_json_round_trip():
     lm = fitted()
     back = latency.LatencyModel.from_json(lm.to_json())

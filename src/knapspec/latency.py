@@ -456,18 +456,28 @@ class LatencyModel:
         A draft step is ``n_tokens=1``; verification of d drafts is ``n_tokens=d+1``.
         ``head_scale`` scales the lm_head time (draft-only vocabulary truncation)."""
         a, b, m, head, oa, ob = self._at(n_tokens)
-        t = max(oa + ob * ctx, 0.0) + head_scale * head
-        run = plan.run if plan is not None else None
-        win = plan.window if plan is not None else ()
-        for i in range(self.n_layers):
-            if run is None or run[2 * i]:
-                if win and win[2 * i]:
-                    t += self.window_time(i, win[2 * i], ctx, n_tokens)
-                else:
-                    t += max(a[i] + b[i] * self.context_of(i, ctx), 0.0)
-            if run is None or run[2 * i + 1]:
-                t += m[i]
-        return t
+        # the sublayers' sum, remembered per (plan, context, width): a planner prices one plan at
+        # one context several times a round (per draft-vocabulary subset, the length, the exit),
+        # ~30 us each for a windowed plan of 30 layers
+        memo = self.__dict__.setdefault("_sums", {})
+        key = (plan, ctx, n_tokens)
+        body = memo.get(key)
+        if body is None:
+            body = 0.0
+            run = plan.run if plan is not None else None
+            win = plan.window if plan is not None else ()
+            for i in range(self.n_layers):
+                if run is None or run[2 * i]:
+                    if win and win[2 * i]:
+                        body += self.window_time(i, win[2 * i], ctx, n_tokens)
+                    else:
+                        body += max(a[i] + b[i] * self.context_of(i, ctx), 0.0)
+                if run is None or run[2 * i + 1]:
+                    body += m[i]
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[key] = body
+        return max(oa + ob * ctx, 0.0) + head_scale * head + body
 
     # ---- persistence ------------------------------------------------------------------------------
     def to_json(self) -> str:
