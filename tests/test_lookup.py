@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -141,3 +143,21 @@ def test_a_reference_equal_to_the_output_is_drafted_and_accepted(tiny_root, name
     assert bad.stats.reference_accepted < bad.stats.reference_drafted
     plain = eng.generate(prompt, _copier(name, m), max_new_tokens=40)
     assert plain.stats.reference_drafted == plain.stats.reference_accepted == 0
+
+
+def test_thompson_draws_follow_the_beta_posterior():
+    """A Thompson draw is Beta(a, b)'s own where a count is small (the same draws as
+    ``betavariate``) and, where both are large, has the Beta's mean and spread within [0, 1]."""
+    import random
+    import statistics
+
+    from knapspec.strategies.lookup import BETA_NORMAL, _beta_draw
+    r1, r2 = random.Random(3), random.Random(3)
+    assert [_beta_draw(r1, 2.0, 58.0) for _ in range(50)] == [r2.betavariate(2.0, 58.0) for _ in range(50)]
+    rng = random.Random(0)
+    for a, b in ((BETA_NORMAL, 400.0), (300.0, 120.0), (5000.0, 40.0)):
+        xs = [_beta_draw(rng, a, b) for _ in range(20000)]
+        n = a + b
+        assert all(0.0 <= x <= 1.0 for x in xs)
+        assert statistics.fmean(xs) == pytest.approx(a / n, abs=3e-3)
+        assert statistics.stdev(xs) == pytest.approx(math.sqrt(a * b / (n * n * (n + 1))), rel=0.05)

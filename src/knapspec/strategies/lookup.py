@@ -12,6 +12,7 @@ model's own.
 
 from __future__ import annotations
 
+import math
 import random
 from bisect import bisect_left
 from typing import Any
@@ -180,6 +181,8 @@ def _lookup(model: Model, *, max_draft: int | None = None, **options: Any) -> St
 
 
 MAX_POS = 16          # lookup positions tracked separately (later ones share the last estimate)
+# both Beta counts at least this: a Thompson draw from the normal approximation (``_beta_draw``)
+BETA_NORMAL = 30.0
 
 
 class LookupAcceptance:
@@ -237,5 +240,16 @@ class LookupAcceptance:
         g = min(n_gram, self.max_group)
         acc, tried = self.acc[g, :n].tolist(), self.tried[g, :n].tolist()
         if rng is not None:
-            return [rng.betavariate(a, t - a + 1e-9) for a, t in zip(acc, tried)]
+            return [_beta_draw(rng, a, t - a + 1e-9) for a, t in zip(acc, tried)]
         return [a / t for a, t in zip(acc, tried)]
+
+
+def _beta_draw(rng: random.Random, a: float, b: float) -> float:
+    """One draw from Beta(a, b): exact where either count is small, else from the normal with its
+    mean and variance (skewness under ~0.3 there). ``betavariate`` costs two gamma draws, ~6 us;
+    the hybrid draws one per lookup position every round (~40 us a round, a fifth of its planning
+    on Spec-Bench prompts)."""
+    if a < BETA_NORMAL or b < BETA_NORMAL:
+        return rng.betavariate(a, b)
+    n = a + b
+    return min(max(rng.gauss(a / n, math.sqrt(a * b / (n * n * (n + 1.0)))), 0.0), 1.0)
