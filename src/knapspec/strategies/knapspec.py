@@ -851,7 +851,7 @@ class KnapSpecStrategy(Strategy):
         probe runs one window per generation, largest first, and goes on to the next smaller one
         (``probe_next`` in the memory, :meth:`_next_window`) in a later generation that drafts
         with the plan it found, on that generation's first ``probe_tokens`` tokens. A probe pass
-        costs ~13-16 ms at 8,000 tokens of context (embedded model, EPYC host); two in one
+        costs 17-24 ms at 8,000 tokens of context (embedded model, EPYC host); two in one
         96-token generation took 31 ms, 7% of the hybrid's decode time there."""
         w = entry.get("probe_next")
         if not w or self._probes_now or not entry.get("probed") or not entry.get("plan"):
