@@ -118,6 +118,19 @@ def server(tiny):
         yield srv
 
 
+def test_the_server_learns_the_strategys_verdict_before_serving(tiny_folder, tmp_path, monkeypatch):
+    """Like ``knapspec generate``, the server's warm-up runs the strategy's one-off preparation
+    (``LLM.prepare``): with nothing remembered on this machine, the hybrid learns its verdict on
+    layer-skip drafts before the first request instead of in it."""
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path))
+    llm = knapspec.load(str(tiny_folder), dtype="float32", pack=False)
+    state = create_app(llm).state.server
+    strat = state.worker.make_strategy()
+    assert strat.name == "hybrid" and not strat.memory.buckets()
+    state.warm_up()
+    assert state.worker.make_strategy() is strat and strat.memory.buckets()    # a verdict (bound or DP)
+
+
 class SlowAR(Strategy):
     """Autoregressive decoding whose rounds take ``delay`` seconds more: time to act mid-stream."""
 
