@@ -653,6 +653,7 @@ class KnapSpecStrategy(Strategy):
         cont = trigger == "probe" and nxt is not None
         kept = (self._tried, self._acc, list(self._recent), self._draft_ratio, self._draft_obs, list(self._low),
                 self._no_exit)
+        a_in = round(self.measured_alpha(), 4) if cont and self._tried > 0 else None   # (before the reset)
         self._tried = self._acc = 0.0
         self._recent = [0.0, 0.0]
         self._draft_ratio, self._draft_obs = 1.0, 0
@@ -693,8 +694,7 @@ class KnapSpecStrategy(Strategy):
             # beside the window probed now on the same tokens
             order = sorted(self._gate_windows(ctx, tv), reverse=True)
             w, probed = nxt, [[t, x, dict(per)] for t, x, per in self._probed(entry)]
-            if old is not None and old.plan is not None and kept[0] > 0:
-                a_in = round((kept[1] + 8.0 * old.alpha) / (kept[0] + 8.0), 4)   # (measured_alpha's shrinkage)
+            if old is not None and old.plan is not None and a_in is not None:
                 for item in probed:
                     if item[0] == str(old.plan):
                         if old.vocab is None:
