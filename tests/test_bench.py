@@ -360,7 +360,7 @@ def test_peers_runs_every_system_in_turn_and_compares_with_llama_cpp(tiny_folder
     import knapspec
     from knapspec.bench import peers
     monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
-    llm = knapspec.load(str(tiny_folder), dtype="float32")
+    llm = knapspec.load(str(tiny_folder), dtype="float32", pack=False)
     order: list[str] = []
 
     class FakeServer:
@@ -403,3 +403,20 @@ def test_peers_finds_llama_server_or_says_how_to_get_it(tmp_path, monkeypatch):
     (b / "llama-server").write_text("#!/bin/sh\n")
     (b / "llama-server").chmod(0o755)
     assert find_llama_server(tmp_path) == b / "llama-server"
+
+
+def test_the_benchmark_prepares_each_strategy_as_generate_does(tiny_folder, prompts_file, tmp_path, monkeypatch):
+    """The warm-up runs each strategy's one-time work (``LLM.prepare``) before the measured runs,
+    timed apart: with nothing remembered on the machine, the hybrid learns its verdict there, and
+    its first measured generation takes it from the memory (without the warm-up: from the TPT
+    bound here, a DP on the embedded model; either inside its decode time)."""
+    import knapspec
+    monkeypatch.setenv("KNAPSPEC_CACHE", str(tmp_path / "cache"))
+    llm = knapspec.load(str(tiny_folder), dtype="float32", pack=False)
+    recs = bench.run_side_by_side(llm, strategies=["hybrid"], datasets=[str(prompts_file)], n=1,
+                                  max_new_tokens=12, progress=False,
+                                  strategy_options={"hybrid": {"plan_after": 0}})
+    hy = next(r for r in recs if r["strategy"] == "hybrid")
+    assert hy["prepare_s"] > 0 and recs[0]["prepare_s"] >= 0
+    assert hy["strategy_state"]["decided_by"][0] == "memory"      # not "dp": learned in the warm-up
+    assert hy["match"] is True

@@ -6,6 +6,7 @@ lockstep, each output checked against the reference; mismatches classified as ne
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -119,7 +120,11 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     others in the orders of :func:`balanced_orders` from one repeat to the next (so that over a
     full cycle each strategy runs right after each other one equally often); each strategy's
     record is its run of median decode time (all its decode times are kept in ``decode_s_runs``);
-    every repeat's output is checked against the reference."""
+    every repeat's output is checked against the reference.
+
+    ``warmup``: first each strategy's one-time work as ``generate`` and ``serve`` do it
+    (``LLM.prepare``; its seconds are each record's ``prepare_s``), then one short generation of
+    each on the first prompt's tail (kernels, allocator, caches)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if interleave not in INTERLEAVE:
@@ -147,9 +152,16 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
     def make(s: str, **more):
         name, extra = variants[s]
         return REGISTRY.create(name, llm.model, **{**opts.get(name, {}), **opts.get(s, {}), **extra, **more})
+    prepare_s: dict[str, float] = {}
     if warmup:                                    # kernels, allocator, latency profile, caches
         ids = llm.encode_prompt(prompts[0].text, chat=prompts[0].chat)[-256:]
         for s in order:
+            # the one-time work `generate` and `serve` do before their first generation
+            # (LLM.prepare: the latency profile; the hybrid's first verdict where the machine has
+            # none): timed apart, as a set-up cost, never inside a generation's decode time
+            t0 = time.perf_counter()
+            llm.prepare(make(s))
+            prepare_s[s] = time.perf_counter() - t0
             w = make(s)
             if w.warm_up_options:
                 w = make(s, **w.warm_up_options)
@@ -208,6 +220,8 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
                                   p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
                 rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=desc,
                                  ref_tps=ref_tps, match=match, mismatch=mm)
+                if s in prepare_s:
+                    rec["prepare_s"] = prepare_s[s]
                 if repeats > 1:
                     rec["decode_s_runs"] = [r.stats.decode_s for r, _ in runs[s]]
                     # the fastest run (interference on a shared machine only ever adds time): the

@@ -101,7 +101,8 @@ class Option:
 
 class HybridStrategy(Strategy):
     name = "hybrid"
-    # plan in the warm-up too (its verdict on a short warm-up prompt is not remembered)
+    # plan in the benchmark's code-path warm-up too, without remembering what it finds there (the
+    # verdict a machine keeps is learned by ``prepare``, as ``generate`` and ``serve`` do)
     warm_up_options: ClassVar[dict[str, Any]] = {"plan_after": 0, "memory": "off"}
     reproducible: ClassVar[bool] = False     # its choices follow measured verification times
 
