@@ -79,6 +79,12 @@ def test_side_by_side_writes_runs_table_and_plots(tiny_folder, prompts_file, tmp
     assert "| lookup |" in (out / "table.md").read_text()
     last = json.loads(captured.out.strip().splitlines()[-1])
     assert last["runs"] == 6 and last["hard_mismatches"] == 0
+    # the speed of passes over several tokens, before and after the runs
+    for when in ("before", "after"):
+        ps = last["pass_speed"][when]
+        assert ps["width"] == 8 and 0 < ps["context"] < 4096 and ps["step_ms"] > 0 and ps["pass_ms"] > 0
+        assert ps["ratio"] == pytest.approx(ps["pass_ms"] / ps["step_ms"])
+    assert last["pass_speed"] == json.loads((out / "headline.json").read_text())["pass_speed"]
 
 
 def test_a_broken_engine_is_caught(tiny_folder, prompts_file, tmp_path, capsys, caplog, monkeypatch):

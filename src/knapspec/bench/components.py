@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -156,30 +157,14 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
         m = llm.model
         if not modes:
             modes = ["exact" if m.row_invariant else "fused"]
-        dev = m.device
         for ctx in contexts:
-            ids = context_ids(llm.tokenizer, ctx)
-            cache = m.new_cache(ctx + max(widths) + 1)
-            m.set_row_invariant(False)
-            prefill(m, ids[:ctx], cache, logits=False)
             cases = [(mode, att, w) for mode in modes for att in atts for w in widths]
-            times: dict[tuple, list[float]] = {c: [] for c in cases}
-            toks = {w: torch.tensor([ids[:w]], device=dev) for w in widths}
 
-            def step(mode: str, att: str | None, w: int) -> None:
+            def setup(mode: str, att: str | None, w: int) -> None:
                 m.set_row_invariant(mode == "exact")
                 if att is not None:
                     _use_attention(att)
-                cache.rollback(ctx)
-                m.forward(toks[w], ctx, cache)
-            for c in cases:
-                step(*c)
-                step(*c)
-            for _ in range(repeats):          # interleave modes and widths
-                for c in cases:
-                    times[c].append(timed(lambda c=c: step(*c), dev))
-            m.set_row_invariant(False)
-            med = {c: statistics.median(v) for c, v in times.items()}
+            med = _pass_times(llm, ctx, cases, repeats, setup)
             for mode, att, w in cases:
                 row = dict(dtype=dt, context=ctx, width=w, ms=1e3 * med[mode, att, w],
                            ratio=med[mode, att, w] / med[mode, att, widths[0]])
@@ -193,6 +178,54 @@ def bench_verify(model: str | None, *, device: str, threads: int | None, context
         _use_attention(None)
 
     return rows
+
+
+def _pass_times(llm, ctx: int, cases: list[tuple], repeats: int,
+                setup: Callable[..., None] | None = None) -> dict[tuple, float]:
+    """Median seconds of one full-model pass over ``w`` tokens after ``ctx`` tokens of context, per
+    case ``(..., w)`` (its last entry the width; ``setup(*case)`` runs before each pass), the cases
+    interleaved ``repeats`` times after two warm-up passes each. The model's exact mode is left as
+    it was found."""
+    m = llm.model
+    dev = m.device
+    widths = sorted({c[-1] for c in cases})
+    ids = context_ids(llm.tokenizer, ctx + max(widths))
+    cache = m.new_cache(ctx + max(widths) + 1)
+    exact = m.row_invariant
+    m.set_row_invariant(False)
+    prefill(m, ids[:ctx], cache, logits=False)
+    m.set_row_invariant(exact)
+    toks = {w: torch.tensor([ids[ctx:ctx + w]], device=dev) for w in widths}
+    times: dict[tuple, list[float]] = {c: [] for c in cases}
+
+    def step(c: tuple) -> None:
+        if setup is not None:
+            setup(*c)
+        cache.rollback(ctx)
+        m.forward(toks[c[-1]], ctx, cache)
+    try:
+        for c in cases:
+            step(c)
+            step(c)
+        for _ in range(repeats):          # interleaved
+            for c in cases:
+                times[c].append(timed(lambda c=c: step(c), dev))
+    finally:
+        m.set_row_invariant(exact)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def pass_speed(llm, context: int = 4096, width: int = 8, repeats: int = 9) -> dict | None:
+    """A one-token step and a ``width``-token pass at ``context`` tokens (medians, interleaved):
+    ``{"context", "width", "step_ms", "pass_ms", "ratio"}``, or None where the model's context is
+    too short. A benchmark records it before and after its runs: on a shared host the passes over
+    several tokens can run at another speed for a while than the steps do (docs/benchmarks.md)."""
+    context = min(context, llm.model.cfg.max_position - width - 1)
+    if context < 16:
+        return None
+    med = _pass_times(llm, context, [(1,), (width,)], repeats)
+    return {"context": context, "width": width, "step_ms": 1e3 * med[(1,)], "pass_ms": 1e3 * med[(width,)],
+            "ratio": med[(width,)] / med[(1,)]}
 
 
 def bench_prefill(model: str | None, *, device: str, threads: int | None, contexts: list[int], repeats: int,

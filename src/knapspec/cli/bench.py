@@ -101,6 +101,10 @@ def add_parsers(sub: Any) -> None:
                     help="rounds (default): a prompt's generations run at the same time, one decoding round "
                          "of each in turn, each timed over its own rounds; runs: one whole generation after "
                          "the other")
+    rn.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                    help="leave out the timing of a 1-token step and an 8-token pass at 4,096 tokens of "
+                         "context before and after the runs (headline.json: pass_speed), which tells at what "
+                         "speed this host ran passes over several tokens during the runs")
     rn.add_argument("--strict", action="store_true",
                     help="fail on any output difference, near-ties from reduced-precision rounding included")
     b.set_defaults(func=_cmd_bench)
@@ -112,6 +116,7 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
     import torch
 
     from ..bench import category_table, headline, markdown_table, parse_variant, run_side_by_side, summarize
+    from ..bench.components import pass_speed
     from ..bench.plots import plot_skip_share, plot_speedup_vs_context, plot_tpt
     from ..datasets import data_dir
     from ..storage import write_text_atomic
@@ -133,11 +138,14 @@ def _cmd_bench_run(a: argparse.Namespace) -> int:
             if not a.skip:
                 raise ValueError("the static strategy needs --skip a3,m7,...")
             opts[s]["skip"] = a.skip
+    before = pass_speed(llm) if a.calibrate else None
     records = run_side_by_side(llm, strategies=strategies, datasets=datasets, n=n, max_new_tokens=new,
                                root=root, temperature=a.temperature, seed=a.seed, strategy_options=opts,
                                repeats=a.repeats, interleave=a.interleave)
     summary = summarize(records)
     head = headline(records)
+    if a.calibrate:
+        head["pass_speed"] = {"before": before, "after": pass_speed(llm)}
     head.update(model=llm.model.cfg.name, dtype=str(llm.model.dtype).replace("torch.", ""),
                 device=str(llm.model.device), n=n, max_new_tokens=new, datasets=datasets, repeats=a.repeats,
                 interleave=a.interleave, exact=llm.model.row_invariant)
