@@ -49,6 +49,26 @@ def test_metrics_from_known_statistics():
     assert bench.pearson([1, 2], [1, 2]) is None           # too few points to say anything
 
 
+def test_repeat_share_counts_the_tokens_that_repeat_the_output_itself():
+    line = list(range(10, 20))                          # a 10-token line, then the same line twice
+    assert bench.repeat_share(line) == 0.0
+    assert bench.repeat_share(line * 3) == pytest.approx(20 / 30)
+    assert bench.repeat_share(line * 3, n=4) == pytest.approx(20 / 30)
+    assert bench.repeat_share([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(4 / 6)
+    assert bench.repeat_share(list(range(50)) + [1, 2, 3]) == 0.0    # a short echo is not a loop
+    assert bench.repeat_share([]) == 0.0
+    # in a record, and per dataset in the table: the autoregressive outputs' share
+    st = _stats(new=30, decode_s=1.0, rounds=30, drafted=0, accepted=0)
+    ar = bench.run_record(prompt=P, n_prompt=2040, strategy="autoregressive", stats=st, describe={},
+                          ref_tps=None, match=None, mismatch=None, tokens=line * 3)
+    sp = bench.run_record(prompt=P, n_prompt=2040, strategy="x", stats=st, describe={}, ref_tps=st.tokens_per_s,
+                          match=True, mismatch=None, tokens=line * 3)
+    assert ar["repeat_share"] == pytest.approx(2 / 3)
+    table = bench.markdown_table(bench.summarize([ar, sp]))
+    assert table.splitlines()[-1] == "| output repeating itself | 67% | 67% |"
+    assert "repeating" not in bench.markdown_table(bench.summarize([dict(ar, repeat_share=None)]))
+
+
 @pytest.fixture
 def tiny_folder(tmp_path):
     return save_tiny_with_tokenizer("llama", tmp_path / "tiny")

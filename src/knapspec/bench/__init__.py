@@ -25,6 +25,7 @@ from .harness import (
     expand_datasets,
     near_tie_tolerance,
     parse_variant,
+    repeat_share,
     run_record,
     run_side_by_side,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "near_tie_tolerance",
     "parse_variant",
     "pearson",
+    "repeat_share",
     "run_record",
     "run_side_by_side",
     "summarize",

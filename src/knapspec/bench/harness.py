@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,9 +47,32 @@ def classify_mismatch(model, prompt: list[int], ref: list[int], got: list[int]) 
             "near_tie": abs(margin) <= tol or (reduced and margin < 0)}
 
 
+# the n-gram length at which :func:`repeat_share` counts a generation as repeating itself
+REPEAT_NGRAM = 8
+
+
+def repeat_share(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:
+    """The share of a generation's tokens that repeat the generation itself: those inside a
+    stretch of at least ``n`` tokens that already occurred, in that order, earlier in the same
+    output (its prompt not counted; a line said three times: two thirds). A small model often falls into a loop of one line or sentence; every
+    strategy that drafts from what was said (lookup, the hybrid) or with a cheap copy of the model
+    (a windowed draft) is then accepted almost always, so speedups on such outputs say little about
+    text that does not repeat."""
+    seen: set[tuple[int, ...]] = set()
+    count, covered = 0, 0                       # covered: tokens before this index are counted
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1:i + 1])
+        if gram in seen:                        # the n tokens ending at i, minus those counted
+            count += i + 1 - max(covered, i - n + 1)
+            covered = i + 1
+        seen.add(gram)
+    return count / len(tokens) if tokens else 0.0
+
+
 def run_record(*, prompt, n_prompt: int, strategy: str, stats, describe: dict, ref_tps: float | None,
-               match: bool | None, mismatch: dict | None) -> dict:
-    """One JSONL row: the generation's statistics plus the comparison with autoregressive."""
+               match: bool | None, mismatch: dict | None, tokens: Sequence[int] | None = None) -> dict:
+    """One JSONL row: the generation's statistics plus the comparison with autoregressive
+    (``tokens``: the generated ones, for :func:`repeat_share`)."""
     tps = stats.tokens_per_s
     return {
         "dataset": prompt.dataset, "category": prompt.category, "prompt_id": prompt.id,
@@ -62,6 +85,7 @@ def run_record(*, prompt, n_prompt: int, strategy: str, stats, describe: dict, r
         "predicted_tps": describe.get("predicted_tps"), "attn_skip_share": describe.get("attn_skip_share"),
         "mlp_skip_share": describe.get("mlp_skip_share"), "attn_window_share": describe.get("attn_window_share"),
         "match": match, "mismatch": mismatch,
+        "repeat_share": None if tokens is None else repeat_share(tokens),
         "strategy_state": describe,
     }
 
@@ -219,7 +243,7 @@ def run_side_by_side(llm, *, strategies: list[str], datasets: list[str], n: int,
                         log.error("OUTPUT MISMATCH: %s on %s/%s at token %s (logit margin %s, %s)", s, p.dataset,
                                   p.id, mm["index"], mm["margin"], "near-tie" if mm["near_tie"] else "NOT a near-tie")
                 rec = run_record(prompt=p, n_prompt=len(ids), strategy=s, stats=g.stats, describe=desc,
-                                 ref_tps=ref_tps, match=match, mismatch=mm)
+                                 ref_tps=ref_tps, match=match, mismatch=mm, tokens=g.tokens)
                 if s in prepare_s:
                     rec["prepare_s"] = prepare_s[s]
                 if repeats > 1:

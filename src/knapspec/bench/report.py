@@ -40,14 +40,22 @@ def summarize(records: list[dict]) -> list[dict]:
                     "mean_accepted": float(np.mean([r["mean_accepted"] for r in rs])),
                     "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs])),
                     "plan_share": float(np.mean([r["plan_share"] for r in rs])),
+                    "repeat_share": _mean_or_none([r.get("repeat_share") for r in rs]),
                     "mismatches": sum(r["match"] is False for r in rs),
                     "hard_mismatches": sum(r["match"] is False and not (r["mismatch"] or {}).get("near_tie")
                                            for r in rs)})
     return out
 
 
+def _mean_or_none(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
 def markdown_table(summary: list[dict]) -> str:
-    """Strategy × dataset: geometric-mean speedup over autoregressive (mean accepted tokens/round)."""
+    """Strategy × dataset: geometric-mean speedup over autoregressive (mean accepted tokens/round);
+    a last row with the share of the autoregressive outputs that repeat themselves
+    (:func:`~knapspec.bench.harness.repeat_share`), where the records have it."""
     strategies = list(dict.fromkeys(r["strategy"] for r in summary))
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
     cell = {(r["strategy"], r["dataset"]): r for r in summary}
@@ -60,6 +68,13 @@ def markdown_table(summary: list[dict]) -> str:
                        + (" MISMATCH" if c["hard_mismatches"] else ""))
         allx = geomean([cell[(s, d)]["speedup"] for d in datasets if (s, d) in cell])
         lines.append(f"| {s} | " + " | ".join(row) + f" | {allx:.2f}x |")
+    ref = {r["dataset"]: r.get("repeat_share") for r in summary if r["strategy"] == "autoregressive"}
+    if any(v is not None for v in ref.values()):
+        def pct(v: float | None) -> str:
+            return "" if v is None else f"{100 * v:.0f}%"
+        shares = [ref.get(d) for d in datasets]
+        lines.append("| output repeating itself | " + " | ".join(pct(v) for v in shares)
+                     + f" | {pct(_mean_or_none(shares))} |")
     return "\n".join(lines)
 
 
