@@ -446,3 +446,22 @@ def test_the_benchmark_prepares_each_strategy_as_generate_does(tiny_folder, prom
     assert hy["prepare_s"] > 0 and recs[0]["prepare_s"] >= 0
     assert hy["strategy_state"]["decided_by"][0] == "memory"      # not "dp": learned in the warm-up
     assert hy["match"] is True
+
+
+def test_long_text_prompts_are_the_documents_beginnings_as_raw_text():
+    """``long-text:N``: the same documents as ``long-docs:N``, cut to about N tokens, without the
+    chat template or the summary instruction (to be continued as text)."""
+    from knapspec.datasets import SUMMARY_INSTRUCTION, data_dir, load_dataset, long_doc_records
+
+    def words(text, add_special_tokens=False):          # a tokenizer that counts words
+        return {"input_ids": text.split()}
+    docs = {f"{r.get('source', 'doc')}-{r['id']}": r["text"] for r in long_doc_records(data_dir())}
+    text = load_dataset("long-text:512", root=None, tokenizer=words, n=3)
+    summ = load_dataset("long-docs:512", root=None, tokenizer=words, n=3)
+    assert len(text) == 3 and [p.id for p in text] == [p.id for p in summ]
+    for p, q in zip(text, summ):
+        assert p.dataset == "long-text:512" and p.target_tokens == 512 and p.chat is False
+        assert docs[p.id].startswith(p.text) and 400 < len(p.text.split()) <= 512
+        assert q.chat is True and q.text.startswith(SUMMARY_INSTRUCTION)
+    with pytest.raises(ValueError, match="long-text needs the model's tokenizer"):
+        load_dataset("long-text:512", root=None)

@@ -127,6 +127,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     (["calibrate", "--strategy", "lookup"], "strategy 'lookup' needs no calibration"),
     (["calibrate", "--strategy", "nope"], "unknown strategy 'nope'"),
     (["calibrate", "--strategy", "knn-ssd", "--datasets", "long-docs:2k"], "calibrate takes spec-bench"),
+    (["calibrate", "--strategy", "knn-ssd", "--datasets", "long-text:2k"], "calibrate takes spec-bench"),
     (["generate", "--strategy", "draft-verify", "--calibration", "/nonexistent/dv.json"],
      "no draft-verify calibration file at /nonexistent/dv.json"),
     (["generate", "--strategy", "swift", "--skip-ratio", "1.5"], "--skip-ratio must be in (0, 1), got 1.5"),

@@ -810,6 +810,31 @@ def test_one_probe_pass_a_generation_and_every_output_exact(tiny_root):
     assert got.stats.drafted > 0
 
 
+def test_score_prompt_probes_the_prompts_tail_at_once(tiny_root):
+    """With ``score_prompt`` (a raw-text prompt whose tail is like the text to come) the window
+    probe scores the prompt's last ``probe_tokens`` tokens in the generation's first decision
+    instead of waiting for as many generated ones; the output still equals autoregressive
+    decoding."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=24, stop_ids=()).tokens
+
+    class Pays(KnapSpecStrategy):
+        def price(self, plan, alpha, ctx, tv, alphas=None):
+            r = super().price(plan, alpha, ctx, tv, alphas)
+            return (r[0], r[1], 1e6, r[3]) if plan.attn_windowed else r
+
+    lat = _costly_attention(m.cfg.n_layers)
+    waits = Pays(m, lat, windows=(32,), probe_tokens=6, threshold=0.0)
+    at_once = Pays(m, lat, windows=(32,), probe_tokens=6, threshold=0.0, score_prompt=True)
+    for strat, first in ((waits, ["probe-wait", "probe"]), (at_once, ["probe"])):
+        got = eng.generate(prompt, strat, max_new_tokens=24, stop_ids=(), threshold=0.0)
+        assert got.tokens == ref
+        assert [c.source for c in strat.history][:len(first)] == first and strat.probe_runs == 1
+        assert strat.history[len(first) - 1].plan is not None and got.stats.drafted > 0
+
+
 def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_root):
     """With a draft vocabulary and a costly lm_head, the probe's verdict drafts through a subset
     of the lm_head rows (the draft step priced with the head scaled by its rows), the output

@@ -7,6 +7,10 @@ Data folder: ``--data DIR``, else ``$KNAPSPEC_DATA``, else the copy shipped insi
 * ``long-docs:N`` (N = 512, 2k, 4k, 8k ...): long documents (GAO, CRS, QMSum, Gutenberg) cut at a
   line or sentence boundary so that instruction + text come to about N tokens, as a
   summarisation request.
+* ``long-text:N``: the same documents' first ~N tokens as raw text, no template, for the model to
+  continue (as long-context decoding is measured on book continuations). A small chat model's
+  summaries of long documents tend to repeat one line over and over (``bench.repeat_share``);
+  continuing the text it was given, it stays closer to text like the document's own.
 * ``gsm8k``, ``aime``, ``humaneval``: reasoning and code prompts.
 * a path to a ``.jsonl`` file: one prompt per line in a ``prompt``, ``text`` or ``question`` field.
 
@@ -142,6 +146,24 @@ def long_docs(root: Path, target: int, tokenizer, n: int | None = None) -> list[
     return out
 
 
+def long_text(root: Path, target: int, tokenizer, n: int | None = None) -> list[Prompt]:
+    """Raw-text prompts of about ``target`` tokens: each long enough document's beginning, cut at a
+    line or sentence boundary, to be continued (no chat template, no instruction)."""
+    def count(t: str) -> int:
+        return len(tokenizer(t, add_special_tokens=False)["input_ids"])
+    out = []
+    for r in long_doc_records(root):
+        if count(r["text"][: target * 8]) < target:
+            continue                   # too short for this length
+        body = truncate_to_tokens(r["text"][: target * 8], target, count)
+        name = f"{r.get('source', 'doc')}-{r['id']}"
+        out.append(Prompt(name, f"long-text:{target}", r.get("source", "doc"), body, chat=False,
+                          target_tokens=target))
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
 def reasoning(root: Path, name: str) -> list[Prompt]:
     if name == "gsm8k":
         return [Prompt(str(r["idx"]), name, name, r["question"]) for r in _jsonl(root / "gsm8k" / "test_subset.jsonl")]
@@ -164,7 +186,8 @@ def user_jsonl(path: Path) -> list[Prompt]:
     return out
 
 
-DATASETS = ("spec-bench", "spec-bench:CATEGORY", "long-docs:N", "gsm8k", "aime", "humaneval", "FILE.jsonl")
+DATASETS = ("spec-bench", "spec-bench:CATEGORY", "long-docs:N", "long-text:N", "gsm8k", "aime", "humaneval",
+            "FILE.jsonl")
 
 
 def load_dataset(spec: str, *, root: Path | None, tokenizer=None, n: int | None = None) -> list[Prompt]:
@@ -176,10 +199,10 @@ def load_dataset(spec: str, *, root: Path | None, tokenizer=None, n: int | None 
         name, _, arg = spec.partition(":")
         if name == "spec-bench":
             prompts = spec_bench(root, arg or None)
-        elif name == "long-docs":
+        elif name in ("long-docs", "long-text"):
             if tokenizer is None:
-                raise ValueError("long-docs needs the model's tokenizer to cut documents to length")
-            prompts = long_docs(root, parse_size(arg or "2k"), tokenizer, n)
+                raise ValueError(f"{name} needs the model's tokenizer to cut documents to length")
+            prompts = (long_docs if name == "long-docs" else long_text)(root, parse_size(arg or "2k"), tokenizer, n)
         elif name in ("gsm8k", "aime", "humaneval"):
             prompts = reasoning(root, name)
         else:

@@ -54,10 +54,10 @@ REPEAT_NGRAM = 8
 def repeat_share(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:
     """The share of a generation's tokens that repeat the generation itself: those inside a
     stretch of at least ``n`` tokens that already occurred, in that order, earlier in the same
-    output (its prompt not counted; a line said three times: two thirds). A small model often falls into a loop of one line or sentence; every
-    strategy that drafts from what was said (lookup, the hybrid) or with a cheap copy of the model
-    (a windowed draft) is then accepted almost always, so speedups on such outputs say little about
-    text that does not repeat."""
+    output (its prompt not counted; a line said three times: two thirds). A small model often
+    falls into a loop of one line or sentence; every strategy that drafts from what was said
+    (lookup, the hybrid) or with a cheap copy of the model (a windowed draft) is then accepted
+    almost always, so speedups on such outputs say little about text that does not repeat."""
     seen: set[tuple[int, ...]] = set()
     count, covered = 0, 0                       # covered: tokens before this index are counted
     for i in range(n - 1, len(tokens)):

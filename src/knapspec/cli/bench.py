@@ -61,7 +61,7 @@ def add_parsers(sub: Any) -> None:
                     help="folder holding llama-server (or its build/bin); default: llama-server on PATH")
     pe.add_argument("--strategies", default="autoregressive,hybrid", help="knapspec strategies, comma-separated")
     pe.add_argument("--datasets", default="spec-bench,long-docs:4k,long-docs:8000",
-                    help="spec-bench (each category), spec-bench:CATEGORY, long-docs:N, FILE.jsonl")
+                    help="spec-bench (each category), spec-bench:CATEGORY, long-docs:N, long-text:N, FILE.jsonl")
     pe.add_argument("--n", type=positive_int("--n"), default=2, help="prompts per category or dataset")
     pe.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
     pe.add_argument("--repeats", type=positive_int("--repeats"), default=3)
@@ -79,7 +79,9 @@ def add_parsers(sub: Any) -> None:
                          + ",".join(BENCH_STRATEGIES))
     rn.add_argument("--datasets", default=None,
                     help="comma-separated: spec-bench (every category), spec-bench:CATEGORY, long-docs:N "
-                         "(512, 2k, 4k, 8k), gsm8k, aime, humaneval, FILE.jsonl; default "
+                         "(a summary of a document of N = 512, 2k, 4k, 8k ... tokens), long-text:N (the "
+                         "document's first N tokens continued as raw text), gsm8k, aime, humaneval, "
+                         "FILE.jsonl; default "
                          + ",".join(BENCH_DATASETS))
     rn.add_argument("--n", type=positive_int("--n"), default=None, help="prompts per dataset (default 2)")
     rn.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=None,

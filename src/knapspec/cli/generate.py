@@ -143,7 +143,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         raise ValueError(f"strategy {a.strategy!r} needs no calibration: calibrate {' or '.join(CALIBRATED)}")
     specs = [d for d in a.datasets.split(",") if d]
     root = data_dir(a.data) if any(not d.endswith(".jsonl") for d in specs) else None
-    if any(d.startswith("long-docs") for d in specs):
+    if any(d.startswith(("long-docs", "long-text")) for d in specs):
         raise ValueError("calibrate takes spec-bench, spec-bench:CATEGORY, gsm8k, aime, humaneval or FILE.jsonl")
     n = a.n or {"draft-verify": 1, "knn-ssd": 4, "vocab": 8}[a.strategy]
     prompts = []

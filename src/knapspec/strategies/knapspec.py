@@ -206,8 +206,9 @@ class KnapSpecStrategy(Strategy):
     instance's own, across its generations); ``every``: the fewest rounds between two DPs of one
     generation (doubled per "no draft" verdict); ``margin``: how much higher than last measured
     the TPT bound lets acceptance be; ``score_prompt``: the DP may score the prompt's last
-    ``window`` tokens instead of waiting for generated ones (for raw-text prompts whose tail is
-    like the text to come; a chat prompt ends with the template's assistant header);
+    ``window`` tokens, and the window probe its last ``probe_tokens``, instead of waiting for
+    generated ones (for raw-text prompts whose tail is like the text to come; a chat prompt ends
+    with the template's assistant header);
     ``dp_context``: the longest context at which a DP runs while the memory holds no DP's
     candidates at all (see :meth:`decide`)."""
 
@@ -680,7 +681,9 @@ class KnapSpecStrategy(Strategy):
         probe = self._probe_windows(entry, ctx, tv)
         if probe:
             need = state.n_prompt + self.probe_tokens + 1
-            if len(state.tokens) < need:              # (a due re-probe stays due while it waits)
+            # (a due re-probe stays due while it waits; ``score_prompt``: the prompt's own last
+            # tokens are probed at once, a raw text's tail being like the text to come)
+            if len(state.tokens) < need and not (self.score_prompt and len(state.tokens) > self.probe_tokens):
                 self._probe_at = need
                 self._set(Choice(plan=None, d=0, alpha=0.0, tpt=t_ar, tpt_ar=t_ar, context=ctx,
                                  source="probe-wait"))
