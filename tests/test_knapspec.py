@@ -16,7 +16,7 @@ from knapspec.latency import LatencyModel
 from knapspec.plan import Plan
 from knapspec.sampling import SamplingParams
 from knapspec.strategies.base import RoundState
-from knapspec.strategies.knapspec import KnapSpecStrategy, knapsack_dp
+from knapspec.strategies.knapspec import ADOPT_GAIN, KnapSpecStrategy, knapsack_dp
 from knapspec.strategies.pricing import expected_tokens, tpt
 from knapspec.strategies.static import StaticStrategy
 
@@ -154,11 +154,13 @@ def test_planner_never_skips_everything_or_the_first_layer(kind, tiny_root):
         assert any(plan.run) and not all(plan.run)
         assert plan.run[0] or plan.run[1], f"plan {plan} skips all of layer 0"
         assert 0.0 <= alpha <= 1.0 and -1.0 <= cos <= 1.0 + 1e-6
-    # the choice is the TPT maximum over plain decoding, the candidates and the draft lengths
+    # the choice is the TPT maximum over the candidates and the draft lengths where it beats plain
+    # decoding by ADOPT_GAIN, else plain decoding
     lat = strat.latency
-    best = max([1 / lat.predict(None, 27, 1)] + [tpt(a, d, lat.predict(p, 27, 1), lat.predict(None, 27, d + 1))
-                                                  for p, a, _ in cands for d in range(1, strat.d_max + 1)])
-    assert choice.tpt == pytest.approx(best)
+    ar = 1 / lat.predict(None, 27, 1)
+    best = max(tpt(a, d, lat.predict(p, 27, 1), lat.predict(None, 27, d + 1))
+               for p, a, _ in cands for d in range(1, strat.d_max + 1))
+    assert choice.tpt == pytest.approx(best if best > (1 + ADOPT_GAIN) * ar else ar)
     if choice.plan is not None:
         assert 1 <= choice.d <= strat.d_max and (choice.plan.run[0] or choice.plan.run[1])
     else:
@@ -833,6 +835,29 @@ def test_score_prompt_probes_the_prompts_tail_at_once(tiny_root):
         assert got.tokens == ref
         assert [c.source for c in strat.history][:len(first)] == first and strat.probe_runs == 1
         assert strat.history[len(first) - 1].plan is not None and got.stats.drafted > 0
+
+
+@pytest.mark.parametrize("gain", [0.05, 0.15])
+def test_a_plan_is_adopted_only_where_it_is_predicted_to_pay_adopt_gain_more(gain, tiny_root):
+    """A probed plan predicted to beat plain steps by less than ``ADOPT_GAIN`` (within the
+    predictions' measured error) is not adopted: plain steps, and the bucket remembers no plan;
+    one predicted to beat them by more drafts. Either way the output is autoregressive decoding's."""
+    m = tiny_model("llama", tiny_root)
+    eng = Engine(m)
+    prompt = [3 + (5 * i) % 40 for i in range(150)]
+    ref = eng.generate(prompt, max_new_tokens=24, stop_ids=()).tokens
+
+    class Gains(KnapSpecStrategy):
+        def price(self, plan, alpha, ctx, tv, alphas=None):
+            r = super().price(plan, alpha, ctx, tv, alphas)
+            return (r[0], max(r[1], 1), (1 + gain) / tv[0], r[3]) if plan.attn_windowed else r
+
+    strat = Gains(m, _costly_attention(m.cfg.n_layers), windows=(32,), probe_tokens=6, threshold=0.0)
+    got = eng.generate(prompt, strat, max_new_tokens=24, stop_ids=(), threshold=0.0)
+    assert got.tokens == ref and strat.probe_runs == 1
+    adopted = gain > ADOPT_GAIN
+    assert (strat.history[-1].plan is not None) == adopted and (got.stats.drafted > 0) == adopted
+    assert bool(strat.memory.get(strat._bucket).get("plan")) == adopted
 
 
 def test_knapspec_drafts_through_a_draft_vocabulary_where_the_head_is_dear(tiny_root):
