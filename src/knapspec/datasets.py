@@ -127,41 +127,37 @@ def parse_size(s: str) -> int:
         raise ValueError(f"bad context length {s!r}: expected a number like 512, 2k or 8k") from None
 
 
-def long_docs(root: Path, target: int, tokenizer, n: int | None = None) -> list[Prompt]:
-    """Summarisation prompts of about ``target`` tokens (template included), one per document
-    long enough to reach it."""
+def _doc_prompts(root: Path, target: int, tokenizer, n: int | None, *, kind: str, budget: int,
+                 lead: str, chat: bool) -> list[Prompt]:
+    """One prompt per document long enough for ``budget`` tokens of its text, cut at a line or
+    sentence boundary to fit them, after ``lead`` (an instruction or nothing)."""
     def count(t: str) -> int:
         return len(tokenizer(t, add_special_tokens=False)["input_ids"])
-    overhead = 40                      # chat template + instruction, measured on SmolLM2
     out = []
     for r in long_doc_records(root):
-        if count(r["text"][: target * 8]) < target - overhead:
+        if count(r["text"][: target * 8]) < budget:
             continue                   # too short for this length
-        body = truncate_to_tokens(r["text"][: target * 8], target - overhead, count)
+        body = truncate_to_tokens(r["text"][: target * 8], budget, count)
         name = f"{r.get('source', 'doc')}-{r['id']}"
-        out.append(Prompt(name, f"long-docs:{target}", r.get("source", "doc"), SUMMARY_INSTRUCTION + body,
+        out.append(Prompt(name, f"{kind}:{target}", r.get("source", "doc"), lead + body, chat=chat,
                           target_tokens=target))
         if n is not None and len(out) >= n:
             break
     return out
+
+
+def long_docs(root: Path, target: int, tokenizer, n: int | None = None) -> list[Prompt]:
+    """Summarisation prompts of about ``target`` tokens (template included), one per document
+    long enough to reach it."""
+    overhead = 40                      # chat template + instruction, measured on SmolLM2
+    return _doc_prompts(root, target, tokenizer, n, kind="long-docs", budget=target - overhead,
+                        lead=SUMMARY_INSTRUCTION, chat=True)
 
 
 def long_text(root: Path, target: int, tokenizer, n: int | None = None) -> list[Prompt]:
     """Raw-text prompts of about ``target`` tokens: each long enough document's beginning, cut at a
     line or sentence boundary, to be continued (no chat template, no instruction)."""
-    def count(t: str) -> int:
-        return len(tokenizer(t, add_special_tokens=False)["input_ids"])
-    out = []
-    for r in long_doc_records(root):
-        if count(r["text"][: target * 8]) < target:
-            continue                   # too short for this length
-        body = truncate_to_tokens(r["text"][: target * 8], target, count)
-        name = f"{r.get('source', 'doc')}-{r['id']}"
-        out.append(Prompt(name, f"long-text:{target}", r.get("source", "doc"), body, chat=False,
-                          target_tokens=target))
-        if n is not None and len(out) >= n:
-            break
-    return out
+    return _doc_prompts(root, target, tokenizer, n, kind="long-text", budget=target, lead="", chat=False)
 
 
 def reasoning(root: Path, name: str) -> list[Prompt]:
