@@ -196,6 +196,12 @@ PROBE_STEP = 0.05
 # plan adopted at a predicted +2-6% ran 5-9% slower than plain steps on a 4k-token continuation
 ADOPT_GAIN = 0.1
 
+
+def adopts(tpt: float, tpt_ar: float, *, in_use: bool = False) -> bool:
+    """Whether a plan predicted at ``tpt`` tokens/s is adopted over plain steps at ``tpt_ar``
+    (``ADOPT_GAIN`` more), or, ``in_use``, kept (more at all)."""
+    return tpt > (1.0 if in_use else 1.0 + ADOPT_GAIN) * tpt_ar
+
 # the largest back-off: a "no draft" verdict is re-examined by the DP after at most this many
 # decisions taken from the memory
 MAX_BACKOFF = 64
@@ -672,7 +678,7 @@ class KnapSpecStrategy(Strategy):
             try:
                 plan = Plan.parse(entry["plan"], n)
                 voc, d, v, a = self.price(plan, float(entry.get("alpha", 0.0)), ctx, tv, self._alphas(entry))
-                if v > (1.0 + ADOPT_GAIN) * t_ar and self._offered(plan):
+                if adopts(v, t_ar) and self._offered(plan):
                     self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="memory",
                                      vocab=voc))
                     if nxt is not None:
@@ -732,11 +738,11 @@ class KnapSpecStrategy(Strategy):
             # (the plan in use, priced at its measured acceptance, is kept while it pays at all)
             in_use = (best is not None and cont and old is not None and str(best[0]) == str(old.plan)
                       and best[1][0] == old.vocab)
-            if best is not None and best[1][2] > (1.0 if in_use else 1.0 + ADOPT_GAIN) * t_ar:
+            if best is not None and adopts(best[1][2], t_ar, in_use=in_use):
                 plan, (voc, d, v, a), a_full, per = best
                 self.memory.update(b, plan=str(plan), alpha=a_full, alphas=per, d=d, streak=0, gated=0,
                                    probe_streak=0, probe_gated=0)
-                if cont and old is not None and str(plan) == str(old.plan) and voc == old.vocab:   # goes on
+                if in_use:                                                        # goes on
                     (self._tried, self._acc, self._recent, self._draft_ratio, self._draft_obs, self._low,
                      self._no_exit) = kept
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
@@ -760,7 +766,7 @@ class KnapSpecStrategy(Strategy):
             return
         # 3. the cheap bound
         bound = self.tpt_bound(ctx, tv)
-        if bound <= (1.0 + ADOPT_GAIN) * t_ar:       # a verdict as good as the DP's: the back-off grows
+        if not adopts(bound, t_ar):                  # a verdict as good as the DP's: the back-off grows
             self.memory.update(b, gated=0, streak=min(streak + 1, 7), plan=None)
             self._set(Choice(plan=None, d=0, alpha=0.0, tpt=bound, tpt_ar=t_ar, context=ctx, source="bound"))
             return
@@ -1026,7 +1032,7 @@ class KnapSpecStrategy(Strategy):
         tv = self.verify_times.at(lat, ctx, exact=True)
         v_ar = 1.0 / tv[0]
         best = max(((p, *self.price(p, a, ctx, tv)) for p, a, _ in cands), key=lambda x: x[3], default=None)
-        if best is None or best[3] <= (1.0 + ADOPT_GAIN) * v_ar:
+        if best is None or not adopts(best[3], v_ar):
             return cands, Choice(plan=None, d=0, alpha=0.0, tpt=v_ar, tpt_ar=v_ar, context=ctx)
         plan, voc, d, v, alpha = best
         return cands, Choice(plan=plan, d=d, alpha=alpha, tpt=v, tpt_ar=v_ar, context=ctx, vocab=voc)
