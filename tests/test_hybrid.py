@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -292,3 +294,44 @@ def test_deferred_estimate_updates_count_like_per_position_updates(tiny_root):
         s.observe(Outcome(draft=draft, drafted=3, accepted=1, context_length=10, n_lookup=3))
     assert 0 < len(s.lookup_estimates.log) < 512
     assert s.lookup_estimates.tried[2, 0] == try0[2, 0] + 600 and s.lookup_estimates.acc[2, 1] == acc0[2, 1]
+
+
+def test_skip_rounds_that_deliver_less_than_priced_are_priced_down(tiny_root):
+    """Rounds with layer-skip drafts that commit fewer tokens, or take longer, than priced lower
+    every skip option by what they delivered (:meth:`HybridStrategy.skip_efficiency`), until plain
+    steps win; another plan starts from its own pricing; a new generation keeps half the weight."""
+    from knapspec.sampling import SamplingParams
+    from knapspec.strategies.base import RoundState
+    m = tiny_model("llama", tiny_root)
+    lat = _lat(m.cfg.n_layers)
+    lat.key = {"measured": True}                 # as a profile measured here: corrected by rounds
+    s = HybridStrategy(m, lat, memory="off")
+    _with_plan(s, 0.9)
+    best = s.choose(100, 0, [])
+    assert best.kind == "skip" and s.skip_efficiency() == 1.0
+    plan = s.planner.choice.plan
+    draft = Draft(plan=plan, max_len=best.n_skip, source="skip")
+    for _ in range(6):                   # every draft accepted, each round 4x the time priced
+        opt = s.choose(100, 0, [])
+        assert opt.kind == "skip"
+        s._pending = (opt, 0)
+        s.observe(Outcome(draft=draft, drafted=opt.n_skip, accepted=opt.n_skip, context_length=100,
+                          draft_s=2 * opt.seconds, verify_s=2 * opt.seconds))
+    eff = s.skip_efficiency()
+    assert eff < 0.6
+    assert s.choose(100, 0, []).kind == "none"
+    kept = s._sk_real
+    s._sk_real = [0.0] * 5                       # what the acceptance alone says: drafting pays
+    assert s.choose(100, 0, []).kind == "skip"
+    s._sk_real = kept
+    # a new generation: the same ratio, at half the weight (shrunk more towards 1)
+    state = RoundState(model=m, cache=m.new_cache(8), tokens=[1, 2, 3], n_prompt=3, round=0,
+                       sampling=SamplingParams(), remaining=4, threshold=0.9)
+    s.start(state)
+    _with_plan(s, 0.9)
+    s.planner.choice = replace(s.planner.choice, plan=plan)
+    assert eff < s.skip_efficiency() < 1.0
+    # another plan: priced as the latency model and acceptance say
+    _with_plan(s, 0.9)
+    s.planner.choice = replace(s.planner.choice, plan=Plan.from_skips(m.cfg.n_layers, attn=(0,), mlp=(1,)))
+    assert s.skip_efficiency() == 1.0 and s.choose(100, 0, []).kind == "skip"
