@@ -72,7 +72,7 @@ from ..plan import SINK, Plan
 from . import memory as plan_memory
 from .base import AUTOREGRESSIVE, DEFAULT_THRESHOLD, REGISTRY, Draft, Outcome, RoundState, Strategy
 from .memory import PlanMemory, bucket
-from .pricing import LatencyWatch, VerifyTimes, best_length, expected_tokens
+from .pricing import LatencyWatch, VerifyTimes, best_length
 from .vocab import DraftVocab, load_draft_vocab, subset_agreement
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,6 @@ class KnapSpecStrategy(Strategy):
         self._recent = [0.0, 0.0]                  # the same, each earlier draft weighted down (``recent_decay``)
         self._draft_ratio = 1.0                    # measured / predicted draft step time of the plan
         self._draft_obs = 0
-        self._real = [0.0] * 5                     # the plan's rounds, priced and measured (``plan_efficiency``)
         self._low = [0, 0]                         # drafts below the confidence exit: decided, accepted
         self._no_exit = False                      # drafting on past low-confidence tokens (``_exit_pays``)
         self._probe_at = -1                        # committed tokens at which the window probe runs
@@ -398,18 +397,6 @@ class KnapSpecStrategy(Strategy):
             self._add(outcome.context_length - 1, outcome.hidden, targets)
         self.observe_times(outcome)
         c = self.choice
-        if (c is not None and c.plan is not None and outcome.draft.plan is c.plan and outcome.n_lookup == 0
-                and outcome.drafted > 0 and outcome.verify_s > 0 and not self.latency.given):
-            # the round as priced (at the acceptance measured before it, at the length it drafted)
-            # and as measured
-            ctx, d = outcome.context_length, outcome.drafted
-            tv = self.verify_times.at(self.latency, ctx)
-            r = self._real
-            r[0] += 1
-            r[1] += expected_tokens(self.measured_alpha(), d)
-            r[2] += d * self.draft_time(c.plan, ctx, c.vocab) + tv[min(d, len(tv) - 1)]
-            r[3] += outcome.accepted + 1
-            r[4] += outcome.draft_s + outcome.verify_s
         if (c is not None and c.plan is not None and outcome.draft.plan is c.plan
                 and outcome.accepted >= outcome.n_lookup):          # the model's drafts were reached
             self.observe_acceptance(outcome.drafted - outcome.n_lookup, outcome.accepted - outcome.n_lookup)
@@ -493,36 +480,6 @@ class KnapSpecStrategy(Strategy):
         a_low = (self._low[1] + prior / 2) / (self._low[0] + prior)
         return a_low * self.measured_alpha() * tv[0] > extra
 
-    def plan_efficiency(self, prior: float = 4.0) -> float:
-        """What the current plan's rounds delivered against their pricing: measured tokens per
-        second over predicted (each round priced at the acceptance measured before it and at the
-        length it drafted), shrunk towards 1 with the weight of ``prior`` rounds. Acceptance noise
-        moves both sides alike; what is left is what the pricing misses: an acceptance pooled over
-        easy and hard stretches of text overstates a round's tokens (i.i.d. at the pooled rate).
-        Measured on the embedded model at 8,000 tokens of context, every attention sublayer
-        windowed to 1,024 keys, on report prose: rounds priced at 2.8 tokens committed 2.55, while
-        the draft steps and passes took the time priced (within 1-4%)."""
-        n, e, sec, tok, real = self._real
-        if n <= 0 or e <= 0 or real <= 0:
-            return 1.0
-        return (n * (tok / real) / (e / sec) + prior) / (n + prior)
-
-    def _effective_alpha(self, plan: Plan, vocab: int | None, alpha: float, ctx: int,
-                         tv: Sequence[float]) -> float:
-        """The acceptance at which ``plan`` is priced at what its rounds delivered (its TPT at
-        ``alpha`` times :meth:`plan_efficiency`): what the memory keeps for it, so that a plan
-        that lost is not adopted again at its pooled acceptance."""
-        eff = self.plan_efficiency()
-        if eff >= 1.0:
-            return alpha
-        td = self.draft_time(plan, ctx, vocab)
-        want = eff * best_length(alpha, td, tv, self.d_max)[1]
-        lo, hi = 0.0, alpha
-        for _ in range(20):                            # the TPT grows with the acceptance
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if best_length(mid, td, tv, self.d_max)[1] < want else (lo, mid)
-        return lo
-
     def measured_alpha(self, prior: float = 8.0) -> float:
         """The current plan's acceptance: measured while drafting, shrunk towards the predicted α
         with the weight of ``prior`` tokens."""
@@ -555,8 +512,7 @@ class KnapSpecStrategy(Strategy):
             return True
         tv = self.verify_times.at(self.latency, ctx)
         td = self.draft_time(c.plan, ctx, c.vocab)
-        if not early and (best_length(self.measured_alpha(), td, tv, self.d_max)[1] * self.plan_efficiency()
-                          <= 1.0 / tv[0]):
+        if not early and best_length(self.measured_alpha(), td, tv, self.d_max)[1] <= 1.0 / tv[0]:
             return False
         d = best_length(self.recent_alpha(), td, tv, self.d_max)[0]
         if d != c.d:
@@ -678,10 +634,8 @@ class KnapSpecStrategy(Strategy):
         n = self.model.cfg.n_layers
         old = self.choice
         if trigger == "acceptance" and old is not None and old.plan is not None:
-            # what drafting measured replaces the estimate, in the plan and in the candidates (the
-            # acceptance at which the plan is priced at what its rounds delivered)
-            a = round(self._effective_alpha(old.plan, old.vocab, self.measured_alpha(), ctx, tv), 4)
-            text = str(old.plan)
+            # what drafting measured replaces the estimate, in the plan and in the candidates
+            a, text = round(self.measured_alpha(), 4), str(old.plan)
             upd: dict[str, Any] = {}
             if entry.get("plan") == text and old.vocab is not None:
                 upd["alphas"] = {**(entry.get("alphas") or {}), str(old.vocab): a}
@@ -700,11 +654,11 @@ class KnapSpecStrategy(Strategy):
         if trigger == "bucket" and old is not None and old.plan is not None:
             a = self.measured_alpha()
             d, v = best_length(a, self.draft_time(old.plan, ctx, old.vocab), tv, self.d_max)
-            if v * self.plan_efficiency() > t_ar:
+            if v > t_ar:
                 if not entry.get("plan"):
-                    a = round(self._effective_alpha(old.plan, old.vocab, a, ctx, tv), 4)
-                    alphas = {} if old.vocab is None else {str(old.vocab): a}
-                    self.memory.update(b, plan=str(old.plan), alpha=a, alphas=alphas, d=d, streak=0, gated=0)
+                    alphas = {} if old.vocab is None else {str(old.vocab): round(a, 4)}
+                    self.memory.update(b, plan=str(old.plan), alpha=round(a, 4), alphas=alphas, d=d, streak=0,
+                                       gated=0)
                 self._set(Choice(plan=old.plan, d=d, alpha=old.alpha, tpt=v, tpt_ar=t_ar, context=ctx,
                                  source="carried", vocab=old.vocab))
                 return
@@ -713,15 +667,12 @@ class KnapSpecStrategy(Strategy):
         nxt = self._probe_next(entry, ctx, tv)
         cont = trigger == "probe" and nxt is not None
         kept = (self._tried, self._acc, list(self._recent), self._draft_ratio, self._draft_obs, list(self._low),
-                self._no_exit, list(self._real))
-        a_in = None                                  # the plan in use, as its rounds measured (before the reset)
-        if cont and self._tried > 0 and old is not None and old.plan is not None:
-            a_in = round(self._effective_alpha(old.plan, old.vocab, self.measured_alpha(), ctx, tv), 4)
+                self._no_exit)
+        a_in = round(self.measured_alpha(), 4) if cont and self._tried > 0 else None   # (before the reset)
         self._tried = self._acc = 0.0
         self._recent = [0.0, 0.0]
         self._draft_ratio, self._draft_obs = 1.0, 0
         self._low, self._no_exit = [0, 0], False
-        self._real = [0.0] * 5
         # 1. the bucket's remembered plan, if it still pays here
         if entry.get("plan") and trigger != "acceptance" and not cont:
             try:
@@ -793,7 +744,7 @@ class KnapSpecStrategy(Strategy):
                                    probe_streak=0, probe_gated=0)
                 if in_use:                                                        # goes on
                     (self._tried, self._acc, self._recent, self._draft_ratio, self._draft_obs, self._low,
-                     self._no_exit, self._real) = kept
+                     self._no_exit) = kept
                 self._set(Choice(plan=plan, d=d, alpha=a, tpt=v, tpt_ar=t_ar, context=ctx, source="probe",
                                  vocab=voc))
                 return
