@@ -227,13 +227,17 @@ class HybridStrategy(Strategy):
         windowed drafts ran at 0.95-0.97x the hybrid without them on each of four reports. An
         analytic latency model is taken as given (nothing is measured against it)."""
         c = self.planner.choice
-        if c is None or c.plan is None or (c.plan is not self._sk_plan and c.plan != self._sk_plan):
+        if c is None or not self._tallied(c.plan):
             return 1.0
         n, e, sec, tok, real = self._sk_real
         if n <= 0 or e <= 0 or real <= 0:
             return 1.0
         r = (tok / real) / (e / sec)
         return (n * r + prior) / (n + prior)
+
+    def _tallied(self, plan: Plan | None) -> bool:
+        """Whether the skip rounds tallied for :meth:`skip_efficiency` are ``plan``'s."""
+        return plan is not None and (plan is self._sk_plan or plan == self._sk_plan)
 
     def options(self, ctx: int, n_gram: int, lookup: list[int], *, explore: bool = False) -> list[Option]:
         """Every candidate draft of this round with its expected tokens and predicted time
@@ -359,11 +363,12 @@ class HybridStrategy(Strategy):
             return
         opt, n_gram = self._pending
         self._pending = None
-        if not self.planner.latency.given:                    # an analytic model is not corrected
+        measured = not self.planner.latency.given            # an analytic model is not corrected
+        if measured:
             self.verify_times.observe(outcome.drafted + 1, outcome.verify_s)
         acc, nl = outcome.accepted, outcome.n_lookup
-        if opt.n_skip and outcome.drafted and opt.seconds > 0 and not self.planner.latency.given:
-            if outcome.draft.plan is not self._sk_plan and outcome.draft.plan != self._sk_plan:
+        if opt.n_skip and outcome.drafted and opt.seconds > 0 and measured:
+            if not self._tallied(outcome.draft.plan):
                 self._sk_plan, self._sk_real = outcome.draft.plan, [0.0] * 5           # another plan
             eff = self.skip_efficiency()
             r = self._sk_real
