@@ -374,3 +374,18 @@ def test_without_avx2_a_gguf_is_dequantised_with_one_warning(tiny_root, monkeypa
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "lacks AVX2" in warnings[0].getMessage()
     assert len(llm.generate([5, 6, 7], max_new_tokens=3, strategy="autoregressive").tokens) == 3
+
+
+def test_a_conversion_parses_the_file_once_and_puts_the_reader_back(tiny_root):
+    """transformers opens a GGUF three times to convert it (config, tensors, tokenizer): while a
+    conversion runs every opening of the same file gets one parsed reader; afterwards gguf's own
+    class is back."""
+    import gguf
+
+    from knapspec.checkpoint import _one_gguf_reader
+    path = write_tiny_gguf("q4_1", tiny_root / "shared-reader.gguf")
+    original = gguf.GGUFReader
+    with _one_gguf_reader():
+        a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert a is b and isinstance(a, original) and "token_embd.weight" in {t.name for t in a.tensors}
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not a
