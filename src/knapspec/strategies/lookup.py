@@ -190,47 +190,61 @@ class LookupAcceptance:
     probability that position j is accepted given that the ones before it were, as Beta posteriors
     (prior Beta(1, 1)); positions from ``MAX_POS - 1`` on share one estimate.
 
-    :meth:`record` only appends (a round's bookkeeping right after a forward pass runs on cold
-    caches, where numpy's per-call machinery cost ~40 us a round); the log is folded into the
-    counts when they are read, or when it grows long."""
+    A round's bookkeeping runs right after a forward pass, on cold caches, where numpy's per-call
+    machinery is dear (~40 us a round for the record, ~25 us for folding one outcome into the
+    arrays by slices, on the embedded model's Spec-Bench rounds of ~6 ms). So :meth:`record` only
+    appends, the counts are plain Python lists that the log is folded into when they are read, and
+    :attr:`acc` and :attr:`tried` are numpy arrays made from them on demand: writes to those arrays
+    count (a caller may set the estimates) until the counts next change."""
 
     def __init__(self, max_group: int) -> None:
         """Groups ``0..max_group``: n-gram lengths (a caller may add groups of its own above them,
         e.g. matches in a reference text)."""
         self.max_group = max_group
-        self._acc = np.ones((max_group + 1, MAX_POS))
-        self._tried = 2 * np.ones((max_group + 1, MAX_POS))
+        self._accl = [[1.0] * MAX_POS for _ in range(max_group + 1)]
+        self._triedl = [[2.0] * MAX_POS for _ in range(max_group + 1)]
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None    # (acc, tried) handed out
         self.log: list[tuple[int, int, int]] = []      # (n-gram, positions decided, accepted)
 
     def record(self, n_gram: int, decided: int, accepted: int) -> None:
         if decided:
             self.log.append((min(n_gram, self.max_group), decided, min(decided, accepted)))
             if len(self.log) >= 512:                   # bounded, for a long-lived strategy
-                self._fold()
+                self._counts()
 
-    def _fold(self) -> None:
+    def _counts(self) -> tuple[list[list[float]], list[list[float]]]:
+        """The counts, with any writes to the arrays handed out and the log folded in."""
+        if self._arrays is not None:
+            self._accl, self._triedl = self._arrays[0].tolist(), self._arrays[1].tolist()
+            self._arrays = None
+        acc, tried, last = self._accl, self._triedl, MAX_POS - 1
         for g, k, a in self.log:
-            if k <= MAX_POS:
-                self._tried[g, :k] += 1
-                self._acc[g, :a] += 1
-            else:                                      # later positions share the last estimate
-                self._tried[g, :MAX_POS - 1] += 1
-                self._tried[g, MAX_POS - 1] += k - MAX_POS + 1
-                self._acc[g, :min(a, MAX_POS - 1)] += 1
-                self._acc[g, MAX_POS - 1] += max(a - MAX_POS + 1, 0)
+            ta, tt = acc[g], tried[g]
+            for j in range(min(k, last)):
+                tt[j] += 1.0
+            for j in range(min(a, last)):
+                ta[j] += 1.0
+            if k > last:                               # later positions share the last estimate
+                tt[last] += k - last
+                ta[last] += max(a - last, 0)
         self.log.clear()
+        return acc, tried
+
+    def _handed_out(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None or self.log:
+            acc, tried = self._counts()
+            self._arrays = (np.array(acc), np.array(tried))
+        return self._arrays
 
     @property
     def acc(self) -> np.ndarray:
         """Accepted counts (plus the prior) ``[max_group + 1, MAX_POS]``."""
-        self._fold()
-        return self._acc
+        return self._handed_out()[0]
 
     @property
     def tried(self) -> np.ndarray:
         """Decided counts (plus the prior) ``[max_group + 1, MAX_POS]``."""
-        self._fold()
-        return self._tried
+        return self._handed_out()[1]
 
     def probs(self, n_gram: int, rng: random.Random | None = None, n: int = MAX_POS) -> list[float]:
         """P(position j accepted | positions < j accepted), ``j < n``, for an ``n_gram`` match: the
@@ -238,7 +252,8 @@ class LookupAcceptance:
         (Python's ``random``, not numpy's: a handful of draws right after a forward pass, where
         numpy's per-call machinery on cold caches cost ~70 us a round.)"""
         g = min(n_gram, self.max_group)
-        acc, tried = self.acc[g, :n].tolist(), self.tried[g, :n].tolist()
+        acc_all, tried_all = self._counts()
+        acc, tried = acc_all[g][:n], tried_all[g][:n]
         if rng is not None:
             return [_beta_draw(rng, a, t - a + 1e-9) for a, t in zip(acc, tried)]
         return [a / t for a, t in zip(acc, tried)]
