@@ -34,6 +34,7 @@ settings.register_profile("dev", print_blob=True, database=None)
 settings.load_profile(os.environ.get("KNAPSPEC_HYPOTHESIS_PROFILE", "dev"))
 
 from knapspec.datasets import data_dir  # noqa: E402
+from knapspec.strategies import Draft, Strategy  # noqa: E402
 
 DATA = data_dir()     # the package's own copy unless $KNAPSPEC_DATA names another
 
@@ -105,6 +106,36 @@ def tiny_model(kind: str, tmp_root: Path, path: str = "torch-f32"):
         else:
             raise ValueError(f"unknown path {path!r}: {PATHS}")
     return _TINY_CACHE[key]
+
+
+class Scripted(Strategy):
+    """Cycles through a list of drafts (plan, maximum draft length), one per round: plans change
+    between rounds."""
+
+    def __init__(self, drafts: list[Draft]) -> None:
+        self.drafts = drafts
+
+    def propose(self, state):
+        return self.drafts[state.round % len(self.drafts)]
+
+
+def assert_steps_equal_hf(hf, ours, prompt, cache, steps: int = 20, tol: float = 1e-4) -> None:
+    """Our logits against transformers' for a prefill of ``prompt`` at position 0 and ``steps``
+    greedy one-token steps after it, each within ``tol``."""
+    import torch
+    n = prompt.shape[1]
+    with torch.no_grad():
+        ref = hf(prompt, use_cache=True)
+        out = ours.forward(prompt, 0, cache)
+        assert (ref.logits - out.logits).abs().max() <= tol
+        past = ref.past_key_values
+        tok = ref.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            ref = hf(tok, past_key_values=past, use_cache=True)
+            past = ref.past_key_values
+            out = ours.forward(tok, n + step, cache)
+            assert (ref.logits - out.logits).abs().max() <= tol, f"step {step}"
+            tok = ref.logits[:, -1:].argmax(-1)
 
 
 def drafting_property(check, *, max_examples: int) -> list[int]:

@@ -8,23 +8,13 @@ import torch
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from conftest import PATHS, build_tiny_hf, drafting_property, tiny_model
+from conftest import PATHS, Scripted, build_tiny_hf, drafting_property, tiny_model
 from knapspec.engine import Engine
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan
 from knapspec.sampling import SamplingParams
-from knapspec.strategies import Draft, Strategy
+from knapspec.strategies import Draft
 from knapspec.strategies.static import StaticStrategy
-
-
-class Scripted(Strategy):
-    """Cycles through a list of (plan, max draft length) — plans change between rounds."""
-
-    def __init__(self, drafts: list[Draft]) -> None:
-        self.drafts = drafts
-
-    def propose(self, state):
-        return self.drafts[state.round % len(self.drafts)]
 
 
 def _plans(n_layers: int):

@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import save_tiny, spec_bench
+from conftest import Scripted, save_tiny, spec_bench
 from knapspec.engine import Engine
 from knapspec.plan import Plan
-from knapspec.strategies import Draft, Strategy
+from knapspec.strategies import Draft
 from knapspec.strategies.static import StaticStrategy
 
 _LOADED: dict = {}
@@ -60,16 +60,6 @@ def test_exact_mode_is_the_default_on_a_cpu(tmp_path):
         assert _load_model(args).model.row_invariant is on, flag
 
 
-class _Cycle(Strategy):
-    """Cycles through (plan, draft length) pairs, one per round."""
-
-    def __init__(self, drafts: list[Draft]) -> None:
-        self.drafts = drafts
-
-    def propose(self, state):
-        return self.drafts[state.round % len(self.drafts)]
-
-
 def _plans(n_layers: int):
     n = 2 * n_layers
     return st.lists(st.booleans(), min_size=n, max_size=n).map(lambda r: Plan(tuple(r)))
@@ -86,7 +76,7 @@ def test_greedy_speculative_equals_autoregressive_in_bfloat16(tmp_path_factory, 
     plans = data.draw(st.lists(_plans(m.cfg.n_layers), min_size=1, max_size=3), label="plans")
     lens = data.draw(st.lists(st.integers(1, 8), min_size=len(plans), max_size=len(plans)), label="d")
     ref = eng.generate(prompt, max_new_tokens=n_new, stop_ids=(2,)).tokens
-    strat = _Cycle([Draft(plan=p, max_len=d) for p, d in zip(plans, lens)])
+    strat = Scripted([Draft(plan=p, max_len=d) for p, d in zip(plans, lens)])
     assert eng.generate(prompt, strat, max_new_tokens=n_new, stop_ids=(2,), threshold=0.0).tokens == ref
 
 

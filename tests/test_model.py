@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, build_tiny_hf
+from conftest import TINY, assert_steps_equal_hf, build_tiny_hf
 from knapspec.model import Model, ModelConfig
 from knapspec.plan import Plan
 
@@ -23,18 +23,7 @@ def test_logits_match_transformers_prefill_and_decode(kind):
     torch.manual_seed(1)
     prompt = torch.randint(3, 128, (1, 12))
     cache = ours.new_cache(64)
-    with torch.no_grad():
-        ref = hf(prompt, use_cache=True)
-        out = ours.forward(prompt, 0, cache)
-        assert (ref.logits - out.logits).abs().max() <= 1e-4
-        past = ref.past_key_values
-        tok = ref.logits[:, -1:].argmax(-1)
-        for step in range(20):
-            ref = hf(tok, past_key_values=past, use_cache=True)
-            past = ref.past_key_values
-            out = ours.forward(tok, 12 + step, cache)
-            assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
-            tok = ref.logits[:, -1:].argmax(-1)
+    assert_steps_equal_hf(hf, ours, prompt, cache, steps=20)
     assert cache.length == 32
 
 

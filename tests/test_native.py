@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, build_tiny_hf
+from conftest import TINY, assert_steps_equal_hf, build_tiny_hf
 from knapspec import native
 from knapspec.cache import KVCache
 from knapspec.model import Model, ModelConfig
@@ -43,18 +43,8 @@ def test_native_sublayers_match_transformers(kind, monkeypatch):
     mod = native._module()
     orig = mod.stack
     monkeypatch.setattr(mod, "stack", lambda *a: (calls.append((a[3], a[5])), orig(*a))[1])
+    assert_steps_equal_hf(hf, ours, prompt, cache, steps=20)
     with torch.no_grad():
-        ref = hf(prompt, use_cache=True)
-        out = ours.forward(prompt, 0, cache)
-        assert (ref.logits - out.logits).abs().max() <= 1e-4
-        past = ref.past_key_values
-        tok = ref.logits[:, -1:].argmax(-1)
-        for step in range(20):
-            ref = hf(tok, past_key_values=past, use_cache=True)
-            past = ref.past_key_values
-            out = ours.forward(tok, 250 + step, cache)
-            assert (ref.logits - out.logits).abs().max() <= 1e-4, f"step {step}"
-            tok = ref.logits[:, -1:].argmax(-1)
         # the native path ran, every sublayer in one call
         assert calls == [(250, 0)] + [(1, 250 + s) for s in range(20)]
         long = torch.randint(3, 128, (1, 600))
