@@ -304,6 +304,8 @@ def test_strategy_variants_parse_and_reject_bad_options():
         bench.parse_variant("nope:x=1")
     with pytest.raises(ValueError, match="expected NAME:key=value"):
         bench.parse_variant("hybrid:draft_vocab")
+    with pytest.raises(ValueError, match=r"the swift strategy has no option 'skipratio'.*its options are .*skip_ratio"):
+        bench.parse_variant("swift:skipratio=0.2")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])

@@ -98,6 +98,10 @@ def test_prompt_longer_than_context(tmp_path, empty_cache, capsys):
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--strategy", "hybrid:windws=off"], "the hybrid strategy has no option 'windws' (in 'hybrid:windws=off'): "
+                                          "its options are max_draft, threshold,"),
+    (["--strategy", "lookup:max_draft"], "bad strategy option 'max_draft' in 'lookup:max_draft'"),
+    (["--strategy", "lookup:max_draft=3", "--max-draft", "4"], "--max-draft given twice"),
     (["--dtype", "int3"], "invalid choice: 'int3'"),
 ])
 def test_bad_cli_values(args, needle, tmp_path, empty_cache, capsys):

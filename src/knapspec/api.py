@@ -122,12 +122,19 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def make_strategy(self, strategy: str | Strategy | None, **options: Any) -> Strategy:
-        """A strategy by name. Strategies that learn across prompts (``persists_across_prompts``:
-        SWIFT's search, the hybrid's acceptance estimates) are kept per (name, options) and reused
-        by later calls."""
+        """A strategy by name, or by ``NAME:key=value;...`` (its options in the name, as on the
+        command line: ``"hybrid:windows=off"``). Strategies that learn across prompts
+        (``persists_across_prompts``: SWIFT's search, the hybrid's acceptance estimates) are kept
+        per (name, options) and reused by later calls."""
         if isinstance(strategy, Strategy):
             return strategy
         name = strategy or DEFAULT_STRATEGY
+        if ":" in name:
+            name, spec = REGISTRY.parse(name)
+            both = sorted(set(spec) & set(options))
+            if both:
+                raise ValueError(f"strategy option(s) {', '.join(both)} given twice: in {strategy!r} and as arguments")
+            options = {**spec, **options}
         key = (name, repr(sorted((k, v if isinstance(v, (int, float, str, bool, type(None))) else id(v))
                                  for k, v in options.items())))
         kept = self._kept.get(key)

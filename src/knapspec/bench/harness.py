@@ -103,26 +103,11 @@ def expand_datasets(specs: list[str], root) -> list[str]:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``NAME`` or ``NAME:key=value,...`` (a strategy with options, e.g. ``hybrid:draft_vocab=off``):
-    the benchmark runs variants of one strategy side by side under their full spec."""
+    """``NAME`` or ``NAME:key=value;...`` (a strategy with options, e.g. ``hybrid:draft_vocab=off``):
+    the benchmark runs variants of one strategy side by side under their full spec
+    (:meth:`~knapspec.strategies.base.Registry.parse`: an option the strategy does not take fails)."""
     from ..strategies import REGISTRY
-    name, _, rest = spec.partition(":")
-    if name not in REGISTRY.names():
-        raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(REGISTRY.names())}")
-    extra: dict = {}
-    for item in filter(None, rest.split(";")):
-        k, eq, v = item.partition("=")
-        if not eq or not k:
-            raise ValueError(f"bad strategy option {item!r} in {spec!r}: expected NAME:key=value;key=value")
-        for conv in (int, float):
-            try:
-                extra[k] = conv(v)
-                break
-            except ValueError:
-                pass
-        else:
-            extra[k] = {"true": True, "false": False}.get(v.lower(), v)
-    return name, extra
+    return REGISTRY.parse(spec)
 
 
 INTERLEAVE = ("rounds", "runs")

@@ -74,7 +74,8 @@ def load_model(a: argparse.Namespace):
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
     from ..strategies import REGISTRY
     p.add_argument("--strategy", default=None,
-                   help=f"decoding strategy: {', '.join(REGISTRY.names())} (default: the library default)")
+                   help=f"decoding strategy: {', '.join(REGISTRY.names())} (default: the library default); "
+                        "options after a colon, e.g. 'hybrid:windows=off;min_lookup=8' (docs/strategies.md)")
     p.add_argument("--skip", default=None, help="static strategy: skipped sublayers, e.g. a3,a7,m12")
     p.add_argument("--plan-file", default=None, help="static strategy: a plan file")
     p.add_argument("--max-draft", type=positive_int("--max-draft"), default=None,
@@ -101,7 +102,15 @@ def strategy_options(a: argparse.Namespace) -> dict[str, Any]:
     (``--skip a3`` alone means ``--strategy static``); an option that does not apply to the named
     (or the default) strategy is an error, never silently ignored."""
     from ..api import DEFAULT_STRATEGY
+    from ..strategies import REGISTRY
     given = [k for k in OPTION_OWNERS if getattr(a, k, None) is not None]
+    spec: dict[str, Any] = {}
+    if a.strategy is not None and ":" in a.strategy:      # NAME:key=value;... (checked against NAME)
+        a.strategy, spec = REGISTRY.parse(a.strategy)
+        both = [k for k in given if k in spec]
+        if both:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in both)} given twice: as a flag "
+                             "and in --strategy's options")
     check_strategy(a.strategy)
     if a.strategy is None:
         owners = {OPTION_OWNERS[k] for k in given if OPTION_OWNERS[k] is not None}
@@ -120,13 +129,17 @@ def strategy_options(a: argparse.Namespace) -> dict[str, Any]:
         if (owners_k is None and name == "autoregressive") or (owners_k is not None and name not in owners_k):
             where = "a strategy that drafts" if owners_k is None else "--strategy " + " or ".join(owners_k)
             raise ValueError(f"--{k.replace('_', '-')} does not apply to the {name} strategy: it is for {where}")
-    return {k: getattr(a, k) for k in given if k != "threshold"}
+    out = {k: getattr(a, k) for k in given if k != "threshold"}
+    if "threshold" in spec:                  # the engine takes the threshold (``a.threshold``)
+        a.threshold = spec.pop("threshold")
+    return {**out, **spec}
 
 
 DATA_HELP = "data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)"
 
 
 def check_strategy(name: str | None) -> None:
+    """A strategy's name, or ``NAME:key=value;...`` (its options checked too), else a ValueError."""
     from ..strategies import REGISTRY
-    if name is not None and name not in REGISTRY.names():
-        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(REGISTRY.names())}")
+    if name is not None:
+        REGISTRY.parse(name)

@@ -120,18 +120,58 @@ class Strategy:
         return {"strategy": self.name}
 
 
+# options every strategy that drafts takes (a spec may name them for any strategy but autoregressive)
+COMMON_OPTIONS = ("max_draft", "threshold")
+
+
 @dataclass
 class Registry:
     factories: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def register(self, name: str):
+    def register(self, name: str, options: tuple[str, ...] = ()):
+        """A strategy's factory, and the options of its own that a spec may set (``parse``)."""
         def deco(factory):
             self.factories[name] = factory
+            self.options[name] = tuple(options)
             return factory
         return deco
 
     def names(self) -> list[str]:
         return sorted(self.factories)
+
+    def accepted(self, name: str) -> tuple[str, ...]:
+        """The options a spec may set for strategy ``name``."""
+        own = self.options.get(name, ())
+        return own if name == "autoregressive" else COMMON_OPTIONS + own
+
+    def parse(self, spec: str) -> tuple[str, dict[str, Any]]:
+        """``NAME`` or ``NAME:key=value;key=value`` (e.g. ``hybrid:windows=off;min_lookup=8``): the
+        strategy's name and options, values read as int, float, true/false or else text. An unknown
+        name or an option the strategy does not take is a one-line ValueError naming what would be
+        accepted (a misspelt option is never silently ignored)."""
+        name, _, rest = spec.partition(":")
+        if name not in self.factories:
+            raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(self.names())}")
+        out: dict[str, Any] = {}
+        for item in filter(None, rest.split(";")):
+            k, eq, v = item.partition("=")
+            k = k.strip()
+            if not eq or not k:
+                raise ValueError(f"bad strategy option {item!r} in {spec!r}: expected NAME:key=value;key=value")
+            if k not in self.accepted(name):
+                ok = ", ".join(self.accepted(name)) or "none"
+                raise ValueError(f"the {name} strategy has no option {k!r} (in {spec!r}): its options are {ok}")
+            v = v.strip()
+            for conv in (int, float):
+                try:
+                    out[k] = conv(v)
+                    break
+                except ValueError:
+                    pass
+            else:
+                out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        return name, out
 
     def create(self, name: str, model: Model, **options: Any) -> Strategy:
         if name not in self.factories:

@@ -208,20 +208,26 @@ class DELStrategy(Strategy):
                 "alpha": {k: round(v, 3) for k, v in self.alpha.items()}}
 
 
-@REGISTRY.register("clasp")
+_CLASP_OPTIONS = ("skip_layers", "every", "window")
+
+
+@REGISTRY.register("clasp", options=_CLASP_OPTIONS)
 def _clasp(model: Model, *, max_draft: int | None = None, threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("skip_layers", "every", "window")}
+    kw = {k: v for k, v in options.items() if k in _CLASP_OPTIONS}
     return CLaSpStrategy(model, d_max=max_draft or 6, threshold=threshold, **kw)
 
 
-@REGISTRY.register("early-exit")
+@REGISTRY.register("early-exit", options=("exit_layer",))
 def _early_exit(model: Model, *, max_draft: int | None = None, threshold: float | None = None,
                 **options: Any) -> Strategy:
     return EarlyExitStrategy(model, exit_layer=options.get("exit_layer"), d_max=max_draft or 4, threshold=threshold)
 
 
-@REGISTRY.register("del")
+_DEL_OPTIONS = ("every", "candidates", "decay")
+
+
+@REGISTRY.register("del", options=_DEL_OPTIONS)
 def _del(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
          threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("every", "candidates", "decay")}
+    kw = {k: v for k, v in options.items() if k in _DEL_OPTIONS}
     return DELStrategy(model, latency, d_max=max_draft or 6, threshold=threshold, **kw)

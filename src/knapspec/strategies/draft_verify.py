@@ -104,7 +104,10 @@ def calibrate(llm, prompts: list[list[int]], *, trials: int = 30, new_tokens: in
     return record
 
 
-@REGISTRY.register("draft-verify")
+_DV_OPTIONS = ("adaptive", "target", "eps")
+
+
+@REGISTRY.register("draft-verify", options=("calibration",) + _DV_OPTIONS)
 def _draft_verify(model: Model, *, calibration: str | None = None, max_draft: int | None = None,
                   threshold: float | None = None, **options: Any) -> Strategy:
     doc, path = load_calibration(calibration, "draft-verify", model)
@@ -112,6 +115,6 @@ def _draft_verify(model: Model, *, calibration: str | None = None, max_draft: in
         plan = Plan.parse(str(doc["skip"]), model.cfg.n_layers)
     except KeyError:
         raise ValueError(f"calibration file {path} has no skip set; re-run knapspec calibrate") from None
-    kw = {k: v for k, v in options.items() if k in ("adaptive", "target", "eps")}
+    kw = {k: v for k, v in options.items() if k in _DV_OPTIONS}
     return DraftVerifyStrategy(plan, d_max=max_draft or int(doc.get("d_max", 12)),
                                threshold=0.6 if threshold is None else threshold, **kw)

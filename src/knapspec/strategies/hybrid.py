@@ -401,13 +401,15 @@ class HybridStrategy(Strategy):
         return d
 
 
-@REGISTRY.register("hybrid")
+_HYBRID_OPTIONS = ("max_ngram", "max_lookup", "use_skip", "plan_after", "window", "every", "min_cosine",
+                   "max_states", "resolution", "alpha", "persist", "skip_prior", "seed", "min_lookup",
+                   "margin", "dp_context")
+
+
+@REGISTRY.register("hybrid", options=_HYBRID_OPTIONS + ("draft_vocab", "windows", "memory"))
 def _hybrid(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
             threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("max_ngram", "max_lookup", "use_skip", "plan_after", "window",
-                                                    "every", "min_cosine", "max_states", "resolution",
-                                                    "alpha", "persist", "skip_prior", "seed",
-                                                    "min_lookup", "margin", "dp_context")}
+    kw = {k: v for k, v in options.items() if k in _HYBRID_OPTIONS}
     vocab = load_draft_vocab(model, options.get("draft_vocab", "auto"))
     windows = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     return HybridStrategy(model, latency, d_max=max_draft or 8, threshold=threshold, draft_vocab=vocab,

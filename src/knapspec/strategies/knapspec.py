@@ -1068,12 +1068,14 @@ def windowed_plan(n_layers: int, w: int) -> Plan:
     return Plan.from_options([w, FULL] * n_layers)
 
 
-@REGISTRY.register("knapspec")
+_KNAPSPEC_OPTIONS = ("window", "every", "min_cosine", "max_states", "resolution", "alpha", "margin",
+                     "probe_tokens", "dp_context")
+
+
+@REGISTRY.register("knapspec", options=_KNAPSPEC_OPTIONS + ("windows", "draft_vocab", "memory"))
 def _knapspec(model: Model, *, latency: LatencyModel | None = None, max_draft: int | None = None,
               threshold: float | None = None, **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items() if k in ("window", "every", "min_cosine", "max_states",
-                                                    "resolution", "alpha", "margin", "probe_tokens",
-                                                    "dp_context")}
+    kw = {k: v for k, v in options.items() if k in _KNAPSPEC_OPTIONS}
     kw["windows"] = parse_windows(options.get("windows", DEFAULT_WINDOWS))
     # the token ids' own order by default (no calibration needed; ``draft_vocab=off``: the full
     # head only). Measured side by side at 8,000 tokens of context on the embedded model (docs/

@@ -132,7 +132,7 @@ def calibrate(llm, prompts: list[tuple[str, list[int]]], *, clusters: int = 4, t
     return record
 
 
-@REGISTRY.register("knn-ssd")
+@REGISTRY.register("knn-ssd", options=("calibration",))
 def _knn_ssd(model: Model, *, calibration: str | None = None, max_draft: int | None = None,
              threshold: float | None = None, **_: Any) -> Strategy:
     doc, path = load_calibration(calibration, "knn-ssd", model)

@@ -174,7 +174,7 @@ class PromptLookupStrategy(Strategy):
         return {"strategy": self.name, "match_share": self.matches / self.rounds if self.rounds else 0.0}
 
 
-@REGISTRY.register("lookup")
+@REGISTRY.register("lookup", options=("max_ngram", "min_ngram"))
 def _lookup(model: Model, *, max_draft: int | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "min_ngram")}
     return PromptLookupStrategy(max_draft=max_draft or 8, **kw)

@@ -36,7 +36,7 @@ class StaticStrategy(Strategy):
         return {"strategy": self.name, "plan": str(self.draft.plan), "max_draft": self.draft.max_len}
 
 
-@REGISTRY.register("static")
+@REGISTRY.register("static", options=("skip", "plan_file"))
 def _static(model: Model, *, skip: str | None = None, plan_file: str | None = None, max_draft: int = 6,
             threshold: float | None = None, **_: Any) -> Strategy:
     n = model.cfg.n_layers

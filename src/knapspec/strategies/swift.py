@@ -82,9 +82,11 @@ class SWIFTStrategy(Strategy):
                 "optimising": not self.done, "skip_count": self.skip_count}
 
 
-@REGISTRY.register("swift")
+_SWIFT_OPTIONS = ("skip_ratio", "window", "batch", "max_trials", "patience", "bo_every", "seed")
+
+
+@REGISTRY.register("swift", options=_SWIFT_OPTIONS)
 def _swift(model: Model, *, max_draft: int | None = None, threshold: float | None = None,
            **options: Any) -> Strategy:
-    kw = {k: v for k, v in options.items()
-          if k in ("skip_ratio", "window", "batch", "max_trials", "patience", "bo_every", "seed")}
+    kw = {k: v for k, v in options.items() if k in _SWIFT_OPTIONS}
     return SWIFTStrategy(model, d_max=max_draft or 25, threshold=0.8 if threshold is None else threshold, **kw)
