@@ -12,6 +12,7 @@ from conftest import save_tiny_with_tokenizer
 from knapspec import api, latency
 from knapspec.cli import main
 from knapspec.engine import Engine
+from knapspec.strategies import REGISTRY
 
 
 @pytest.fixture
@@ -62,24 +63,31 @@ def test_an_option_selects_the_strategy_it_belongs_to(tiny_with_tok, monkeypatch
 
 def test_a_strategy_takes_its_options_after_a_colon(tiny_with_tok, monkeypatch, capsys):
     """``--strategy NAME:key=value;...``: the named strategy with those options (as the benchmark
-    takes variants), its output the same as autoregressive decoding's; a threshold among them goes
-    to the engine, as --threshold does."""
-    made, thresholds = [], []
-    real, real_stream = api.LLM.make_strategy, Engine.stream
-    monkeypatch.setattr(api.LLM, "make_strategy", lambda self, s, **o: made.append((s, o)) or real(self, s, **o))
-    monkeypatch.setattr(Engine, "stream", lambda self, p, *a, **k: thresholds.append(k.get("threshold"))
+    and the library take them), its output the same as autoregressive decoding's; a threshold
+    among them goes to the strategy, which fixes it in its drafts (swift's own exit is 0.8), while
+    ``--threshold`` goes to the engine."""
+    made, engine_thresholds = [], []
+    real_create, real_stream = REGISTRY.create, Engine.stream
+    monkeypatch.setattr(REGISTRY, "create", lambda name, model, **o: made.append((name, o)) or real_create(
+        name, model, **o))
+    monkeypatch.setattr(Engine, "stream", lambda self, p, *a, **k: engine_thresholds.append(k.get("threshold"))
                         or real_stream(self, p, *a, **k))
     base = ["generate", "--model", str(tiny_with_tok), "--prompt", "the model text the model", "--max-new-tokens",
             "10", "--json"]
     assert main([*base, "--strategy", "autoregressive"]) == 0
     ref = json.loads(capsys.readouterr().out)["tokens"]
     made.clear()
-    assert main([*base, "--strategy", "lookup:max_ngram=2;max_draft=3;threshold=0.5"]) == 0
+    assert main([*base, "--strategy", "swift:threshold=0.5;max_draft=3;skip_ratio=0.3"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == ref
-    assert made and all(m == ("lookup", {"max_ngram": 2, "max_draft": 3}) for m in made), made
-    assert thresholds[-1] == 0.5
+    assert made and all(m == ("swift", {"threshold": 0.5, "max_draft": 3, "skip_ratio": 0.3}) for m in made), made
+    made.clear()
+    assert main([*base, "--strategy", "lookup:max_ngram=2", "--threshold", "0.7"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ref
+    assert made and all(m == ("lookup", {"max_ngram": 2}) for m in made) and engine_thresholds[-1] == 0.7
     llm = knapspec.load(str(tiny_with_tok), dtype="float32")
-    s = llm.make_strategy("lookup:max_ngram=2")
-    assert (s.name, s.max_ngram) == ("lookup", 2) and llm.make_strategy("lookup:max_ngram=2") is not s
+    s = llm.make_strategy("swift:threshold=0.5;skip_ratio=0.3")
+    assert (s.name, s.threshold, s.d_max) == ("swift", 0.5, 25)
+    assert llm.make_strategy("swift:skip_ratio=0.3;threshold=0.5") is s          # kept: the same options
+    assert llm.make_strategy("swift:skip_ratio=0.3") is not s
     with pytest.raises(ValueError, match="given twice"):
-        llm.make_strategy("lookup:max_ngram=2", max_ngram=3)
+        llm.make_strategy("swift:skip_ratio=0.3", skip_ratio=0.2)

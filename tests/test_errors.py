@@ -102,6 +102,9 @@ def test_prompt_longer_than_context(tmp_path, empty_cache, capsys):
                                           "its options are max_draft, threshold,"),
     (["--strategy", "lookup:max_draft"], "bad strategy option 'max_draft' in 'lookup:max_draft'"),
     (["--strategy", "lookup:max_draft=3", "--max-draft", "4"], "--max-draft given twice"),
+    (["--strategy", "lookup:threshold=0.5"], "the lookup strategy has no option 'threshold'"),
+    (["--strategy", "swift:threshold=1.5"], "threshold must be a number in [0, 1], got 1.5"),
+    (["--strategy", "hybrid:max_draft=0"], "max_draft must be an integer >= 1, got 0"),
     (["--dtype", "int3"], "invalid choice: 'int3'"),
 ])
 def test_bad_cli_values(args, needle, tmp_path, empty_cache, capsys):

@@ -288,6 +288,10 @@ def test_deferred_estimate_updates_count_like_per_position_updates(tiny_root):
             acc0[g, pos] += j < a
     est = s.lookup_estimates
     assert np.array_equal(est.tried, try0) and np.array_equal(est.acc, acc0) and not est.log
+    held = est.tried                               # an array handed out: its writes count ...
+    est.probs(1)
+    held[1, 0] += 40
+    assert est.probs(1)[0] == pytest.approx(acc0[1, 0] / (try0[1, 0] + 40))
     draft = Draft(plan=None, max_len=3, tokens=(5, 6, 7), source="lookup")
     for _ in range(600):                           # a long-lived instance: the log stays bounded
         s._pending = (Option("lookup", 3, 0, 1.0, 1.0), 2)

@@ -376,16 +376,26 @@ def test_without_avx2_a_gguf_is_dequantised_with_one_warning(tiny_root, monkeypa
     assert len(llm.generate([5, 6, 7], max_new_tokens=3, strategy="autoregressive").tokens) == 3
 
 
-def test_a_conversion_parses_the_file_once_and_puts_the_reader_back(tiny_root):
+def test_a_conversion_parses_the_file_once_and_puts_the_reader_back(tiny_root, monkeypatch):
     """transformers opens a GGUF three times to convert it (config, tensors, tokenizer): while a
-    conversion runs every opening of the same file gets one parsed reader; afterwards gguf's own
-    class is back."""
+    conversion runs every opening of the same file, transformers' own included, gets one parsed
+    reader; afterwards gguf's own class is back."""
     import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from knapspec.checkpoint import _one_gguf_reader
     path = write_tiny_gguf("q4_1", tiny_root / "shared-reader.gguf")
-    original = gguf.GGUFReader
+    parsed = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *a, **k):
+            parsed.append(a[0])
+            super().__init__(*a, **k)
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
     with _one_gguf_reader():
         a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
-        assert a is b and isinstance(a, original) and "token_embd.weight" in {t.name for t in a.tensors}
-    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not a
+        assert a is b and "token_embd.weight" in {t.name for t in a.tensors}
+        for _ in range(2):                         # transformers' reader, as a conversion calls it
+            assert load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is Counted and gguf.GGUFReader(path) is not a

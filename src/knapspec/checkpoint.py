@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -218,18 +219,22 @@ def _one_gguf_reader() -> Iterator[None]:
     the ~60 s conversion; the reader only maps the file, read-only."""
     import gguf
     made: dict[str, Any] = {}
-    original = gguf.GGUFReader
+    with _READER_LOCK:                     # one conversion at a time patches gguf (threads)
+        original = gguf.GGUFReader
 
-    def shared(path: Any, *args: Any, **kwargs: Any) -> Any:
-        key = f"{os.fspath(path)}|{args}|{sorted(kwargs.items())}"
-        if key not in made:
-            made[key] = original(path, *args, **kwargs)
-        return made[key]
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        def shared(path: Any, *args: Any, **kwargs: Any) -> Any:
+            key = f"{os.fspath(path)}|{args}|{sorted(kwargs.items())}"
+            if key not in made:
+                made[key] = original(path, *args, **kwargs)
+            return made[key]
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
+
+
+_READER_LOCK = threading.Lock()
 
 
 def convert_gguf(path: Path, out: Path) -> None:

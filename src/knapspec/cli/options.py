@@ -97,22 +97,24 @@ OPTION_OWNERS: dict[str, tuple[str, ...] | None] = {
 
 
 def strategy_options(a: argparse.Namespace) -> dict[str, Any]:
-    """The strategy options given (``threshold`` excepted: the engine takes it), checked against
-    ``a.strategy``. An option that belongs to one strategy selects it when none was named
-    (``--skip a3`` alone means ``--strategy static``); an option that does not apply to the named
-    (or the default) strategy is an error, never silently ignored."""
+    """The strategy options given as flags (``threshold`` excepted: the engine takes it), checked
+    against ``a.strategy``: a name, or ``NAME:key=value;...``, whose options are checked here and
+    stay in it (the library reads them: ``LLM.make_strategy``; a threshold there goes to the
+    strategy, which may fix it in its drafts, e.g. swift's 0.8). An option that belongs to one
+    strategy selects it when none was named (``--skip a3`` alone means ``--strategy static``); an
+    option that does not apply to the named (or the default) strategy is an error, never silently
+    ignored, and so is one given both as a flag and in the spec."""
     from ..api import DEFAULT_STRATEGY
     from ..strategies import REGISTRY
     given = [k for k in OPTION_OWNERS if getattr(a, k, None) is not None]
-    spec: dict[str, Any] = {}
-    if a.strategy is not None and ":" in a.strategy:      # NAME:key=value;... (checked against NAME)
-        a.strategy, spec = REGISTRY.parse(a.strategy)
+    named: str | None = None
+    if a.strategy is not None:
+        named, spec = REGISTRY.parse(a.strategy)
         both = [k for k in given if k in spec]
         if both:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in both)} given twice: as a flag "
                              "and in --strategy's options")
-    check_strategy(a.strategy)
-    if a.strategy is None:
+    else:
         owners = {OPTION_OWNERS[k] for k in given if OPTION_OWNERS[k] is not None}
         if len(owners) > 1:
             flags = ", ".join("--" + k.replace("_", "-") for k in given if OPTION_OWNERS[k] is not None)
@@ -122,17 +124,14 @@ def strategy_options(a: argparse.Namespace) -> dict[str, Any]:
             if len(names) > 1:
                 k = next(k for k in given if OPTION_OWNERS[k] == names)
                 raise ValueError(f"--{k.replace('_', '-')} applies to --strategy {' or '.join(names)}: name one")
-            a.strategy = names[0]
-    name = a.strategy or DEFAULT_STRATEGY
+            a.strategy = named = names[0]
+    name = named or DEFAULT_STRATEGY
     for k in given:
         owners_k = OPTION_OWNERS[k]
         if (owners_k is None and name == "autoregressive") or (owners_k is not None and name not in owners_k):
             where = "a strategy that drafts" if owners_k is None else "--strategy " + " or ".join(owners_k)
             raise ValueError(f"--{k.replace('_', '-')} does not apply to the {name} strategy: it is for {where}")
-    out = {k: getattr(a, k) for k in given if k != "threshold"}
-    if "threshold" in spec:                  # the engine takes the threshold (``a.threshold``)
-        a.threshold = spec.pop("threshold")
-    return {**out, **spec}
+    return {k: getattr(a, k) for k in given if k != "threshold"}
 
 
 DATA_HELP = "data folder (default: $KNAPSPEC_DATA, else the copy shipped with knapspec)"

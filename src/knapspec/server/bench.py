@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -186,7 +187,8 @@ def _wait_healthy(b: Backend, timeout: float) -> None:
 def start_knapspec(strategy: str, serve_args: list[str], log_dir: Path, *, max_queue: int,
                    timeout: float = 900) -> Backend:
     port = _free_port()
-    log_path = log_dir / f"knapspec-{strategy}.log"
+    # (a spec's options may hold "/", e.g. windows=64/256 or a calibration file's path)
+    log_path = log_dir / f"knapspec-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', strategy)}.log"
     cmd = [sys.executable, "-m", "knapspec.cli", "serve", *serve_args, "--strategy", strategy,
            "--port", str(port), "--max-queue", str(max_queue)]
     with open(log_path, "w") as f:

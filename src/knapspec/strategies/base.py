@@ -120,8 +120,18 @@ class Strategy:
         return {"strategy": self.name}
 
 
-# options every strategy that drafts takes (a spec may name them for any strategy but autoregressive)
+# the options of a strategy whose drafts the model makes: their longest draft and the confidence
+# below which a draft stops (given to the strategy's factory, which may fix it in its drafts)
 COMMON_OPTIONS = ("max_draft", "threshold")
+
+
+def _check_common(key: str, value: Any, spec: str) -> None:
+    """The values the command line's flags would accept for the common options."""
+    if key == "max_draft" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"max_draft must be an integer >= 1, got {value!r} (in {spec!r})")
+    if key == "threshold" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and 0.0 <= value <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1], got {value!r} (in {spec!r})")
 
 
 @dataclass
@@ -129,11 +139,12 @@ class Registry:
     factories: dict[str, Any] = field(default_factory=dict)
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def register(self, name: str, options: tuple[str, ...] = ()):
-        """A strategy's factory, and the options of its own that a spec may set (``parse``)."""
+    def register(self, name: str, options: tuple[str, ...] = (), common: tuple[str, ...] = COMMON_OPTIONS):
+        """A strategy's factory, and the options a spec may set for it (``parse``): ``common``
+        (those of :data:`COMMON_OPTIONS` it takes), then its own."""
         def deco(factory):
             self.factories[name] = factory
-            self.options[name] = tuple(options)
+            self.options[name] = tuple(common) + tuple(options)
             return factory
         return deco
 
@@ -142,8 +153,7 @@ class Registry:
 
     def accepted(self, name: str) -> tuple[str, ...]:
         """The options a spec may set for strategy ``name``."""
-        own = self.options.get(name, ())
-        return own if name == "autoregressive" else COMMON_OPTIONS + own
+        return self.options.get(name, ())
 
     def parse(self, spec: str) -> tuple[str, dict[str, Any]]:
         """``NAME`` or ``NAME:key=value;key=value`` (e.g. ``hybrid:windows=off;min_lookup=8``): the
@@ -171,6 +181,7 @@ class Registry:
                     pass
             else:
                 out[k] = {"true": True, "false": False}.get(v.lower(), v)
+            _check_common(k, out[k], spec)
         return name, out
 
     def create(self, name: str, model: Model, **options: Any) -> Strategy:

@@ -174,7 +174,7 @@ class PromptLookupStrategy(Strategy):
         return {"strategy": self.name, "match_share": self.matches / self.rounds if self.rounds else 0.0}
 
 
-@REGISTRY.register("lookup", options=("max_ngram", "min_ngram"))
+@REGISTRY.register("lookup", options=("max_ngram", "min_ngram"), common=("max_draft",))   # (copies: no confidence)
 def _lookup(model: Model, *, max_draft: int | None = None, **options: Any) -> Strategy:
     kw = {k: v for k, v in options.items() if k in ("max_ngram", "min_ngram")}
     return PromptLookupStrategy(max_draft=max_draft or 8, **kw)
@@ -195,7 +195,7 @@ class LookupAcceptance:
     arrays by slices, on the embedded model's Spec-Bench rounds of ~6 ms). So :meth:`record` only
     appends, the counts are plain Python lists that the log is folded into when they are read, and
     :attr:`acc` and :attr:`tried` are numpy arrays made from them on demand: writes to those arrays
-    count (a caller may set the estimates) until the counts next change."""
+    count (a caller may set the estimates) until an outcome next changes the counts."""
 
     def __init__(self, max_group: int) -> None:
         """Groups ``0..max_group``: n-gram lengths (a caller may add groups of its own above them,
@@ -213,10 +213,12 @@ class LookupAcceptance:
                 self._counts()
 
     def _counts(self) -> tuple[list[list[float]], list[list[float]]]:
-        """The counts, with any writes to the arrays handed out and the log folded in."""
+        """The counts, with any writes to the arrays handed out and the log folded in (the arrays
+        stay the counts' until the log changes them)."""
         if self._arrays is not None:
             self._accl, self._triedl = self._arrays[0].tolist(), self._arrays[1].tolist()
-            self._arrays = None
+            if self.log:
+                self._arrays = None
         acc, tried, last = self._accl, self._triedl, MAX_POS - 1
         for g, k, a in self.log:
             ta, tt = acc[g], tried[g]

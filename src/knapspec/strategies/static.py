@@ -9,7 +9,7 @@ from ..plan import Plan
 from .base import REGISTRY, Draft, RoundState, Strategy
 
 
-@REGISTRY.register("autoregressive")
+@REGISTRY.register("autoregressive", common=())
 def _autoregressive(model: Model, **_: Any) -> Strategy:
     return Strategy()
 
