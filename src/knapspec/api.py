@@ -128,13 +128,7 @@ class LLM:
         per (name, options) and reused by later calls."""
         if isinstance(strategy, Strategy):
             return strategy
-        name = strategy or DEFAULT_STRATEGY
-        if ":" in name:
-            name, spec = REGISTRY.parse(name)
-            both = sorted(set(spec) & set(options))
-            if both:
-                raise ValueError(f"strategy option(s) {', '.join(both)} given twice: in {strategy!r} and as arguments")
-            options = {**spec, **options}
+        name, options = REGISTRY.resolve(strategy or DEFAULT_STRATEGY, options)
         key = (name, repr(sorted((k, v if isinstance(v, (int, float, str, bool, type(None))) else id(v))
                                  for k, v in options.items())))
         kept = self._kept.get(key)

@@ -181,8 +181,8 @@ class Worker:
             if not strat.reproducible:
                 strat = self.llm.make_strategy("lookup", **self.options)
             elif strat.persists_across_prompts and not isinstance(self.strategy, Strategy):
-                name, spec = REGISTRY.parse(self.strategy or DEFAULT_STRATEGY)    # (NAME:options too)
-                strat = REGISTRY.create(name, self.llm.model, **{**spec, **self.options})
+                name, opts = REGISTRY.resolve(self.strategy or DEFAULT_STRATEGY, self.options)
+                strat = REGISTRY.create(name, self.llm.model, **opts)
         return strat
 
     def _run(self, job: Job) -> None:

@@ -184,6 +184,15 @@ class Registry:
             _check_common(k, out[k], spec)
         return name, out
 
+    def resolve(self, strategy: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A name or spec (:meth:`parse`) and options given beside it: the name and all the
+        options; an option given in both is a ValueError."""
+        name, spec = self.parse(strategy)
+        both = sorted(set(spec) & set(options))
+        if both:
+            raise ValueError(f"strategy option(s) {', '.join(both)} given twice: in {strategy!r} and as arguments")
+        return name, {**spec, **options}
+
     def create(self, name: str, model: Model, **options: Any) -> Strategy:
         if name not in self.factories:
             raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(self.names())}")
